@@ -1,0 +1,1 @@
+"""Software-defined assets: read inputs, call models/, write, report metadata and checks."""

@@ -1,0 +1,249 @@
+"""Market data assets: vendor ticks -> `market_ticks` (validated) -> `aggregates` (M1..W1)."""
+
+
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+
+import polars as pl
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetDep,
+    AssetExecutionContext,
+    AutomationCondition,
+    Backoff,
+    BetaWarning,
+    DimensionPartitionMapping,
+    IdentityPartitionMapping,
+    Jitter,
+    MaterializeResult,
+    MetadataValue,
+    MultiPartitionMapping,
+    RetryPolicy,
+    TimeWindowPartitionMapping,
+    asset,
+)
+
+from assets.partitions import DAY_SYMBOL, DaySymbol
+from models.candles import bars_for_window, carried_bar_opens, window_lookback_start
+from models.instruments import instrument
+from models.quality import stored_violations, trading_gaps, validate_ticks
+from models.timeframes import ALL_TIMEFRAMES, bar_open_expr
+from resources.conventions import MarketConventionsResource
+from resources.market_data import TickVendorResource
+from resources.warehouse import WarehouseResource
+from resources.warehouse.market import duplicate_bar_rows, read_bars, read_ticks, write_bars, write_ticks
+
+# Check name -> the validation reasons it covers. Each check reads the stored partition back
+# and fails hard if any stored row breaks its rule, and warns if rows had to be quarantined.
+TICK_CHECKS: Mapping[str, tuple[str, ...]] = {
+    "quotes_not_crossed_or_locked": ("crossed_quote", "locked_quote"),
+    "prices_finite_and_positive": ("non_finite_price", "non_positive_price", "no_price", "negative_size"),
+    "timestamps_in_partition_and_sorted": ("missing_timestamp", "outside_partition", "wrong_symbol", "unsorted"),
+    "no_duplicate_ticks": ("duplicate",),
+    "plausible_spreads": ("implausible_spread",),
+}
+_GAP_CHECK = "no_gaps_in_trading_hours"
+_MAX_LISTED_GAPS = 20
+
+
+def _tick_check_specs() -> list[AssetCheckSpec]:
+    specs = [
+        AssetCheckSpec(name, asset="market_ticks", description=f"stored ticks free of: {', '.join(reasons)}")
+        for name, reasons in TICK_CHECKS.items()
+    ]
+    specs.append(
+        AssetCheckSpec(_GAP_CHECK, asset="market_ticks", description="no silence longer than the limit while the market is open")
+    )
+    return specs
+
+
+def _time_range_metadata(ts: pl.Series) -> dict[str, MetadataValue]:
+    if ts.is_empty():
+        return {"first_ts": MetadataValue.text("-"), "last_ts": MetadataValue.text("-")}
+    return {"first_ts": MetadataValue.text(ts.min().isoformat()), "last_ts": MetadataValue.text(ts.max().isoformat())}
+
+
+def _tick_check_results(
+    stored: pl.DataFrame, partition: DaySymbol, quarantined: Mapping[str, int], conventions: MarketConventionsResource
+) -> Iterable[AssetCheckResult]:
+    violations = stored_violations(stored, partition.symbol, partition.start, partition.end, conventions.tick_rules)
+    for name, reasons in TICK_CHECKS.items():
+        in_store = sum(violations.get(r, 0) for r in reasons)
+        in_quarantine = sum(quarantined.get(r, 0) for r in reasons)
+        yield AssetCheckResult(
+            check_name=name,
+            passed=in_store == 0 and in_quarantine == 0,
+            severity=AssetCheckSeverity.ERROR if in_store else AssetCheckSeverity.WARN,
+            metadata={
+                "stored_violations": in_store,
+                "quarantined_rows": in_quarantine,
+                **{f"quarantined_{r}": quarantined.get(r, 0) for r in reasons if quarantined.get(r, 0)},
+            },
+        )
+    gaps = trading_gaps(
+        stored["ts"], partition.start, partition.end, instrument(partition.symbol).asset_class, conventions.tick_rules.max_gap
+    )
+    listed = gaps.head(_MAX_LISTED_GAPS).with_columns(pl.col("gap_start", "gap_end").dt.to_string("%Y-%m-%d %H:%M:%S"))
+    yield AssetCheckResult(
+        check_name=_GAP_CHECK,
+        passed=gaps.is_empty(),
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "gaps": gaps.height,
+            "open_minutes_missing": int(gaps["open_minutes"].sum()) if gaps.height else 0,
+            "max_gap_minutes": conventions.max_tick_gap_minutes,
+            "longest_gaps": MetadataValue.md(_markdown_table(listed)) if gaps.height else MetadataValue.text("none"),
+        },
+    )
+
+
+def _markdown_table(frame: pl.DataFrame) -> str:
+    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * frame.width + "\n"
+    return header + "\n".join("| " + " | ".join(str(v) for v in row) + " |" for row in frame.iter_rows())
+
+
+@asset(
+    partitions_def=DAY_SYMBOL,
+    group_name="market_data",
+    kinds={"clickhouse", "polars"},
+    check_specs=_tick_check_specs(),
+    retry_policy=RetryPolicy(max_retries=3, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS),
+    description="Quotes and trades per symbol and UTC day, validated; bad rows go to market_ticks_quarantine.",
+)
+def market_ticks(
+    context: AssetExecutionContext,
+    warehouse: WarehouseResource,
+    market_data: TickVendorResource,
+    conventions: MarketConventionsResource,
+) -> MaterializeResult:
+    started = time.perf_counter()
+    partition = DaySymbol.of(context)
+    raw = market_data.fetch_ticks(partition.symbol, partition.start, partition.end)
+    fetched = time.perf_counter()
+    checked = validate_ticks(raw, partition.symbol, partition.start, partition.end, conventions.tick_rules)
+    write_ticks(warehouse, partition.symbol, partition.start, partition.end, checked.clean, checked.quarantine)
+    stored = read_ticks(warehouse, partition.symbol, partition.start, partition.end)
+    context.log.info(
+        f"{partition.symbol} {partition.day}: {raw.height:,} received, {stored.height:,} stored, "
+        f"{checked.quarantine.height:,} quarantined {checked.reason_counts or ''}"
+    )
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": stored.height,
+            "received_rows": raw.height,
+            "quarantined_rows": checked.quarantine.height,
+            "quarantine_reasons": MetadataValue.json(checked.reason_counts),
+            "out_of_order_rows": checked.out_of_order,
+            **_time_range_metadata(stored["ts"]),
+            "fetch_seconds": round(fetched - started, 3),
+            "duration_seconds": round(time.perf_counter() - started, 3),
+            "warehouse": warehouse.describe(),
+        },
+        check_results=list(_tick_check_results(stored, partition, checked.reason_counts, conventions)),
+    )
+
+
+# A W1 bar (and an H4/D1 bar under the 17:00 New York boundary) opens up to 7 days before
+# the day it overlaps, so each day's candles read that many days of ticks back.
+with warnings.catch_warnings():  # both are deliberate: the beta marker is not news to users
+    warnings.simplefilter("ignore", BetaWarning)
+    _TICKS_LOOKBACK = MultiPartitionMapping(
+        {
+            "day": DimensionPartitionMapping(
+                "day", TimeWindowPartitionMapping(start_offset=-7, allow_nonexistent_upstream_partitions=True)
+            ),
+            "symbol": DimensionPartitionMapping("symbol", IdentityPartitionMapping()),
+        }
+    )
+
+
+def _bar_check_results(
+    bars: pl.DataFrame,
+    duplicates: int,
+    ticks_in_day: int,
+    partition: DaySymbol,
+    conventions: MarketConventionsResource,
+) -> Iterable[AssetCheckResult]:
+    price_ok = (
+        (pl.col("low") <= pl.min_horizontal("open", "close"))
+        & (pl.col("high") >= pl.max_horizontal("open", "close"))
+        & (pl.col("low") > 0)
+        & (pl.col("tick_count") > 0)
+        & (pl.col("spread_mean").fill_null(0) >= 0)
+        & (pl.col("bid_close").fill_null(0) <= pl.col("ask_close").fill_null(float("inf")))
+    )
+    broken = bars.filter(~price_ok)
+    yield AssetCheckResult(
+        check_name="ohlc_consistent",
+        passed=broken.is_empty(),
+        metadata={"inconsistent_bars": broken.height, "bars": bars.height},
+    )
+    misaligned = sum(
+        bars.filter(
+            (pl.col("timeframe") == tf.value) & (bar_open_expr(pl.col("ts"), tf, conventions.day_boundary) != pl.col("ts"))
+        ).height
+        for tf in ALL_TIMEFRAMES
+    )
+    yield AssetCheckResult(
+        check_name="bars_unique_and_aligned",
+        passed=misaligned == 0 and duplicates == 0,
+        metadata={"misaligned_bars": misaligned, "duplicate_bars": duplicates},
+    )
+    in_day = bars.filter(pl.col("ts") >= partition.start)
+    counted = {tf.value: int(in_day.filter(pl.col("timeframe") == tf.value)["tick_count"].sum()) for tf in ALL_TIMEFRAMES[:5]}
+    yield AssetCheckResult(
+        check_name="every_tick_in_a_bar",
+        passed=all(n == ticks_in_day for n in counted.values()),
+        description="intraday bars (M1..H1) of the day count exactly the day's stored ticks",
+        metadata={"ticks": ticks_in_day, **{f"ticks_in_{tf}": n for tf, n in counted.items()}},
+    )
+
+
+@asset(
+    partitions_def=DAY_SYMBOL,
+    group_name="market_data",
+    kinds={"clickhouse", "polars"},
+    deps=[AssetDep("market_ticks", partition_mapping=_TICKS_LOOKBACK)],
+    automation_condition=AutomationCondition.eager(),
+    check_specs=[
+        AssetCheckSpec("ohlc_consistent", asset="aggregates", description="low <= open, close <= high; no empty bars"),
+        AssetCheckSpec("bars_unique_and_aligned", asset="aggregates", description="one bar per key, on its boundary"),
+        AssetCheckSpec("every_tick_in_a_bar", asset="aggregates", description="bars count every stored tick"),
+    ],
+    description="OHLCV candles M1..W1 of every bar overlapping the day, built from market_ticks.",
+)
+def aggregates(
+    context: AssetExecutionContext, warehouse: WarehouseResource, conventions: MarketConventionsResource
+) -> MaterializeResult:
+    started = time.perf_counter()
+    partition = DaySymbol.of(context)
+    boundary = conventions.day_boundary
+    lookback = window_lookback_start(partition.start, ALL_TIMEFRAMES, boundary)
+    ticks = read_ticks(warehouse, partition.symbol, lookback, partition.end)
+    bars = bars_for_window(ticks.drop("seq"), partition.start, ALL_TIMEFRAMES, boundary)
+    write_bars(warehouse, partition.symbol, bars, partition.start, partition.end,
+               carried_bar_opens(partition.start, ALL_TIMEFRAMES, boundary))
+    stored = read_bars(warehouse, partition.symbol, start=lookback, end=partition.end).filter(
+        pl.col("covered_until") == partition.end
+    )
+    ticks_in_day = ticks.filter(pl.col("ts") >= partition.start).height
+    per_timeframe = dict(stored.group_by("timeframe").len().iter_rows())
+    context.log.info(f"{partition.symbol} {partition.day}: {stored.height:,} bars from {ticks_in_day:,} ticks")
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": stored.height,
+            **{f"bars_{tf.value}": per_timeframe.get(tf.value, 0) for tf in ALL_TIMEFRAMES},
+            "ticks_read": ticks.height,
+            "day_boundary": boundary.value,
+            **_time_range_metadata(stored["ts"]),
+            "duration_seconds": round(time.perf_counter() - started, 3),
+        },
+        check_results=list(
+            _bar_check_results(
+                stored, duplicate_bar_rows(warehouse, partition.symbol, partition.end), ticks_in_day, partition, conventions
+            )
+        ),
+    )

@@ -1,0 +1,52 @@
+"""Partitions of the market-data assets: UTC day x symbol.
+
+Symbols are a dynamic dimension: add one in the Dagster UI, with `tradeforge symbols add`,
+or through the instance API, without touching code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+from dagster import (
+    AssetExecutionContext,
+    DailyPartitionsDefinition,
+    DynamicPartitionsDefinition,
+    MultiPartitionKey,
+    MultiPartitionsDefinition,
+)
+
+FIRST_DAY = "2023-01-01"
+DAYS = DailyPartitionsDefinition(start_date=FIRST_DAY, timezone="UTC")
+SYMBOLS = DynamicPartitionsDefinition(name="symbols")
+DAY_SYMBOL = MultiPartitionsDefinition({"day": DAYS, "symbol": SYMBOLS})
+
+
+@dataclass(frozen=True, slots=True)
+class DaySymbol:
+    """One partition: a symbol over the UTC day ``[start, end)``."""
+
+    symbol: str
+    day: date
+
+    @property
+    def start(self) -> datetime:
+        return datetime(self.day.year, self.day.month, self.day.day, tzinfo=UTC)
+
+    @property
+    def end(self) -> datetime:
+        return self.start + timedelta(days=1)
+
+    @property
+    def key(self) -> MultiPartitionKey:
+        return day_symbol_key(self.day, self.symbol)
+
+    @classmethod
+    def of(cls, context: AssetExecutionContext) -> DaySymbol:
+        keys = context.partition_key.keys_by_dimension  # type: ignore[attr-defined]
+        return cls(symbol=keys["symbol"], day=date.fromisoformat(keys["day"]))
+
+
+def day_symbol_key(day: date, symbol: str) -> MultiPartitionKey:
+    return MultiPartitionKey({"day": day.isoformat(), "symbol": symbol})

@@ -1,0 +1,81 @@
+"""Instrument specifications: asset class, price scale, pip and point sizes, typical spread.
+
+Known symbols carry measured-looking defaults; any other FX pair, metal or crypto pair is
+inferred from its name, so a user adds a symbol (a new partition) without writing code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class AssetClass(StrEnum):
+    FX = "fx"
+    METAL = "metal"
+    CRYPTO = "crypto"
+
+
+@dataclass(frozen=True, slots=True)
+class Instrument:
+    symbol: str
+    asset_class: AssetClass
+    base_price: float  # long-run price level the synthetic market reverts to
+    digits: int  # decimals of a quoted price; a point is 10**-digits
+    pip: float  # the conventional pip, for spreads and gap/spread limits
+    spread_pips: float  # typical spread in liquid hours
+    annual_vol: float  # annualised volatility of log returns
+    ticks_per_day: int  # mean quote updates on a full trading day
+
+    @property
+    def point(self) -> float:
+        return 10.0 ** -self.digits
+
+
+_USD_PER_UNIT = {  # rough levels used to infer cross rates
+    "USD": 1.0, "EUR": 1.08, "GBP": 1.27, "AUD": 0.66, "NZD": 0.61, "CAD": 0.74,
+    "CHF": 1.13, "JPY": 0.0067, "SEK": 0.095, "NOK": 0.094, "DKK": 0.145, "SGD": 0.74,
+    "HKD": 0.128, "MXN": 0.058, "ZAR": 0.054, "TRY": 0.031, "PLN": 0.25, "CNH": 0.138,
+}
+_METALS = {"XAU": (2000.0, 2, 0.1, 2.5, 0.15), "XAG": (23.0, 3, 0.01, 2.5, 0.25),
+           "XPT": (950.0, 2, 0.1, 8.0, 0.25), "XPD": (1000.0, 2, 0.1, 10.0, 0.35)}
+_CRYPTO = {"BTC": (42000.0, 0.6), "ETH": (2300.0, 0.7), "SOL": (100.0, 0.9), "XRP": (0.6, 0.8),
+           "LTC": (70.0, 0.75), "ADA": (0.5, 0.8), "DOGE": (0.08, 0.9), "BNB": (300.0, 0.6)}
+
+_KNOWN: dict[str, Instrument] = {
+    "EURUSD": Instrument("EURUSD", AssetClass.FX, 1.08, 5, 1e-4, 0.2, 0.07, 90_000),
+    "GBPUSD": Instrument("GBPUSD", AssetClass.FX, 1.27, 5, 1e-4, 0.4, 0.08, 80_000),
+    "USDJPY": Instrument("USDJPY", AssetClass.FX, 150.0, 3, 1e-2, 0.3, 0.09, 85_000),
+    "XAUUSD": Instrument("XAUUSD", AssetClass.METAL, 2000.0, 2, 0.1, 2.5, 0.15, 70_000),
+    "BTCUSD": Instrument("BTCUSD", AssetClass.CRYPTO, 42000.0, 2, 1.0, 15.0, 0.6, 45_000),
+}
+
+
+def instrument(symbol: str) -> Instrument:
+    """Spec of ``symbol`` (``EURUSD``, ``XAUUSD``, ``BTCUSD``, ...), known or inferred.
+
+    Raises ``ValueError`` for a name that is no FX pair, metal or crypto pair.
+    """
+    symbol = symbol.upper()
+    if symbol in _KNOWN:
+        return _KNOWN[symbol]
+    base, quote = symbol[:3], symbol[3:]
+    if base in _METALS and quote == "USD":
+        price, digits, pip, spread, vol = _METALS[base]
+        return Instrument(symbol, AssetClass.METAL, price, digits, pip, spread, vol, 40_000)
+    for coin, (price, vol) in _CRYPTO.items():
+        if symbol.startswith(coin) and symbol[len(coin):] in ("USD", "USDT", "USDC"):
+            digits = max(2, 6 - len(str(int(price))))
+            point = 10.0 ** -digits
+            return Instrument(symbol, AssetClass.CRYPTO, price, digits, point * 100, 5.0, vol, 30_000)
+    if len(symbol) == 6 and base in _USD_PER_UNIT and quote in _USD_PER_UNIT and base != quote:
+        price = _USD_PER_UNIT[base] / _USD_PER_UNIT[quote]
+        jpy_like = price > 20
+        digits, pip = (3, 1e-2) if jpy_like else (5, 1e-4)
+        major = "USD" in (base, quote)
+        return Instrument(symbol, AssetClass.FX, round(price, digits), digits, pip,
+                          0.6 if major else 1.2, 0.09, 70_000 if major else 50_000)
+    raise ValueError(
+        f"unknown instrument {symbol!r}: expected an FX pair of ISO codes (EURUSD), "
+        f"a metal (XAUUSD) or a crypto pair (BTCUSD)"
+    )

@@ -1,0 +1,210 @@
+"""The ``tradeforge`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from datetime import date, timedelta
+
+DEMO_SYMBOLS = ("EURUSD", "XAUUSD", "BTCUSD")
+# Ten days with a closed FX weekend and the US switch to daylight saving time (2024-03-10).
+DEMO_START = date(2024, 3, 4)
+DEMO_DAYS = 10
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def _warehouse():
+    from resources.warehouse import warehouse_from_env
+
+    return warehouse_from_env().process_config_and_initialize()
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    warehouse = _warehouse()
+    applied = warehouse.migrate()
+    _print(f"{warehouse.describe()}: " + (f"applied migrations {applied}" if applied else "schema is current"))
+    return 0
+
+
+def cmd_symbols(args: argparse.Namespace) -> int:
+    from dagster import DagsterInstance
+
+    from assets.partitions import SYMBOLS
+    from models.instruments import instrument
+    from orchestration.instance import ensure_dagster_home
+
+    ensure_dagster_home()
+    instance = DagsterInstance.get()
+    if args.action == "add":
+        symbols = [s.upper() for s in args.symbols]
+        for symbol in symbols:
+            instrument(symbol)  # an unknown name fails here, before it becomes a partition
+        instance.add_dynamic_partitions(SYMBOLS.name, symbols)
+    for symbol in instance.get_dynamic_partitions(SYMBOLS.name):
+        _print(symbol)
+    return 0
+
+
+def _summary_tables(warehouse, symbols: Sequence[str]) -> str:
+    ticks = warehouse.query_frame(
+        "SELECT symbol, count() AS ticks, min(ts) AS first, max(ts) AS last FROM market_ticks "
+        "WHERE symbol IN {symbols:Array(String)} GROUP BY symbol ORDER BY symbol",
+        {"symbols": list(symbols)},
+    )
+    quarantined = warehouse.query_frame(
+        "SELECT count() AS n FROM market_ticks_quarantine WHERE symbol IN {symbols:Array(String)}",
+        {"symbols": list(symbols)},
+    )["n"][0]
+    bars = warehouse.query_frame(
+        "SELECT symbol, timeframe, count() AS bars FROM aggregates FINAL "
+        "WHERE symbol IN {symbols:Array(String)} GROUP BY symbol, timeframe",
+        {"symbols": list(symbols)},
+    )
+    from models.timeframes import ALL_TIMEFRAMES
+
+    lines = ["market_ticks", f"  {'symbol':<8} {'ticks':>10}  first .. last"]
+    for symbol, n, first, last in ticks.iter_rows():
+        lines.append(f"  {symbol:<8} {n:>10,}  {first:%Y-%m-%d %H:%M} .. {last:%Y-%m-%d %H:%M} UTC")
+    lines.append(f"  quarantined rows: {quarantined:,}")
+    counts = {(s, tf): n for s, tf, n in bars.iter_rows()}
+    lines.append("aggregates (bars)")
+    lines.append(f"  {'symbol':<8}" + "".join(f"{tf.value:>8}" for tf in ALL_TIMEFRAMES))
+    for symbol in symbols:
+        lines.append(f"  {symbol:<8}" + "".join(f"{counts.get((symbol, tf.value), 0):>8,}" for tf in ALL_TIMEFRAMES))
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dagster import DagsterInstance, materialize
+
+    from assets.market_data import aggregates, market_ticks
+    from assets.partitions import SYMBOLS, DaySymbol
+    from models.instruments import instrument
+    from orchestration.instance import dagster_home, ensure_dagster_home
+    from orchestration.resources import resources_from_env
+
+    started = time.perf_counter()
+    symbols = [s.upper() for s in args.symbols]
+    for symbol in symbols:
+        instrument(symbol)
+    days = [args.start + timedelta(days=i) for i in range(args.days)]
+    ensure_dagster_home()
+    instance = DagsterInstance.get()
+    resources = resources_from_env()
+    warehouse = resources["warehouse"].process_config_and_initialize()
+    _print(f"tradeforge demo: {len(symbols)} symbols x {len(days)} days ({days[0]} .. {days[-1]})")
+    _print(f"  warehouse : {warehouse.describe()}")
+    _print(f"  dagster   : {dagster_home()} ({type(instance.run_storage).__name__})")
+    applied = warehouse.migrate()
+    _print(f"  schema    : {'applied migrations ' + str(applied) if applied else 'current'}")
+    instance.add_dynamic_partitions(SYMBOLS.name, symbols)
+
+    partitions = [DaySymbol(symbol, day) for day in days for symbol in symbols]
+    failed_checks: list[str] = []
+    for index, partition in enumerate(partitions, start=1):
+        t0 = time.perf_counter()
+        result = materialize(
+            [market_ticks, aggregates],
+            partition_key=partition.key,
+            instance=instance,
+            resources=resources,
+            tags={"tradeforge/source": "demo"},
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            raise_on_error=False,
+        )
+        if not result.success:
+            _print(f"[{index}/{len(partitions)}] {partition.symbol} {partition.day}: run {result.run_id} FAILED")
+            return 1
+        meta = {
+            m.asset_key.to_user_string(): m.metadata
+            for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())
+        }
+        failed = [
+            f"{e.asset_key.to_user_string()}:{e.check_name}"
+            for e in result.get_asset_check_evaluations()
+            if not e.passed
+        ]
+        failed_checks += [f"{partition.symbol} {partition.day} {name}" for name in failed]
+        ticks = meta["market_ticks"]["dagster/row_count"].value
+        bars = meta["aggregates"]["dagster/row_count"].value
+        quarantined = meta["market_ticks"]["quarantined_rows"].value
+        _print(
+            f"[{index:>2}/{len(partitions)}] {partition.symbol:<7} {partition.day}  "
+            f"{ticks:>8,} ticks  {bars:>6,} bars  {quarantined} quarantined  "
+            f"checks {'ok' if not failed else 'FAILED ' + ', '.join(failed)}  {time.perf_counter() - t0:5.1f}s"
+        )
+
+    _print("")
+    _print(_summary_tables(warehouse, symbols))
+    if failed_checks:
+        _print(f"asset checks that did not pass ({len(failed_checks)}):")
+        for line in failed_checks:
+            _print(f"  {line}")
+    _print(f"done in {time.perf_counter() - started:.1f}s: {len(partitions)} partitions of market_ticks and aggregates")
+    _print("")
+    _print("Open the Dagster UI on the same data:")
+    _print("  make ui        (or: .venv/bin/tradeforge ui)  ->  http://127.0.0.1:3000")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from orchestration.instance import ensure_dagster_home
+
+    home = ensure_dagster_home()
+    dagster = shutil.which("dagster", path=os.path.dirname(sys.executable)) or shutil.which("dagster")
+    if dagster is None:
+        _print("dagster is not installed in this environment; run `make demo` first")
+        return 1
+    _print(f"DAGSTER_HOME={home}")
+    os.execv(dagster, [dagster, "dev", "-w", "workspace.yaml", "-h", args.host, "-p", str(args.port)])
+    return 0  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tradeforge", description="tradeforge: from market ticks to live orders")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="ingest synthetic ticks and build candles on the embedded engines")
+    demo.add_argument("--symbols", nargs="+", default=list(DEMO_SYMBOLS))
+    demo.add_argument("--start", type=date.fromisoformat, default=DEMO_START, help="first UTC day (YYYY-MM-DD)")
+    demo.add_argument("--days", type=int, default=DEMO_DAYS)
+    demo.set_defaults(func=cmd_demo)
+
+    warehouse = commands.add_parser("warehouse", help="warehouse administration")
+    warehouse_commands = warehouse.add_subparsers(dest="action", required=True)
+    warehouse_commands.add_parser("migrate", help="apply pending schema migrations").set_defaults(func=cmd_migrate)
+
+    symbols = commands.add_parser("symbols", help="list or add symbols (the symbol partitions)")
+    symbols.add_argument("action", choices=["list", "add"])
+    symbols.add_argument("symbols", nargs="*", default=[])
+    symbols.set_defaults(func=cmd_symbols)
+
+    ui = commands.add_parser("ui", help="start the Dagster UI on this project's instance")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "days", 1) < 1:
+        args_error = "--days must be at least 1"
+        print(f"tradeforge: {args_error}", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError) as exc:
+        print(f"tradeforge: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""ConfigurableResources for everything outside the process; usable without Dagster."""

@@ -1,0 +1,30 @@
+"""Market conventions shared by every asset: the trading-day boundary and tick limits."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from models.quality import TickRules
+from models.timeframes import DayBoundary
+
+
+class MarketConventionsResource(ConfigurableResource):
+    """Changing ``day_boundary`` changes which H4/D1/W1 bars exist: rebuild `aggregates`."""
+
+    day_boundary: DayBoundary = Field(
+        default=DayBoundary.UTC, description="'utc' (midnight UTC) or 'new_york_17' (FX day, 17:00 New York)"
+    )
+    max_tick_gap_minutes: float = Field(default=5.0, gt=0, description="longest silence while the market is open")
+    max_spread_ratio: float = Field(default=50.0, gt=1, description="quarantine spreads wider than this x median")
+    max_relative_spread: float = Field(default=0.05, gt=0, description="quarantine spreads wider than this x mid")
+
+    @property
+    def tick_rules(self) -> TickRules:
+        return TickRules(
+            max_spread_ratio=self.max_spread_ratio,
+            max_relative_spread=self.max_relative_spread,
+            max_gap=timedelta(minutes=self.max_tick_gap_minutes),
+        )

@@ -1,0 +1,120 @@
+"""Versioned warehouse schema. Append a migration, never edit an applied one.
+
+Every statement is idempotent (``IF NOT EXISTS``), so a migration interrupted half-way, or
+run by two processes at once, is safe to run again; ``schema_migrations`` records what ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clickhouse_connect.driver.client import Client
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+_QUOTE_COLUMNS = """
+    bid Nullable(Float64),
+    ask Nullable(Float64),
+    bid_size Nullable(Float64),
+    ask_size Nullable(Float64),
+    price Nullable(Float64),
+    size Nullable(Float64),
+    source LowCardinality(String)"""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "market_ticks and its quarantine",
+        (
+            f"""
+            CREATE TABLE IF NOT EXISTS market_ticks (
+                symbol LowCardinality(String),
+                ts DateTime64(3, 'UTC'),
+                seq UInt32 COMMENT 'order within the (symbol, day) partition; stable among equal ts',
+                {_QUOTE_COLUMNS},
+                ingested_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = MergeTree
+            PARTITION BY toYYYYMM(ts)
+            ORDER BY (symbol, ts, seq)
+            """,
+            f"""
+            CREATE TABLE IF NOT EXISTS market_ticks_quarantine (
+                symbol LowCardinality(String),
+                day Date COMMENT 'the partition that received the row',
+                raw_symbol Nullable(String) COMMENT 'the symbol as the vendor sent it',
+                ts Nullable(DateTime64(3, 'UTC')),
+                {_QUOTE_COLUMNS},
+                reason LowCardinality(String),
+                quarantined_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = MergeTree
+            PARTITION BY toYYYYMM(day)
+            ORDER BY (symbol, day, reason)
+            """,
+        ),
+    ),
+    Migration(
+        2,
+        "aggregates (candles at every timeframe)",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS aggregates (
+                symbol LowCardinality(String),
+                timeframe LowCardinality(String),
+                ts DateTime('UTC') COMMENT 'bar open; the bar covers [ts, next open)',
+                open Float64,
+                high Float64,
+                low Float64,
+                close Float64,
+                bid_close Nullable(Float64),
+                ask_close Nullable(Float64),
+                volume Float64,
+                tick_count UInt32,
+                quote_count UInt32,
+                spread_mean Nullable(Float64),
+                spread_max Nullable(Float64),
+                vwap Float64,
+                source LowCardinality(String),
+                covered_until DateTime('UTC') COMMENT 'data up to here went into the bar; the latest wins',
+                updated_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = ReplacingMergeTree(covered_until)
+            PARTITION BY toYYYYMM(ts)
+            ORDER BY (symbol, timeframe, ts)
+            """,
+        ),
+    ),
+)
+
+
+def apply_migrations(client: Client, database: str) -> list[int]:
+    """Create ``database`` if needed and apply pending migrations in order."""
+    client.command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+    client.database = database
+    client.command(
+        """
+        CREATE TABLE IF NOT EXISTS schema_migrations (
+            version UInt32,
+            name String,
+            applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
+        ) ENGINE = ReplacingMergeTree ORDER BY version
+        """
+    )
+    done = {row[0] for row in client.query("SELECT version FROM schema_migrations").result_rows}
+    applied = []
+    for migration in MIGRATIONS:
+        if migration.version in done:
+            continue
+        for statement in migration.statements:
+            client.command(statement)
+        client.insert("schema_migrations", [[migration.version, migration.name]], column_names=["version", "name"])
+        applied.append(migration.version)
+    return applied
+
+
+def applied_versions(client: Client) -> list[int]:
+    return sorted({row[0] for row in client.query("SELECT version FROM schema_migrations FINAL").result_rows})

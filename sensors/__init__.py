@@ -1,0 +1,1 @@
+"""Dagster sensors for events outside Dagster (NATS, MLflow registry, runner health)."""
