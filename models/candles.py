@@ -54,7 +54,7 @@ def _source_agg(frame: pl.DataFrame) -> pl.Expr:
     """One source name per bar; several sources join as 'a+b' (sorted, unique)."""
     if frame["source"].drop_nulls().n_unique() <= 1:
         return pl.col("source").first()
-    return pl.col("source").str.split("+").flatten().unique().sort().str.join("+")
+    return pl.col("source").str.split("+").list.explode(keep_nulls=False, empty_as_null=False).unique().sort().str.join("+")
 
 
 def _finish(grouped: pl.DataFrame, tf: Timeframe) -> pl.DataFrame:

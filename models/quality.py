@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import numpy as np
 import polars as pl
 
 from models.candles import sort_ticks
@@ -131,25 +132,17 @@ def trading_gaps(
 ) -> pl.DataFrame:
     """Silences longer than ``max_gap`` of open-market time within ``[start, end)``.
 
-    Time is measured on a minute grid of open minutes, so a closed weekend or the daily
-    metals break is not a gap; the window edges count as ticks, so an empty open day is one.
+    Open time is counted in whole minutes of a minute grid (the minutes entirely inside the
+    silence), so a closed weekend or the daily metals break is not a gap. The window edges
+    count as ticks, so an open day without any tick is one long gap.
     """
     minutes = pl.datetime_range(start, end, "1m", closed="left", time_unit="ms", time_zone="UTC", eager=True)
-    grid = pl.DataFrame({"minute": minutes}).with_columns(
-        trading_open(pl.col("minute"), asset_class).cast(pl.Int64).cum_sum().alias("open_before_end")
-    )
+    is_open = pl.DataFrame({"m": minutes}).select(trading_open(pl.col("m"), asset_class))
+    open_before = np.concatenate([[0], np.cumsum(is_open.to_series().to_numpy(), dtype=np.int64)])
     edges = pl.concat([pl.Series([start], dtype=TS), ts.cast(TS).sort(), pl.Series([end], dtype=TS)])
-    frame = pl.DataFrame({"gap_start": edges[:-1], "gap_end": edges[1:]})
-    open_at = grid.select(pl.col("minute").alias("key"), "open_before_end")
-    frame = (
-        frame.with_columns(
-            pl.col("gap_start").dt.truncate("1m").alias("k0"),
-            (pl.col("gap_end") - timedelta(milliseconds=1)).dt.truncate("1m").alias("k1"),
-        )
-        .join(open_at.rename({"key": "k0", "open_before_end": "o0"}), on="k0", how="left")
-        .join(open_at.rename({"key": "k1", "open_before_end": "o1"}), on="k1", how="left")
-        .with_columns(((pl.col("o1") - pl.col("o0")).clip(lower_bound=0)).alias("open_minutes"))
-    )
-    return frame.filter(pl.col("open_minutes") > max_gap.total_seconds() / 60).select(
-        "gap_start", "gap_end", "open_minutes"
-    )
+    offset_ms = (edges.dt.epoch("ms") - int(start.timestamp() * 1000)).to_numpy()
+    first_full = np.clip(-(-offset_ms[:-1] // 60_000), 0, len(minutes))  # ceil to the next minute
+    past_last_full = np.clip(offset_ms[1:] // 60_000, 0, len(minutes))
+    open_minutes = np.maximum(open_before[past_last_full] - open_before[np.minimum(first_full, past_last_full)], 0)
+    frame = pl.DataFrame({"gap_start": edges[:-1], "gap_end": edges[1:], "open_minutes": open_minutes})
+    return frame.filter(pl.col("open_minutes") > max_gap.total_seconds() / 60)

@@ -110,7 +110,8 @@ class WarehouseResource(ConfigurableResource):
                 retryable = any(m in message for m in _LOCK_MARKERS) if self.is_embedded else attempts < 4
                 if not retryable:
                     raise WarehouseError(f"cannot open {self.describe()}: {message}") from exc
-                if time.monotonic() + delay > deadline:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     if self.is_embedded:
                         raise WarehouseBusyError(
                             f"{self.describe()} stayed locked by another process for {self.lock_timeout_s:.0f}s "
@@ -118,7 +119,7 @@ class WarehouseResource(ConfigurableResource):
                             f"or raise lock_timeout_s."
                         ) from exc
                     raise WarehouseError(f"cannot reach {self.describe()} after {attempts} attempts: {message}") from exc
-                time.sleep(delay * (0.5 + random.random()))
+                time.sleep(min(delay * (0.5 + random.random()), remaining))
                 delay = min(delay * 2, 2.0)
 
     @contextmanager
