@@ -12,10 +12,13 @@ from dagster import (
     AssetCheckSpec,
     AssetDep,
     AssetExecutionContext,
+    AssetKey,
+    AssetRecordsFilter,
     AutomationCondition,
     Backoff,
     BetaWarning,
     DimensionPartitionMapping,
+    Failure,
     IdentityPartitionMapping,
     Jitter,
     MaterializeResult,
@@ -202,6 +205,21 @@ def _bar_check_results(
     )
 
 
+def _require_ticks(context: AssetExecutionContext, partition: DaySymbol) -> None:
+    """Candles of a day whose ticks were never ingested would silently be empty: refuse."""
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey("market_ticks"), asset_partitions=[str(partition.key)]), limit=1
+    )
+    if not records.records:
+        raise Failure(
+            description=(
+                f"market_ticks has no materialization for {partition.symbol} {partition.day}: "
+                f"materialize market_ticks for that partition first (or both assets together)"
+            ),
+            allow_retries=False,
+        )
+
+
 @asset(
     partitions_def=DAY_SYMBOL,
     group_name="market_data",
@@ -220,6 +238,7 @@ def aggregates(
 ) -> MaterializeResult:
     started = time.perf_counter()
     partition = DaySymbol.of(context)
+    _require_ticks(context, partition)
     boundary = conventions.day_boundary
     lookback = window_lookback_start(partition.start, ALL_TIMEFRAMES, boundary)
     ticks = read_ticks(warehouse, partition.symbol, lookback, partition.end)

@@ -137,8 +137,8 @@ def trading_gaps(
     count as ticks, so an open day without any tick is one long gap.
     """
     minutes = pl.datetime_range(start, end, "1m", closed="left", time_unit="ms", time_zone="UTC", eager=True)
-    is_open = pl.DataFrame({"m": minutes}).select(trading_open(pl.col("m"), asset_class))
-    open_before = np.concatenate([[0], np.cumsum(is_open.to_series().to_numpy(), dtype=np.int64)])
+    is_open = pl.DataFrame({"m": minutes}).with_columns(trading_open(pl.col("m"), asset_class).alias("open"))["open"]
+    open_before = np.concatenate([[0], np.cumsum(is_open.to_numpy(), dtype=np.int64)])
     edges = pl.concat([pl.Series([start], dtype=TS), ts.cast(TS).sort(), pl.Series([end], dtype=TS)])
     offset_ms = (edges.dt.epoch("ms") - int(start.timestamp() * 1000)).to_numpy()
     first_full = np.clip(-(-offset_ms[:-1] // 60_000), 0, len(minutes))  # ceil to the next minute

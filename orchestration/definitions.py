@@ -14,13 +14,12 @@ from dagster import (
 )
 
 from assets.market_data import aggregates, market_ticks
-from assets.partitions import DAY_SYMBOL, SYMBOLS, day_symbol_key
+from assets.partitions import SYMBOLS, day_symbol_key
 from orchestration.resources import resources_from_env
 
 ingest_market_data = define_asset_job(
     "ingest_market_data",
     selection=AssetSelection.assets(market_ticks, aggregates),
-    partitions_def=DAY_SYMBOL,
     description="Ticks of one symbol-day from the vendor, validated, then its candles.",
 )
 

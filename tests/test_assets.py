@@ -1,0 +1,186 @@
+"""The Dagster assets end to end: real Dagster runs, the real embedded ClickHouse engine."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, date, datetime, timedelta
+
+import polars as pl
+import pytest
+from dagster import (
+    AssetCheckSeverity,
+    DagsterInstance,
+    Definitions,
+    build_schedule_context,
+    instance_for_test,
+    materialize,
+)
+
+from assets.market_data import aggregates, market_ticks
+from assets.partitions import SYMBOLS, DaySymbol
+from models.candles import aggregate_ticks
+from models.synthetic import SyntheticMarketConfig, generate_ticks
+from models.timeframes import DayBoundary
+from resources.conventions import MarketConventionsResource
+from resources.market_data import SyntheticMarketResource, TickVendorResource
+from resources.warehouse import WarehouseResource
+from resources.warehouse.market import read_bars, read_quarantine, read_ticks
+
+SCALE = 0.25  # fewer ticks per day keeps the suite quick; the logic is the same
+
+
+class DamagedFeed(TickVendorResource):
+    """A vendor whose payloads carry the faults real feeds have: synthetic ticks, then
+    crossed, NaN, negative, duplicated, misdated and shuffled rows, and a silent hour."""
+
+    seed: int = 7
+
+    def fetch_ticks(self, symbol: str, start: datetime, end: datetime) -> pl.DataFrame:
+        ticks = generate_ticks(symbol, start.date(), SyntheticMarketConfig(self.seed, SCALE))
+        hole = (pl.col("ts") >= start + timedelta(hours=10)) & (pl.col("ts") < start + timedelta(hours=11))
+        ticks = ticks.filter(~hole)
+        bad = pl.concat([
+            ticks.slice(100, 1).with_columns(ask=pl.col("bid") * 0.999),  # crossed
+            ticks.slice(200, 1).with_columns(bid=pl.lit(float("nan"))),
+            ticks.slice(300, 1).with_columns(ask=pl.lit(-1.0)),
+            ticks.slice(400, 2),  # duplicates of rows 400-401
+            ticks.slice(500, 1).with_columns(pl.col("ts") + timedelta(days=1)),  # belongs to tomorrow
+        ])
+        return pl.concat([ticks, bad]).sample(fraction=1.0, shuffle=True, seed=1)
+
+
+@pytest.fixture
+def instance() -> DagsterInstance:
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(SYMBOLS.name, ["EURUSD", "XAUUSD", "BTCUSD", "GBPJPY"])
+    return instance
+
+
+def resources(warehouse: WarehouseResource, boundary: DayBoundary = DayBoundary.UTC, vendor=None) -> dict:
+    return {
+        "warehouse": warehouse,
+        "market_data": vendor or SyntheticMarketResource(seed=7, tick_rate_scale=SCALE),
+        "conventions": MarketConventionsResource(day_boundary=boundary),
+    }
+
+
+def run(partition: DaySymbol, instance, res, selection=(market_ticks, aggregates), raise_on_error=True):
+    return materialize(list(selection), partition_key=partition.key, instance=instance, resources=res,
+                       raise_on_error=raise_on_error)
+
+
+def expected_ticks(symbol: str, day: date) -> pl.DataFrame:
+    return generate_ticks(symbol, day, SyntheticMarketConfig(7, SCALE))
+
+
+def test_partition_materializes_with_metadata_and_passing_checks(warehouse, instance):
+    partition = DaySymbol("EURUSD", date(2024, 3, 6))
+    result = run(partition, instance, resources(warehouse))
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    expected = expected_ticks("EURUSD", partition.day)
+    assert meta["market_ticks"]["dagster/row_count"].value == expected.height
+    assert meta["market_ticks"]["quarantined_rows"].value == 0
+    assert meta["market_ticks"]["first_ts"].value == expected["ts"].min().isoformat()
+    assert meta["aggregates"]["bars_M1"].value == expected["ts"].dt.truncate("1m").n_unique()
+    assert meta["aggregates"]["bars_D1"].value == 1
+    assert meta["aggregates"]["duration_seconds"].value > 0
+    checks = {(e.asset_key.to_user_string(), e.check_name): e.passed for e in result.get_asset_check_evaluations()}
+    assert len(checks) == 9 and all(checks.values()), checks
+    stored = read_ticks(warehouse, "EURUSD", partition.start, partition.end)
+    assert stored.drop("seq").equals(expected)
+
+
+def test_rematerializing_replaces_and_never_duplicates(warehouse, instance):
+    partition = DaySymbol("XAUUSD", date(2024, 3, 6))
+    res = resources(warehouse, vendor=DamagedFeed())
+    for _ in range(3):
+        run(partition, instance, res)
+    counts = warehouse.query_frame(
+        "SELECT (SELECT count() FROM market_ticks) AS ticks, (SELECT count() FROM market_ticks_quarantine) AS bad, "
+        "(SELECT count() FROM aggregates) AS bars, (SELECT count() FROM aggregates FINAL) AS final_bars"
+    ).row(0, named=True)
+    clean = expected_ticks("XAUUSD", partition.day)
+    assert counts["ticks"] == clean.filter(~pl.col("ts").dt.hour().is_in([10])).height
+    assert counts["bad"] == 6
+    assert counts["bars"] == counts["final_bars"] > 0
+
+
+def test_bad_vendor_rows_are_quarantined_with_reasons_and_checks_warn(warehouse, instance):
+    partition = DaySymbol("EURUSD", date(2024, 3, 6))
+    result = run(partition, instance, resources(warehouse, vendor=DamagedFeed()))
+    quarantine = read_quarantine(warehouse, "EURUSD", partition.day)
+    assert sorted(quarantine["reason"].to_list()) == sorted(
+        ["crossed_quote", "non_finite_price", "non_positive_price", "duplicate", "duplicate", "outside_partition"]
+    )
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    for name in ("quotes_not_crossed_or_locked", "prices_finite_and_positive", "no_duplicate_ticks",
+                 "timestamps_in_partition_and_sorted", "no_gaps_in_trading_hours"):
+        assert not checks[name].passed, name
+        assert checks[name].severity == AssetCheckSeverity.WARN
+        if name != "no_gaps_in_trading_hours":
+            assert checks[name].metadata["stored_violations"].value == 0
+    assert checks["plausible_spreads"].passed
+    gaps = checks["no_gaps_in_trading_hours"].metadata
+    assert gaps["gaps"].value == 1 and 59 <= gaps["open_minutes_missing"].value <= 61
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["out_of_order_rows"].value > 1000  # the feed arrived shuffled and was sorted
+    stored = read_ticks(warehouse, "EURUSD", partition.start, partition.end)
+    assert stored["ts"].is_sorted() and stored["seq"].to_list() == list(range(stored.height))
+    # Candles are built from the clean ticks only, and every clean tick is in a bar.
+    assert all(e.passed for e in result.get_asset_check_evaluations() if e.asset_key.to_user_string() == "aggregates")
+
+
+def test_partitions_in_any_order_give_the_candles_of_the_whole_history(warehouse, instance):
+    """W1 bars and New York D1/H4 bars span day partitions; built day by day in scrambled
+    order they must equal candles computed over all the ticks at once."""
+    days = [date(2024, 3, 7) + timedelta(days=i) for i in range(6)]
+    res = resources(warehouse, DayBoundary.NEW_YORK_17)
+    for day in days:  # ingest first, as a backfill of market_ticks would
+        run(DaySymbol("BTCUSD", day), instance, res, selection=[market_ticks])
+    for day in random.Random(3).sample(days, len(days)):
+        run(DaySymbol("BTCUSD", day), instance, res, selection=[aggregates])
+    ticks = read_ticks(warehouse, "BTCUSD", datetime(2024, 3, 1, tzinfo=UTC), datetime(2024, 3, 20, tzinfo=UTC))
+    expected = aggregate_ticks(ticks.drop("seq"), boundary=DayBoundary.NEW_YORK_17).sort("timeframe", "ts")
+    stored = read_bars(warehouse, "BTCUSD").drop("covered_until").sort("timeframe", "ts")
+    assert stored.height == expected.height
+    exact = [c for c in expected.columns if c not in ("vwap", "spread_mean")]
+    assert stored.select(exact).equals(expected.select(exact))
+    for column in ("vwap", "spread_mean"):
+        assert (stored[column] - expected[column]).abs().max() < 1e-6
+    assert set(stored.filter(pl.col("timeframe") == "W1")["ts"]) == {
+        datetime(2024, 3, 3, 22, tzinfo=UTC), datetime(2024, 3, 10, 21, tzinfo=UTC)
+    }
+
+
+def test_candles_without_their_ticks_fail_clearly(warehouse, instance):
+    partition = DaySymbol("EURUSD", date(2024, 3, 12))
+    result = run(partition, instance, resources(warehouse), selection=[aggregates], raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "market_ticks has no materialization for EURUSD 2024-03-12" in str(failure.event_specific_data.error)
+
+
+def test_a_new_symbol_needs_no_code(warehouse, instance):
+    partition = DaySymbol("GBPJPY", date(2024, 3, 6))
+    result = run(partition, instance, resources(warehouse))
+    assert result.success
+    ticks = read_ticks(warehouse, "GBPJPY", partition.start, partition.end)
+    assert ticks.height > 5_000 and 150 < ticks["bid"].median() < 250
+
+
+def test_definitions_load_and_the_schedule_covers_every_symbol():
+    from orchestration.definitions import defs
+
+    Definitions.validate_loadable(defs)
+    assert {a.key.to_user_string() for a in defs.resolve_all_asset_specs()} == {"market_ticks", "aggregates"}
+    schedule = defs.resolve_schedule_def("daily_market_data")
+    with instance_for_test() as persistent:  # schedules read symbols from a stored instance
+        persistent.add_dynamic_partitions(SYMBOLS.name, ["EURUSD", "GBPJPY"])
+        context = build_schedule_context(
+            persistent,
+            scheduled_execution_time=datetime(2024, 3, 7, 0, 15, tzinfo=UTC),
+            repository_def=defs.get_repository_def(),
+        )
+        requests = list(schedule.evaluate_tick(context).run_requests)
+    assert sorted(r.partition_key for r in requests) == ["2024-03-06|EURUSD", "2024-03-06|GBPJPY"]
+    assert len({r.run_key for r in requests}) == 2
