@@ -1,14 +1,20 @@
-"""Ticks -> OHLCV candles at every timeframe: pure, vectorised polars.
+"""Ticks -> OHLCV candles at every timeframe: pure and vectorised.
 
-Ticks become M1 bars in one pass; every longer timeframe is rolled up from M1 bars, which is
-exact because every bar boundary is a whole minute. The roll-up works on finished bars
-(it rebuilds the sums behind ``vwap`` and ``spread_mean`` from their counts), so the same
-function also extends bars already stored in the warehouse.
+A bar is a reduction over a contiguous run of time-sorted rows, and a tick is just a bar of
+one row. So one kernel, :func:`_reduce_runs`, builds M1 bars from ticks and every longer
+timeframe from the one below it (M1 -> M5 -> ... -> W1; every boundary of a timeframe is a
+boundary of the finer ones, under either day boundary). The kernel carries sums, not means,
+so nothing is averaged twice; :func:`rollup_bars` rebuilds those sums from stored bars, so
+bars already in the warehouse (or a vendor's M1 candles) roll up the same way.
+
+Runs are found by binary search on sorted times and reduced with ``numpy.ufunc.reduceat``:
+no hashing, one pass per statistic, sums in time order.
 
 Columns: OHLC of the reference price (quote mid, or trade price for trades), the last bid and
 ask, traded ``volume`` (0 for quote-only data), ``tick_count`` (all ticks), ``quote_count``
 (ticks with a two-sided quote), spread mean/max over quotes, ``vwap`` (volume-weighted over
 trades; the tick-weighted mean price where nothing traded, as for FX quotes) and ``source``.
+Input ticks are expected clean (see :mod:`models.quality`): null marks a missing side.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
+import numpy as np
 import polars as pl
 
-from models.ticks import TS, reference_price
+from models.ticks import TS
 from models.timeframes import ALL_TIMEFRAMES, DayBoundary, Timeframe, bar_open_at, bar_open_expr
 
 BAR_SCHEMA: dict[str, pl.DataType] = {
@@ -41,6 +48,150 @@ BAR_SCHEMA: dict[str, pl.DataType] = {
 }
 
 _MINUTE_MS = 60_000
+_SUMS = ("volume", "spread_sum", "pv_sum", "ref_sum")  # None: nothing to add (zero)
+_COUNTS = ("tick_count", "quote_count")  # None: every row counts one
+
+
+class _Runs:
+    """Rows of one symbol as arrays (NaN for missing; -inf for 'no spread'), plus source."""
+
+    def __init__(self, symbol: str, ts_ms: np.ndarray, columns: dict[str, np.ndarray | None], source: pl.Series):
+        self.symbol, self.ts_ms, self.columns, self.source = symbol, ts_ms, columns, source
+
+    def reduce(self, starts: np.ndarray, opens_ms: np.ndarray) -> _Runs:
+        """One row per run beginning at ``starts``, stamped with ``opens_ms``."""
+        c, n = self.columns, len(self.ts_ms)
+        ends = np.r_[starts[1:], n]
+        out: dict[str, np.ndarray | None] = {
+            "open": c["open"][starts],
+            "high": np.maximum.reduceat(c["high"], starts),
+            "low": np.minimum.reduceat(c["low"], starts),
+            "close": c["close"][ends - 1],
+            "bid_close": _last_valid(c["bid_close"], starts, ends),
+            "ask_close": _last_valid(c["ask_close"], starts, ends),
+            "spread_max": np.maximum.reduceat(c["spread_max"], starts),
+        }
+        for name in _SUMS:
+            out[name] = np.zeros(len(starts)) if c[name] is None else np.add.reduceat(c[name], starts)
+        for name in _COUNTS:
+            out[name] = ends - starts if c[name] is None else np.add.reduceat(c[name], starts, dtype=np.int64)
+        return _Runs(self.symbol, opens_ms, out, _sources_per_run(self.source, starts))
+
+    def finish(self, tf: Timeframe) -> pl.DataFrame:
+        c = self.columns
+        frame = pl.DataFrame({"ts": self.ts_ms, **c, "source": self.source}).with_columns(
+            pl.col("bid_close", "ask_close").fill_nan(None),
+        )
+        return frame.select(
+            pl.lit(self.symbol).alias("symbol"),
+            pl.lit(tf.value).alias("timeframe"),
+            pl.col("ts").cast(pl.Int64).cast(TS),
+            "open",
+            "high",
+            "low",
+            "close",
+            "bid_close",
+            "ask_close",
+            "volume",
+            pl.col("tick_count").cast(pl.UInt32),
+            pl.col("quote_count").cast(pl.UInt32),
+            pl.when(pl.col("quote_count") > 0).then(pl.col("spread_sum") / pl.col("quote_count")).alias("spread_mean"),
+            pl.when(pl.col("quote_count") > 0).then(pl.col("spread_max")).alias("spread_max"),
+            pl.when(pl.col("volume") > 0)
+            .then(pl.col("pv_sum") / pl.col("volume"))
+            .otherwise(pl.col("ref_sum") / pl.col("tick_count"))
+            .alias("vwap"),
+            pl.col("source").cast(pl.String),
+        )
+
+    def rollup(self, tf: Timeframe, boundary: DayBoundary) -> _Runs:
+        opens = pl.Series(self.ts_ms).cast(pl.Int64).cast(TS).to_frame("ts").select(bar_open_expr(pl.col("ts"), tf, boundary))
+        opens_ms = _epoch_ms(opens.to_series())
+        starts = np.flatnonzero(np.r_[True, opens_ms[1:] != opens_ms[:-1]])
+        return self.reduce(starts, opens_ms[starts])
+
+
+def _last_valid(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    missing = np.isnan(values)
+    if not missing.any():
+        return values[ends - 1]
+    last = np.maximum.reduceat(np.where(missing, -1, np.arange(len(values))), starts)
+    return np.where(last >= starts, values[last], np.nan)
+
+
+def _sources_per_run(source: pl.Series, starts: np.ndarray) -> pl.Series:
+    """The source of each run; several sources join as 'a+b' (sorted, unique)."""
+    if source.null_count() == 0 and source.min() == source.max():
+        return pl.repeat(source[0], len(starts), eager=True, dtype=pl.String)
+    run = np.zeros(source.len(), dtype=np.int64)
+    run[starts[1:]] = 1
+    frame = pl.DataFrame({"run": np.cumsum(run), "source": source})
+    return frame.group_by("run", maintain_order=True).agg(
+        pl.col("source").str.split("+").list.explode(keep_nulls=False, empty_as_null=False).unique().sort().str.join("+")
+    )["source"]
+
+
+def _floats(series: pl.Series) -> np.ndarray:
+    """Float64 values with NaN for null; no copy when there is nothing to fill."""
+    series = series.cast(pl.Float64)
+    return (series if series.null_count() == 0 else series.fill_null(np.nan)).to_numpy()
+
+
+def _epoch_ms(series: pl.Series) -> np.ndarray:
+    return series.dt.cast_time_unit("ms").to_physical().to_numpy()
+
+
+def _tick_runs(ticks: pl.DataFrame) -> _Runs:
+    """Ticks of one symbol, sorted, as one-row bars."""
+    bid, ask = _floats(ticks["bid"]), _floats(ticks["ask"])
+    mid = np.add(bid, ask)
+    mid *= 0.5
+    spread = np.subtract(ask, bid)
+    all_quotes = ticks["bid"].null_count() == 0 and ticks["ask"].null_count() == 0
+    quote = None if all_quotes else ~np.isnan(spread)
+    if ticks["price"].null_count() == ticks.height:  # quotes only: the usual FX feed
+        ref, volume, pv = mid, None, None
+    else:
+        price, size = _floats(ticks["price"]), _floats(ticks["size"])
+        has_price = ~np.isnan(price)
+        ref = np.where(has_price, price, mid)
+        traded = has_price & ~np.isnan(size)
+        volume, pv = np.where(traded, size, 0.0), np.where(traded, price * size, 0.0)
+    columns: dict[str, np.ndarray | None] = {
+        "open": ref, "high": ref, "low": ref, "close": ref, "bid_close": bid, "ask_close": ask,
+        "volume": volume, "pv_sum": pv, "ref_sum": ref, "tick_count": None,
+        "quote_count": None if all_quotes else quote,
+        "spread_sum": spread if all_quotes else np.where(quote, spread, 0.0),
+        "spread_max": spread if all_quotes else np.where(quote, spread, -np.inf),
+    }
+    return _Runs(ticks["symbol"][0], _epoch_ms(ticks["ts"]), columns, ticks["source"])
+
+
+def _bar_runs(bars: pl.DataFrame) -> _Runs:
+    """Finished bars of one symbol, sorted, with the sums behind their means rebuilt."""
+    volume = bars["volume"].to_numpy()
+    vwap, ticks, quotes = bars["vwap"].to_numpy(), bars["tick_count"].to_numpy(), bars["quote_count"].to_numpy()
+    traded = volume > 0
+    columns: dict[str, np.ndarray | None] = {
+        name: _floats(bars[name]) for name in ("open", "high", "low", "close", "bid_close", "ask_close")
+    }
+    columns |= {
+        "volume": volume,
+        "pv_sum": np.where(traded, vwap * volume, 0.0),
+        "ref_sum": np.where(traded, 0.0, vwap * ticks),
+        "tick_count": ticks.astype(np.int64),
+        "quote_count": quotes.astype(np.int64),
+        "spread_sum": np.nan_to_num(_floats(bars["spread_mean"]) * quotes),
+        "spread_max": np.nan_to_num(_floats(bars["spread_max"]), nan=-np.inf),
+    }
+    return _Runs(bars["symbol"][0], _epoch_ms(bars["ts"]), columns, bars["source"])
+
+
+def _by_symbol(frame: pl.DataFrame) -> list[pl.DataFrame]:
+    symbols = frame["symbol"]
+    if symbols.len() == 0 or (symbols.null_count() == 0 and symbols.min() == symbols.max()):
+        return [frame] if frame.height else []
+    return frame.partition_by("symbol", maintain_order=True)
 
 
 def sort_ticks(ticks: pl.DataFrame) -> pl.DataFrame:
@@ -50,93 +201,30 @@ def sort_ticks(ticks: pl.DataFrame) -> pl.DataFrame:
     return ticks.sort("ts", maintain_order=True)
 
 
-def _source_agg(frame: pl.DataFrame) -> pl.Expr:
-    """One source name per bar; several sources join as 'a+b' (sorted, unique)."""
-    if frame["source"].drop_nulls().n_unique() <= 1:
-        return pl.col("source").first()
-    return pl.col("source").str.split("+").list.explode(keep_nulls=False, empty_as_null=False).unique().sort().str.join("+")
+def _minute_runs(ticks: pl.DataFrame) -> _Runs:
+    runs = _tick_runs(sort_ticks(ticks))
+    ts_ms = runs.ts_ms
+    # Where each minute's first tick sits: a binary search per minute on the sorted times.
+    edges = np.arange(ts_ms[0] // _MINUTE_MS, ts_ms[-1] // _MINUTE_MS + 1) * _MINUTE_MS
+    starts = np.searchsorted(ts_ms, edges)
+    keep = np.r_[starts[:-1] != starts[1:], True]  # of empty minutes' equal starts, the last has the ticks
+    return runs.reduce(starts[keep], edges[keep])
 
 
-def _finish(grouped: pl.DataFrame, tf: Timeframe) -> pl.DataFrame:
-    return grouped.select(
-        "symbol",
-        pl.lit(tf.value).alias("timeframe"),
-        pl.col("ts").cast(TS),
-        "open",
-        "high",
-        "low",
-        "close",
-        "bid_close",
-        "ask_close",
-        "volume",
-        pl.col("tick_count").cast(pl.UInt32),
-        pl.col("quote_count").cast(pl.UInt32),
-        pl.when(pl.col("quote_count") > 0).then(pl.col("spread_sum") / pl.col("quote_count")).alias("spread_mean"),
-        "spread_max",
-        pl.when(pl.col("volume") > 0)
-        .then(pl.col("pv_sum") / pl.col("volume"))
-        .otherwise(pl.col("ref_sum") / pl.col("tick_count"))
-        .alias("vwap"),
-        "source",
-    )
+def _stack(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    if not frames:
+        return pl.DataFrame(schema=BAR_SCHEMA)
+    return pl.concat(frames, how="vertical")
 
 
 def ticks_to_m1(ticks: pl.DataFrame) -> pl.DataFrame:
     """M1 bars of ticks in :data:`models.ticks.TICK_SCHEMA` (any symbols, any order)."""
-    ticks = sort_ticks(ticks)
-    ref = reference_price()
-    spread = pl.col("ask") - pl.col("bid")
-    minute = (pl.col("ts").dt.epoch("ms") // _MINUTE_MS * _MINUTE_MS).cast(TS).alias("ts")
-    grouped = (
-        ticks.lazy()
-        .with_columns(ref.alias("ref"), spread.alias("spread"))
-        .group_by("symbol", minute, maintain_order=True)
-        .agg(
-            pl.col("ref").first().alias("open"),
-            pl.col("ref").max().alias("high"),
-            pl.col("ref").min().alias("low"),
-            pl.col("ref").last().alias("close"),
-            pl.col("bid").drop_nulls().last().alias("bid_close"),
-            pl.col("ask").drop_nulls().last().alias("ask_close"),
-            pl.col("size").sum().alias("volume"),
-            pl.len().alias("tick_count"),
-            pl.col("spread").count().alias("quote_count"),
-            pl.col("spread").sum().alias("spread_sum"),
-            pl.col("spread").max().alias("spread_max"),
-            (pl.col("price") * pl.col("size")).sum().alias("pv_sum"),
-            pl.col("ref").sum().alias("ref_sum"),
-            _source_agg(ticks).alias("source"),
-        )
-        .collect()
-    )
-    return _finish(grouped, Timeframe.M1).sort("symbol", "ts", maintain_order=True)
+    return _stack([_minute_runs(part).finish(Timeframe.M1) for part in _by_symbol(ticks)])
 
 
 def rollup_bars(bars: pl.DataFrame, tf: Timeframe, boundary: DayBoundary = DayBoundary.UTC) -> pl.DataFrame:
-    """Bars of ``tf`` from finer bars (sorted by symbol and ts), e.g. M1 -> H4."""
-    volume_positive = pl.col("volume") > 0
-    grouped = (
-        bars.lazy()
-        .group_by("symbol", bar_open_expr(pl.col("ts"), tf, boundary).alias("ts"), maintain_order=True)
-        .agg(
-            pl.col("open").first(),
-            pl.col("high").max(),
-            pl.col("low").min(),
-            pl.col("close").last(),
-            pl.col("bid_close").drop_nulls().last(),
-            pl.col("ask_close").drop_nulls().last(),
-            pl.col("volume").sum(),
-            pl.col("tick_count").cast(pl.UInt64).sum(),
-            pl.col("quote_count").cast(pl.UInt64).sum(),
-            (pl.col("spread_mean") * pl.col("quote_count")).sum().alias("spread_sum"),
-            pl.col("spread_max").max(),
-            pl.when(volume_positive).then(pl.col("vwap") * pl.col("volume")).sum().alias("pv_sum"),
-            pl.when(volume_positive).then(0.0).otherwise(pl.col("vwap") * pl.col("tick_count")).sum().alias("ref_sum"),
-            _source_agg(bars).alias("source"),
-        )
-        .collect()
-    )
-    return _finish(grouped, tf).sort("symbol", "ts", maintain_order=True)
+    """Bars of ``tf`` from finer finished bars sorted by symbol and ts (M1 -> H4, say)."""
+    return _stack([_bar_runs(part).rollup(tf, boundary).finish(tf) for part in _by_symbol(bars)])
 
 
 def aggregate_ticks(
@@ -145,11 +233,16 @@ def aggregate_ticks(
     boundary: DayBoundary = DayBoundary.UTC,
 ) -> pl.DataFrame:
     """Bars at each requested timeframe, stacked, ordered by timeframe, symbol and ts."""
-    m1 = ticks_to_m1(ticks)
-    frames = [m1 if tf is Timeframe.M1 else rollup_bars(m1, tf, boundary) for tf in timeframes]
-    if not frames:
-        return pl.DataFrame(schema=BAR_SCHEMA)
-    return pl.concat(frames, how="vertical")
+    wanted = set(timeframes)
+    frames: dict[Timeframe, list[pl.DataFrame]] = {tf: [] for tf in ALL_TIMEFRAMES}
+    for part in _by_symbol(ticks) if wanted else []:
+        runs = _minute_runs(part)
+        for tf in ALL_TIMEFRAMES[: max(ALL_TIMEFRAMES.index(tf) for tf in wanted) + 1]:
+            if tf is not Timeframe.M1:
+                runs = runs.rollup(tf, boundary)
+            if tf in wanted:
+                frames[tf].append(runs.finish(tf))
+    return _stack([frame for tf in ALL_TIMEFRAMES for frame in frames[tf]])
 
 
 def carried_bar_opens(

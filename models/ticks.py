@@ -54,7 +54,3 @@ def _as_utc_ms(dtype: pl.DataType) -> pl.Expr:
         return ts.dt.cast_time_unit("ms")
     raise ValueError(f"tick column 'ts' must be a datetime, got {dtype}")
 
-
-def reference_price() -> pl.Expr:
-    """Trade price where present, else the quote mid."""
-    return pl.coalesce(pl.col("price"), (pl.col("bid") + pl.col("ask")) * 0.5)

@@ -1,0 +1,1 @@
+"""Throughput benchmarks, each beside a baseline measured in the same run (`make bench`)."""
