@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from datetime import UTC, datetime
+from datetime import timedelta
+
+import polars as pl
 
 from benchmarks.common import best_of, synthetic_ticks
 from resources.warehouse import WarehouseResource
@@ -17,9 +19,9 @@ from resources.warehouse.market import TICK_COLUMNS, read_ticks, write_ticks
 
 def bench_warehouse(quick: bool = False) -> dict[str, float]:
     rows = 200_000 if quick else 1_000_000
-    ticks = synthetic_ticks("EURUSD", rows).with_row_index("seq").with_columns(seq=__import__("polars").col("seq").cast(__import__("polars").UInt32))
-    start, end = datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 2, 1, tzinfo=UTC)
-    quarantine = ticks.head(0).with_columns(reason=__import__("polars").lit("x"))
+    ticks = synthetic_ticks("EURUSD", rows).with_row_index("seq").with_columns(pl.col("seq").cast(pl.UInt32))
+    start, end = ticks["ts"].min(), ticks["ts"].max() + timedelta(milliseconds=1)
+    quarantine = ticks.head(0).with_columns(reason=pl.lit("x"))
     root = tempfile.mkdtemp(prefix="tradeforge-bench-")
     try:
         warehouse = WarehouseResource(embedded_path=root)
