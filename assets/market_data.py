@@ -127,8 +127,9 @@ def market_ticks(
     raw = market_data.fetch_ticks(partition.symbol, partition.start, partition.end)
     fetched = time.perf_counter()
     checked = validate_ticks(raw, partition.symbol, partition.start, partition.end, conventions.tick_rules)
-    write_ticks(warehouse, partition.symbol, partition.start, partition.end, checked.clean, checked.quarantine)
-    stored = read_ticks(warehouse, partition.symbol, partition.start, partition.end)
+    with warehouse.session() as session:
+        write_ticks(session, partition.symbol, partition.start, partition.end, checked.clean, checked.quarantine)
+        stored = read_ticks(session, partition.symbol, partition.start, partition.end)
     context.log.info(
         f"{partition.symbol} {partition.day}: {raw.height:,} received, {stored.height:,} stored, "
         f"{checked.quarantine.height:,} quarantined {checked.reason_counts or ''}"
@@ -243,11 +244,13 @@ def aggregates(
     lookback = window_lookback_start(partition.start, ALL_TIMEFRAMES, boundary)
     ticks = read_ticks(warehouse, partition.symbol, lookback, partition.end)
     bars = bars_for_window(ticks.drop("seq"), partition.start, ALL_TIMEFRAMES, boundary)
-    write_bars(warehouse, partition.symbol, bars, partition.start, partition.end,
-               carried_bar_opens(partition.start, ALL_TIMEFRAMES, boundary))
-    stored = read_bars(warehouse, partition.symbol, start=lookback, end=partition.end).filter(
-        pl.col("covered_until") == partition.end
-    )
+    with warehouse.session() as session:
+        write_bars(session, partition.symbol, bars, partition.start, partition.end,
+                   carried_bar_opens(partition.start, ALL_TIMEFRAMES, boundary))
+        stored = read_bars(session, partition.symbol, start=lookback, end=partition.end).filter(
+            pl.col("covered_until") == partition.end
+        )
+        duplicates = duplicate_bar_rows(session, partition.symbol, partition.end)
     ticks_in_day = ticks.filter(pl.col("ts") >= partition.start).height
     per_timeframe = dict(stored.group_by("timeframe").len().iter_rows())
     context.log.info(f"{partition.symbol} {partition.day}: {stored.height:,} bars from {ticks_in_day:,} ticks")
@@ -260,9 +263,5 @@ def aggregates(
             **_time_range_metadata(stored["ts"]),
             "duration_seconds": round(time.perf_counter() - started, 3),
         },
-        check_results=list(
-            _bar_check_results(
-                stored, duplicate_bar_rows(warehouse, partition.symbol, partition.end), ticks_in_day, partition, conventions
-            )
-        ),
+        check_results=list(_bar_check_results(stored, duplicates, ticks_in_day, partition, conventions)),
     )

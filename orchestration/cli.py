@@ -142,7 +142,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
 
     _print("")
-    _print(_summary_tables(warehouse, symbols))
+    with warehouse.session() as session:
+        _print(_summary_tables(session, symbols))
     if failed_checks:
         _print(f"asset checks that did not pass ({len(failed_checks)}):")
         for line in failed_checks:

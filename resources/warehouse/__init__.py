@@ -1,11 +1,21 @@
 """The ClickHouse warehouse: connection resource, schema migrations, market-data tables."""
 
 from resources.warehouse.client import (
+    Warehouse,
     WarehouseBusyError,
     WarehouseError,
     WarehouseResource,
+    WarehouseSession,
     default_home,
     warehouse_from_env,
 )
 
-__all__ = ["WarehouseBusyError", "WarehouseError", "WarehouseResource", "default_home", "warehouse_from_env"]
+__all__ = [
+    "Warehouse",
+    "WarehouseBusyError",
+    "WarehouseError",
+    "WarehouseResource",
+    "WarehouseSession",
+    "default_home",
+    "warehouse_from_env",
+]

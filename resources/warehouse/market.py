@@ -10,7 +10,7 @@ import polars as pl
 from models.candles import BAR_SCHEMA
 from models.ticks import TICK_SCHEMA, TS
 from models.timeframes import Timeframe
-from resources.warehouse.client import WarehouseResource
+from resources.warehouse.client import Warehouse
 
 TICK_COLUMNS = ["symbol", "ts", "seq", "bid", "ask", "bid_size", "ask_size", "price", "size", "source"]
 _QUARANTINE_COLUMNS = ["symbol", "day", "raw_symbol", "ts", "bid", "ask", "bid_size", "ask_size", "price", "size", "source", "reason"]
@@ -18,7 +18,7 @@ _WINDOW = "symbol = {symbol:String} AND ts >= {start:DateTime64(3, 'UTC')} AND t
 
 
 def write_ticks(
-    warehouse: WarehouseResource,
+    warehouse: Warehouse,
     symbol: str,
     start: datetime,
     end: datetime,
@@ -37,7 +37,7 @@ def write_ticks(
     warehouse.replace("market_ticks_quarantine", "symbol = {symbol:String} AND day = {day:Date}", params, rejected)
 
 
-def read_ticks(warehouse: WarehouseResource, symbol: str, start: datetime, end: datetime) -> pl.DataFrame:
+def read_ticks(warehouse: Warehouse, symbol: str, start: datetime, end: datetime) -> pl.DataFrame:
     """Ticks of ``symbol`` in ``[start, end)`` in stored order (ts, seq)."""
     frame = warehouse.query_frame(
         f"SELECT {', '.join(TICK_COLUMNS)} FROM market_ticks WHERE {_WINDOW} ORDER BY ts, seq",
@@ -48,7 +48,7 @@ def read_ticks(warehouse: WarehouseResource, symbol: str, start: datetime, end: 
     return frame.with_columns(pl.col("ts").cast(TS), pl.col("symbol").cast(pl.String), pl.col("source").cast(pl.String))
 
 
-def read_quarantine(warehouse: WarehouseResource, symbol: str, day: date) -> pl.DataFrame:
+def read_quarantine(warehouse: Warehouse, symbol: str, day: date) -> pl.DataFrame:
     return warehouse.query_frame(
         f"SELECT {', '.join(_QUARANTINE_COLUMNS)} FROM market_ticks_quarantine "
         "WHERE symbol = {symbol:String} AND day = {day:Date}",
@@ -57,7 +57,7 @@ def read_quarantine(warehouse: WarehouseResource, symbol: str, day: date) -> pl.
 
 
 def write_bars(
-    warehouse: WarehouseResource,
+    warehouse: Warehouse,
     symbol: str,
     bars: pl.DataFrame,
     start: datetime,
@@ -80,7 +80,7 @@ def write_bars(
     warehouse.replace("aggregates", where, params, rows)
 
 
-def duplicate_bar_rows(warehouse: WarehouseResource, symbol: str, covered_until: datetime) -> int:
+def duplicate_bar_rows(warehouse: Warehouse, symbol: str, covered_until: datetime) -> int:
     """Rows written by one window beyond one per bar: non-zero only if a replace went wrong."""
     frame = warehouse.query_frame(
         "SELECT count() - uniqExact(timeframe, ts) AS extra FROM aggregates "
@@ -91,7 +91,7 @@ def duplicate_bar_rows(warehouse: WarehouseResource, symbol: str, covered_until:
 
 
 def read_bars(
-    warehouse: WarehouseResource,
+    warehouse: Warehouse,
     symbol: str | None = None,
     timeframe: Timeframe | None = None,
     start: datetime | None = None,
