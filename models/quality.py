@@ -98,12 +98,10 @@ def validate_ticks(
     tagged = raw.with_row_index("_arrival").with_columns(
         reason_expr(symbol, start, end, _median_spread(raw), rules).alias("reason")
     )
-    value_columns = [c for c in raw.columns]
-    duplicate = pl.col("reason").is_null() & pl.struct(value_columns).is_first_distinct().not_()
     # Duplicates are judged among otherwise-good rows only, so a bad first copy cannot
     # make a good second copy look duplicated.
     good = tagged.filter(pl.col("reason").is_null())
-    dup_rows = good.filter(duplicate)["_arrival"]
+    dup_rows = good.filter(~pl.struct(raw.columns).is_first_distinct())["_arrival"]
     tagged = tagged.with_columns(
         pl.when(pl.col("_arrival").is_in(dup_rows.implode())).then(pl.lit("duplicate")).otherwise("reason").alias("reason")
     )

@@ -168,6 +168,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tradeforge", description="tradeforge: from market ticks to live orders")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -175,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="ingest synthetic ticks and build candles on the embedded engines")
     demo.add_argument("--symbols", nargs="+", default=list(DEMO_SYMBOLS))
     demo.add_argument("--start", type=date.fromisoformat, default=DEMO_START, help="first UTC day (YYYY-MM-DD)")
-    demo.add_argument("--days", type=int, default=DEMO_DAYS)
+    demo.add_argument("--days", type=_positive_int, default=DEMO_DAYS)
     demo.set_defaults(func=cmd_demo)
 
     warehouse = commands.add_parser("warehouse", help="warehouse administration")
@@ -196,10 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "days", 1) < 1:
-        args_error = "--days must be at least 1"
-        print(f"tradeforge: {args_error}", file=sys.stderr)
-        return 2
     try:
         return args.func(args)
     except (ValueError, RuntimeError) as exc:

@@ -59,7 +59,7 @@ def test_bad_input_is_refused_with_a_clear_message(user_env, tmp_path):
     added = tradeforge("symbols", "add", "usdjpy", env=user_env, cwd=tmp_path)
     assert added.returncode == 0 and added.stdout.split() == ["USDJPY"]
     days = tradeforge("demo", "--days", "0", env=user_env, cwd=tmp_path)
-    assert days.returncode == 2 and "--days must be at least 1" in days.stderr
+    assert days.returncode == 2 and "--days: must be at least 1" in days.stderr
     boundary = dict(user_env, TRADEFORGE_DAY_BOUNDARY="london")
     wrong = tradeforge("demo", "--days", "1", env=boundary, cwd=tmp_path)
     assert wrong.returncode == 1 and "day_boundary" in wrong.stderr

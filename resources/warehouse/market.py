@@ -32,7 +32,7 @@ def write_ticks(
         pl.lit(symbol).alias("symbol"),
         pl.lit(start.date()).alias("day"),
         pl.col("symbol").alias("raw_symbol"),
-        *[c for c in _QUARANTINE_COLUMNS[3:]],
+        *_QUARANTINE_COLUMNS[3:],
     )
     warehouse.replace("market_ticks_quarantine", "symbol = {symbol:String} AND day = {day:Date}", params, rejected)
 
