@@ -2,7 +2,6 @@
 
 
 import time
-import warnings
 from collections.abc import Iterable, Mapping
 
 import polars as pl
@@ -16,20 +15,15 @@ from dagster import (
     AssetRecordsFilter,
     AutomationCondition,
     Backoff,
-    BetaWarning,
-    DimensionPartitionMapping,
     Failure,
-    IdentityPartitionMapping,
     Jitter,
     MaterializeResult,
     MetadataValue,
-    MultiPartitionMapping,
     RetryPolicy,
-    TimeWindowPartitionMapping,
     asset,
 )
 
-from assets.partitions import DAY_SYMBOL, DaySymbol
+from assets.partitions import DAY_SYMBOL, DaySymbol, same_symbol_days
 from models.candles import bars_for_window, carried_bar_opens, window_lookback_start
 from models.instruments import instrument
 from models.quality import stored_violations, trading_gaps, validate_ticks
@@ -152,16 +146,7 @@ def market_ticks(
 
 # A W1 bar (and an H4/D1 bar under the 17:00 New York boundary) opens up to 7 days before
 # the day it overlaps, so each day's candles read that many days of ticks back.
-with warnings.catch_warnings():  # both are deliberate: the beta marker is not news to users
-    warnings.simplefilter("ignore", BetaWarning)
-    _TICKS_LOOKBACK = MultiPartitionMapping(
-        {
-            "day": DimensionPartitionMapping(
-                "day", TimeWindowPartitionMapping(start_offset=-7, allow_nonexistent_upstream_partitions=True)
-            ),
-            "symbol": DimensionPartitionMapping("symbol", IdentityPartitionMapping()),
-        }
-    )
+_TICKS_LOOKBACK = same_symbol_days(start_offset=-7)
 
 
 def _bar_check_results(

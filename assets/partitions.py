@@ -6,15 +6,21 @@ or through the instance API, without touching code.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 from dagster import (
     AssetExecutionContext,
+    BetaWarning,
     DailyPartitionsDefinition,
+    DimensionPartitionMapping,
     DynamicPartitionsDefinition,
+    IdentityPartitionMapping,
     MultiPartitionKey,
+    MultiPartitionMapping,
     MultiPartitionsDefinition,
+    TimeWindowPartitionMapping,
 )
 
 FIRST_DAY = "2023-01-01"
@@ -50,3 +56,21 @@ class DaySymbol:
 
 def day_symbol_key(day: date, symbol: str) -> MultiPartitionKey:
     return MultiPartitionKey({"day": day.isoformat(), "symbol": symbol})
+
+
+def same_symbol_days(start_offset: int, end_offset: int = 0) -> MultiPartitionMapping:
+    """Upstream partitions of the same symbol from ``start_offset`` to ``end_offset`` days
+    around each day: how a day's computation reads its neighbours (look-back, look-ahead)."""
+    with warnings.catch_warnings():  # both classes are beta; using them is deliberate
+        warnings.simplefilter("ignore", BetaWarning)
+        return MultiPartitionMapping(
+            {
+                "day": DimensionPartitionMapping(
+                    "day",
+                    TimeWindowPartitionMapping(
+                        start_offset=start_offset, end_offset=end_offset, allow_nonexistent_upstream_partitions=True
+                    ),
+                ),
+                "symbol": DimensionPartitionMapping("symbol", IdentityPartitionMapping()),
+            }
+        )

@@ -105,3 +105,12 @@ def bar_close_at(open_time: datetime, tf: Timeframe, boundary: DayBoundary) -> d
     zone = ZoneInfo(boundary.tz)
     wall = open_time.astimezone(zone).replace(tzinfo=None) + timedelta(minutes=tf.minutes)
     return wall.replace(tzinfo=zone).astimezone(ZoneInfo("UTC"))
+
+
+def bar_close_expr(opened: pl.Expr, tf: Timeframe, boundary: DayBoundary) -> pl.Expr:
+    """The exclusive end of each bar that opens at ``opened``: vectorised :func:`bar_close_at`."""
+    length = timedelta(minutes=tf.minutes)
+    if not _boundary_aligned(tf) or boundary is DayBoundary.UTC:
+        return opened + length
+    wall = opened.dt.convert_time_zone(boundary.tz).dt.replace_time_zone(None) + length
+    return wall.dt.replace_time_zone(boundary.tz, ambiguous="earliest").dt.convert_time_zone("UTC")

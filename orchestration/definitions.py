@@ -13,6 +13,7 @@ from dagster import (
     schedule,
 )
 
+from assets.features import ml_features
 from assets.market_data import aggregates, market_ticks
 from assets.partitions import SYMBOLS, day_symbol_key
 from orchestration.resources import resources_from_env
@@ -33,7 +34,7 @@ def daily_market_data(context: ScheduleEvaluationContext):
 
 
 defs = Definitions(
-    assets=[market_ticks, aggregates],
+    assets=[market_ticks, aggregates, ml_features],
     jobs=[ingest_market_data],
     schedules=[daily_market_data],
     resources=resources_from_env(),

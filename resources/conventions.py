@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 from dagster import ConfigurableResource
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from models.quality import TickRules
-from models.timeframes import DayBoundary
+from models.timeframes import DayBoundary, Timeframe
 
 
 class MarketConventionsResource(ConfigurableResource):
@@ -20,6 +20,19 @@ class MarketConventionsResource(ConfigurableResource):
     max_tick_gap_minutes: float = Field(default=5.0, gt=0, description="longest silence while the market is open")
     max_spread_ratio: float = Field(default=50.0, gt=1, description="quarantine spreads wider than this x median")
     max_relative_spread: float = Field(default=0.05, gt=0, description="quarantine spreads wider than this x mid")
+    feature_timeframes: list[str] = Field(default=["M5", "H1"], description="timeframes that get ml_features rows")
+
+    @field_validator("feature_timeframes")
+    @classmethod
+    def _known_timeframes(cls, values: list[str]) -> list[str]:
+        unknown = [v for v in values if v not in Timeframe.__members__]
+        if unknown:
+            raise ValueError(f"unknown timeframe(s) {unknown}; use {list(Timeframe.__members__)}")
+        return values
+
+    @property
+    def timeframes(self) -> list[Timeframe]:
+        return [Timeframe(v) for v in self.feature_timeframes]
 
     @property
     def tick_rules(self) -> TickRules:

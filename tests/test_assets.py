@@ -172,7 +172,7 @@ def test_definitions_load_and_the_schedule_covers_every_symbol():
     from orchestration.definitions import defs
 
     Definitions.validate_loadable(defs)
-    assert {a.key.to_user_string() for a in defs.resolve_all_asset_specs()} == {"market_ticks", "aggregates"}
+    assert {a.key.to_user_string() for a in defs.resolve_all_asset_specs()} == {"market_ticks", "aggregates", "ml_features"}
     schedule = defs.resolve_schedule_def("daily_market_data")
     with instance_for_test() as persistent:  # schedules read symbols from a stored instance
         persistent.add_dynamic_partitions(SYMBOLS.name, ["EURUSD", "GBPJPY"])

@@ -117,7 +117,11 @@ def read_bars(
     schema = {**BAR_SCHEMA, "covered_until": TS}
     if frame.is_empty():
         return pl.DataFrame(schema=schema)
-    epoch_seconds = ("ts", "covered_until")
+    return seconds_to_datetime(frame, "ts", "covered_until").cast(schema)  # type: ignore[arg-type]
+
+
+def seconds_to_datetime(frame: pl.DataFrame, *columns: str) -> pl.DataFrame:
+    """ClickHouse ``DateTime`` columns arrive as epoch seconds over Arrow: make them UTC datetimes."""
     return frame.with_columns(
-        *(pl.from_epoch(pl.col(c).cast(pl.Int64), time_unit="s").dt.replace_time_zone("UTC").cast(TS) for c in epoch_seconds)
-    ).cast(schema)  # type: ignore[arg-type]
+        pl.from_epoch(pl.col(c).cast(pl.Int64), time_unit="s").dt.replace_time_zone("UTC").cast(TS) for c in columns
+    )

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 from clickhouse_connect.driver.client import Client
 
+from models.features.labels import LABEL_SCHEMA
+from models.features.registry import FEATURE_NAMES
+
 
 @dataclass(frozen=True, slots=True)
 class Migration:
@@ -26,6 +29,28 @@ _QUOTE_COLUMNS = """
     price Nullable(Float64),
     size Nullable(Float64),
     source LowCardinality(String)"""
+
+def _ml_features_table() -> str:
+    features = ",\n".join(f"                {name} Nullable(Float64)" for name in FEATURE_NAMES)
+    labels = ",\n".join(
+        f"                {name} Nullable({'Int8' if str(dtype) == 'Int8' else 'Float64'})" for name, dtype in LABEL_SCHEMA.items()
+    )
+    return f"""
+            CREATE TABLE IF NOT EXISTS ml_features (
+                symbol LowCardinality(String),
+                timeframe LowCardinality(String),
+                ts DateTime('UTC') COMMENT 'bar open',
+                close_ts DateTime('UTC') COMMENT 'bar close: when the features are known',
+                feature_set LowCardinality(String),
+                warm UInt8 COMMENT '1 when the full warm-up history preceded the bar',
+{features},
+{labels},
+                computed_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = ReplacingMergeTree(computed_at)
+            PARTITION BY toYYYYMM(ts)
+            ORDER BY (symbol, timeframe, ts)
+            """
+
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -88,7 +113,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(3, "ml_features (columns generated from the feature registry)", (_ml_features_table(),)),
 )
+
+
+def sync_feature_columns(client: Client) -> None:
+    """Add a column for every registered feature the table lacks: the registry grows without
+    a hand-written migration, and old rows read null for new features."""
+    clauses = ", ".join(f"ADD COLUMN IF NOT EXISTS {name} Nullable(Float64)" for name in FEATURE_NAMES)
+    client.command(f"ALTER TABLE ml_features {clauses}")
 
 
 def apply_migrations(client: Client, database: str) -> list[int]:
@@ -113,6 +146,7 @@ def apply_migrations(client: Client, database: str) -> list[int]:
             client.command(statement)
         client.insert("schema_migrations", [[migration.version, migration.name]], column_names=["version", "name"])
         applied.append(migration.version)
+    sync_feature_columns(client)
     return applied
 
 

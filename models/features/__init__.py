@@ -1,0 +1,1 @@
+"""Features and labels: one registry, one engine for batch and live."""

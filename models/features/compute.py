@@ -1,0 +1,332 @@
+"""Compute every registered feature for the bars of one symbol and timeframe.
+
+One function, :func:`compute_features`, serves the batch asset (whole partitions with their
+warm-up) and the live runner (a rolling window ending at the newest bar): both call it, so
+the same bar gets the same vector. Every value at bar ``t`` uses bars up to ``t`` only;
+higher-timeframe context uses only higher-timeframe bars that closed by ``t``'s close;
+external data joins as of ``t``'s close by the time it became known.
+
+Recursive indicators (EMA, Wilder smoothing) forget their start geometrically; periods are
+kept short enough that :data:`WARMUP_BARS` of history makes any two starts agree to far
+below 1e-9. Scale-free forms (ratios to price, /100 oscillators, z-scores) let one model
+serve EURUSD and XAUUSD alike. Indicators come from TA-Lib.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import talib
+
+from models.candles import rollup_bars
+from models.features.registry import COMMODITIES, EXTERNAL_SERIES, FEATURE_NAMES, FIB_LEVELS, PATTERNS
+from models.sessions import london_session, minutes_after_rollover, new_york_session, tokyo_session
+from models.timeframes import DayBoundary, Timeframe, bar_close_expr
+
+# Higher timeframes for context, chosen so 16 completed bars fit in the warm-up window.
+CONTEXT_TIMEFRAMES: dict[Timeframe, tuple[Timeframe, Timeframe]] = {
+    Timeframe.M1: (Timeframe.M15, Timeframe.H1),
+    Timeframe.M5: (Timeframe.H1, Timeframe.H4),
+    Timeframe.M15: (Timeframe.H1, Timeframe.H4),
+    Timeframe.M30: (Timeframe.H4, Timeframe.D1),
+    Timeframe.H1: (Timeframe.H4, Timeframe.D1),
+    Timeframe.H4: (Timeframe.D1, Timeframe.W1),
+    Timeframe.D1: (Timeframe.W1, Timeframe.W1),
+    Timeframe.W1: (Timeframe.W1, Timeframe.W1),
+}
+ID_COLUMNS = ("symbol", "timeframe", "ts", "close_ts")
+
+
+def _div(a: np.ndarray, b: np.ndarray | float) -> np.ndarray:
+    """a / b with 0 where b is 0 (a flat bar has no range to be a fraction of)."""
+    b = np.broadcast_to(np.asarray(b, dtype=np.float64), np.shape(a))
+    out = np.zeros(np.shape(a))
+    np.divide(a, b, out=out, where=b != 0)
+    return np.where(np.isnan(a) | np.isnan(b), np.nan, out)
+
+
+def _shift(x: np.ndarray, k: int) -> np.ndarray:
+    out = np.full(len(x), np.nan)
+    if k < len(x):
+        out[k:] = x[: len(x) - k]
+    return out
+
+
+def _decayed_sum(x: np.ndarray, n: int) -> np.ndarray:
+    """sum_i x[t-i] * beta**(i+1) with beta = 1 - 2/(n+1): what EMA(n) of a cumulative sum
+    lags behind that sum."""
+    alpha = 2 / (n + 1)
+    smoothed = pl.Series(np.nan_to_num(x)).ewm_mean(alpha=alpha, adjust=False).to_numpy()
+    return (1 - alpha) * smoothed / alpha
+
+
+def _rolling(x: np.ndarray, n: int, how: str) -> np.ndarray:
+    series = pl.Series(x).fill_nan(None)
+    result = getattr(series, f"rolling_{how}")(n)
+    return result.cast(pl.Float64).fill_null(np.nan).to_numpy()
+
+
+class _Bars:
+    """Arrays of one symbol's bars and the indicators several families share."""
+
+    def __init__(self, bars: pl.DataFrame):
+        self.o, self.h, self.l, self.c = (bars[c].to_numpy().astype(np.float64) for c in ("open", "high", "low", "close"))
+        volume = bars["volume"].to_numpy().astype(np.float64)
+        ticks = bars["tick_count"].to_numpy().astype(np.float64)
+        self.ticks = ticks
+        self.activity = np.where(volume > 0, volume, ticks)
+        self.spread = bars["spread_mean"].fill_null(np.nan).to_numpy().astype(np.float64)
+        self.spread_max = bars["spread_max"].fill_null(np.nan).to_numpy().astype(np.float64)
+        self.vwap = bars["vwap"].to_numpy().astype(np.float64)
+        self.log_ret = np.r_[np.nan, np.diff(np.log(self.c))]
+        self.atr14 = talib.ATR(self.h, self.l, self.c, 14)
+
+
+def _trend(b: _Bars) -> dict[str, np.ndarray]:
+    c, out = b.c, {}
+    for n in (10, 20, 50, 200):
+        out[f"sma_ratio_{n}"] = _div(c, talib.SMA(c, n)) - 1
+    for n in (10, 20, 50):
+        out[f"ema_ratio_{n}"] = _div(c, talib.EMA(c, n)) - 1
+    out["wma_ratio_20"] = _div(c, talib.WMA(c, 20)) - 1
+    out["trima_ratio_20"] = _div(c, talib.TRIMA(c, 20)) - 1
+    out["dema_ratio_20"] = _div(c, talib.DEMA(c, 20)) - 1
+    out["tema_ratio_20"] = _div(c, talib.TEMA(c, 20)) - 1
+    out["t3_ratio_10"] = _div(c, talib.T3(c, 10, 0.7)) - 1
+    out["sma_cross_10_50"] = _div(talib.SMA(c, 10), talib.SMA(c, 50)) - 1
+    out["ema_cross_12_26"] = _div(talib.EMA(c, 12), talib.EMA(c, 26)) - 1
+    macd, signal, hist = talib.MACD(c, 12, 26, 9)
+    out["macd"], out["macd_signal"], out["macd_hist"] = _div(macd, c), _div(signal, c), _div(hist, c)
+    out["adx_14"] = talib.ADX(b.h, b.l, c, 14) / 100
+    out["plus_di_14"] = talib.PLUS_DI(b.h, b.l, c, 14) / 100
+    out["minus_di_14"] = talib.MINUS_DI(b.h, b.l, c, 14) / 100
+    down, up = talib.AROON(b.h, b.l, 25)
+    out["aroon_up_25"], out["aroon_down_25"] = up / 100, down / 100
+    out["aroon_osc_25"] = talib.AROONOSC(b.h, b.l, 25) / 100
+    out["sar_distance"] = _div(c - talib.SAR(b.h, b.l, 0.02, 0.2), c)
+    out["linreg_slope_20"] = _div(talib.LINEARREG_SLOPE(c, 20), c)
+    return out
+
+
+def _momentum(b: _Bars) -> dict[str, np.ndarray]:
+    c, out = b.c, {}
+    for n in (7, 14, 28):
+        out[f"rsi_{n}"] = talib.RSI(c, n) / 100
+    k, d = talib.STOCH(b.h, b.l, c, 14, 3, 0, 3, 0)
+    out["stoch_k"], out["stoch_d"] = k / 100, d / 100
+    k, d = talib.STOCHRSI(c, 14, 14, 3, 0)
+    out["stochrsi_k"], out["stochrsi_d"] = k / 100, d / 100
+    out["cci_20"] = talib.CCI(b.h, b.l, c, 20) / 100
+    out["willr_14"] = talib.WILLR(b.h, b.l, c, 14) / 100
+    for n in (5, 10, 20):
+        out[f"roc_{n}"] = _div(c, _shift(c, n)) - 1
+    out["mfi_14"] = talib.MFI(b.h, b.l, c, b.activity, 14) / 100
+    out["ultosc"] = talib.ULTOSC(b.h, b.l, c, 7, 14, 28) / 100
+    out["trix_15"] = talib.TRIX(c, 15)
+    out["ppo"] = talib.PPO(c, 12, 26, 0) / 100
+    out["cmo_14"] = talib.CMO(c, 14) / 100
+    out["bop"] = _div(c - b.o, b.h - b.l)
+    return out
+
+
+def _volatility(b: _Bars) -> dict[str, np.ndarray]:
+    c, h, l, out = b.c, b.h, b.l, {}
+    for n in (7, 14, 28):
+        out[f"natr_{n}"] = _div(b.atr14 if n == 14 else talib.ATR(h, l, c, n), c)
+    upper, middle, lower = talib.BBANDS(c, 20, 2, 2, 0)
+    out["bb_position_20"], out["bb_width_20"] = _div(c - lower, upper - lower), _div(upper - lower, middle)
+    ema20, atr20 = talib.EMA(c, 20), talib.ATR(h, l, c, 20)
+    out["keltner_position_20"] = _div(c - (ema20 - 2 * atr20), 4 * atr20)
+    out["keltner_width_20"] = _div(4 * atr20, ema20)
+    for n in (20, 55):
+        highest, lowest = talib.MAX(h, n), talib.MIN(l, n)
+        out[f"donchian_position_{n}"] = _div(c - lowest, highest - lowest)
+        out[f"donchian_width_{n}"] = _div(highest - lowest, c)
+    for n in (10, 30, 60, 120):
+        out[f"realized_vol_{n}"] = _rolling(b.log_ret, n, "std")
+    hl = np.log(_div(h, l))
+    out["parkinson_vol_20"] = np.sqrt(_rolling(hl**2, 20, "mean") / (4 * np.log(2)))
+    co = np.log(_div(c, b.o))
+    out["garman_klass_vol_20"] = np.sqrt(np.maximum(_rolling(0.5 * hl**2 - (2 * np.log(2) - 1) * co**2, 20, "mean"), 0))
+    out["vol_ratio_10_60"] = _div(out["realized_vol_10"], out["realized_vol_60"])
+    out["true_range_ratio"] = _div(talib.TRANGE(h, l, c), b.atr14)
+    return out
+
+
+def _volume(b: _Bars) -> dict[str, np.ndarray]:
+    out = {}
+    direction = np.sign(np.r_[0.0, np.diff(b.c)])
+    obv_step = direction * b.activity
+    out["obv_change_20"] = _div(_rolling(obv_step, 20, "sum"), _rolling(b.activity, 20, "sum"))
+    for n in (20, 100):
+        out[f"tick_count_ratio_{n}"] = _div(b.ticks, talib.SMA(b.ticks, n))
+    out["activity_zscore_50"] = _div(b.activity - talib.SMA(b.activity, 50), talib.STDDEV(b.activity, 50, 1))
+    spread_mean, spread_std = _rolling(b.spread, 100, "mean"), _rolling(b.spread, 100, "std")
+    out["spread_zscore_100"] = _div(b.spread - spread_mean, spread_std)
+    out["spread_to_atr"] = _div(b.spread, b.atr14)
+    out["spread_max_ratio"] = _div(b.spread_max, b.spread)
+    out["vwap_distance"] = _div(b.c - b.vwap, b.c)
+    # Chaikin's oscillator EMA3(A/D) - EMA10(A/D) written on the A/D increments, where the
+    # level of the cumulative line cancels: the same value whatever bar the history starts at.
+    ad_step = _div((b.c - b.l) - (b.h - b.c), b.h - b.l) * b.activity
+    out["adosc_3_10"] = _div(_decayed_sum(ad_step, 10) - _decayed_sum(ad_step, 3), _rolling(b.activity, 10, "sum"))
+    return out
+
+
+def _candle(b: _Bars) -> dict[str, np.ndarray]:
+    span = b.h - b.l
+    return {
+        "body": _div(b.c - b.o, span),
+        "upper_wick": _div(b.h - np.maximum(b.o, b.c), span),
+        "lower_wick": _div(np.minimum(b.o, b.c) - b.l, span),
+        "close_position": _div(b.c - b.l, span),
+        "range_to_atr": _div(span, b.atr14),
+        "gap": _div(b.o, _shift(b.c, 1)) - 1,
+    }
+
+
+def _patterns(b: _Bars) -> dict[str, np.ndarray]:
+    return {
+        f"pattern_{name[3:].lower()}": np.sign(getattr(talib, name)(b.o, b.h, b.l, b.c)).astype(np.float64)
+        for name in PATTERNS
+    }
+
+
+def _fibonacci(b: _Bars) -> dict[str, np.ndarray]:
+    n = 100
+    high, low = talib.MAX(b.h, n), talib.MIN(b.l, n)
+    high_at, low_at = talib.MAXINDEX(b.h, n).astype(np.float64), talib.MININDEX(b.l, n).astype(np.float64)
+    up = high_at >= low_at  # the swing ran up: retrace from the high
+    span = high - low
+    out = {}
+    for level in FIB_LEVELS:
+        price = np.where(up, high - level * span, low + level * span)
+        out[f"fib_{str(level)[2:]}_distance"] = _div(b.c - price, span)
+    out["swing_position"] = _div(b.c - low, span)
+    out["swing_direction"] = np.where(np.isnan(span), np.nan, np.where(up, 1.0, -1.0))
+    out["swing_direction"][: n - 1] = np.nan
+    return out
+
+
+def _returns(b: _Bars) -> dict[str, np.ndarray]:
+    log_c = np.log(b.c)
+    out = {f"ret_{n}": log_c - _shift(log_c, n) for n in (1, 3, 6, 12, 24, 48)}
+    for k in (1, 2, 3):
+        out[f"ret_1_lag_{k}"] = _shift(b.log_ret, k)
+    series = pl.Series(b.log_ret).fill_nan(None)
+    out["skew_60"] = series.rolling_skew(60).fill_null(np.nan).to_numpy()
+    out["kurt_60"] = series.rolling_kurtosis(60).fill_null(np.nan).to_numpy()
+    windows = np.lib.stride_tricks.sliding_window_view(b.c, 100) if len(b.c) >= 100 else np.empty((0, 100))
+    below = (windows < windows[:, -1:]).sum(axis=1) / 99 if len(windows) else np.empty(0)
+    out["percentile_100"] = np.r_[np.full(min(99, len(b.c)), np.nan), below]
+    out["resistance_distance_100"] = _div(talib.MAX(b.h, 100), b.c) - 1
+    out["support_distance_100"] = _div(talib.MIN(b.l, 100), b.c) - 1
+    return out
+
+
+def _clock(frame: pl.DataFrame) -> dict[str, np.ndarray]:
+    """Sessions and calendar at each bar's close."""
+    at = pl.col("close_ts")
+    hour = at.dt.hour().cast(pl.Float64) + at.dt.minute().cast(pl.Float64) / 60
+    weekday = at.dt.weekday().cast(pl.Float64) - 1
+    month = at.dt.month().cast(pl.Float64) - 1
+    day, days_in_month = at.dt.day(), at.dt.month_end().dt.day()
+
+    def hours_since(tz: str, start_hour: int) -> pl.Expr:
+        local = at.dt.convert_time_zone(tz)
+        minutes = local.dt.hour().cast(pl.Int32) * 60 + local.dt.minute().cast(pl.Int32)
+        return ((minutes - start_hour * 60) % 1440).cast(pl.Float64) / 60
+
+    tokyo, london, new_york = tokyo_session(at), london_session(at), new_york_session(at)
+    two_pi = 2 * np.pi
+    columns = frame.select(
+        tokyo.cast(pl.Float64).alias("session_tokyo"),
+        london.cast(pl.Float64).alias("session_london"),
+        new_york.cast(pl.Float64).alias("session_new_york"),
+        (london & new_york).cast(pl.Float64).alias("overlap_london_new_york"),
+        (tokyo & london).cast(pl.Float64).alias("overlap_tokyo_london"),
+        hours_since("Europe/London", 8).alias("hours_since_london_open"),
+        hours_since("America/New_York", 8).alias("hours_since_new_york_open"),
+        (minutes_after_rollover(at).cast(pl.Float64) / 60).alias("hours_since_rollover"),
+        (hour * two_pi / 24).sin().alias("hour_sin"),
+        (hour * two_pi / 24).cos().alias("hour_cos"),
+        (weekday * two_pi / 7).sin().alias("dow_sin"),
+        (weekday * two_pi / 7).cos().alias("dow_cos"),
+        (month * two_pi / 12).sin().alias("month_sin"),
+        (month * two_pi / 12).cos().alias("month_cos"),
+        (day <= 2).cast(pl.Float64).alias("month_start"),
+        (day >= days_in_month - 1).cast(pl.Float64).alias("month_end"),
+    )
+    return {name: columns[name].to_numpy() for name in columns.columns}
+
+
+def _simple_rsi(close: np.ndarray, n: int) -> np.ndarray:
+    change = np.r_[np.nan, np.diff(close)]
+    gain, loss = _rolling(np.maximum(change, 0), n, "mean"), _rolling(np.maximum(-change, 0), n, "mean")
+    return np.where(np.isnan(gain), np.nan, _div(gain, gain + loss))
+
+
+def _context(bars: pl.DataFrame, frame: pl.DataFrame, tf: Timeframe, boundary: DayBoundary) -> dict[str, np.ndarray]:
+    """Higher-timeframe trend, RSI and ATR from higher-timeframe bars closed by each bar's close.
+
+    Finite windows only (SMA, Cutler's RSI, mean true range), so a rolling window and a full
+    history give the same value once 16 higher bars have closed inside it.
+    """
+    out: dict[str, np.ndarray] = {}
+    for k, higher in enumerate(CONTEXT_TIMEFRAMES[tf], start=1):
+        upper = rollup_bars(bars, higher, boundary)
+        c, h, l = (upper[col].to_numpy() for col in ("close", "high", "low"))
+        previous = _shift(c, 1)
+        true_range = np.fmax(h - l, np.fmax(np.abs(h - previous), np.abs(l - previous)))
+        values = upper.select(bar_close_expr(pl.col("ts"), higher, boundary).alias("available_at")).with_columns(
+            pl.Series(f"htf{k}_trend", _div(c, _rolling(c, 10, "mean")) - 1),
+            pl.Series(f"htf{k}_rsi", _simple_rsi(c, 14)),
+            pl.Series(f"htf{k}_natr", _div(_rolling(true_range, 14, "mean"), c)),
+        )
+        joined = frame.select("close_ts").join_asof(values, left_on="close_ts", right_on="available_at", strategy="backward")
+        out |= {name: joined[name].fill_null(np.nan).to_numpy() for name in values.columns[1:]}
+    return out
+
+
+def _external(frame: pl.DataFrame, external: pl.DataFrame | None) -> dict[str, np.ndarray]:
+    """Latest value of each external series known at each bar's close; null without data.
+
+    ``external`` holds long rows ``(known_at, name, value)`` with names of the external features.
+    """
+    names = [f"fred_{s}" for s in EXTERNAL_SERIES] + [f"fred_{s}_change" for s in EXTERNAL_SERIES]
+    names += [f"commodity_{k}_ret_1d" for k in COMMODITIES]
+    names += ["event_hours_to_next", "event_hours_since_last", "event_last_surprise"]
+    out = {name: np.full(frame.height, np.nan) for name in names}
+    if external is None or external.is_empty():
+        return out
+    for name, rows in external.sort("known_at").partition_by("name", as_dict=True).items():
+        series = rows.select("known_at", pl.col("value").cast(pl.Float64))
+        joined = frame.select("close_ts").join_asof(series, left_on="close_ts", right_on="known_at", strategy="backward")
+        out[name[0]] = joined["value"].fill_null(np.nan).to_numpy()
+    return out
+
+
+def compute_features(
+    bars: pl.DataFrame,
+    tf: Timeframe,
+    boundary: DayBoundary = DayBoundary.UTC,
+    external: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """One row per bar (one symbol, one timeframe, sorted by ts): ids and every feature."""
+    frame = bars.select("symbol", "timeframe", "ts", bar_close_expr(pl.col("ts"), tf, boundary).alias("close_ts"))
+    if bars.is_empty():
+        return frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(n) for n in FEATURE_NAMES)
+    b = _Bars(bars)
+    values: dict[str, np.ndarray] = {}
+    for family in (_trend, _momentum, _volatility, _volume, _candle, _patterns, _fibonacci, _returns):
+        values |= family(b)
+    values |= _clock(frame)
+    values |= _context(bars, frame, tf, boundary)
+    values |= _external(frame, external)
+    values["rsi_x_natr"] = (values["rsi_14"] - 0.5) * values["natr_14"]
+    values["adx_x_macd_hist"] = values["adx_14"] * values["macd_hist"]
+    values["trend_x_vol"] = values["sma_ratio_50"] * values["realized_vol_30"]
+    values["london_x_spread"] = values["session_london"] * values["spread_zscore_100"]
+    return frame.with_columns(
+        pl.Series(name, values[name], dtype=pl.Float64, nan_to_null=True) for name in FEATURE_NAMES
+    )

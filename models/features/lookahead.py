@@ -1,0 +1,40 @@
+"""The look-ahead test the system runs on itself: truncate history, recompute, compare.
+
+If any feature at bar ``t`` used a later bar, recomputing on the history cut at ``t`` would
+change it. Used by the `ml_features` asset check and by the tests.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from models.features.compute import compute_features
+from models.features.registry import FEATURE_NAMES
+from models.timeframes import DayBoundary, Timeframe
+
+
+def lookahead_violations(
+    bars: pl.DataFrame,
+    tf: Timeframe,
+    cuts: list[int],
+    boundary: DayBoundary = DayBoundary.UTC,
+    tolerance: float = 1e-9,
+) -> dict[str, float]:
+    """Feature -> largest difference at the cut points between full and truncated history.
+
+    Empty when clean. A value that is null on one side and not on the other counts as inf.
+    """
+    full = compute_features(bars, tf, boundary).select(FEATURE_NAMES).to_numpy().astype(np.float64)
+    worst: dict[str, float] = {}
+    for cut in cuts:
+        row = compute_features(bars.head(cut + 1), tf, boundary).select(FEATURE_NAMES).row(-1)
+        truncated = np.array(row, dtype=np.float64)
+        reference = full[cut]
+        both_nan = np.isnan(truncated) & np.isnan(reference)
+        diff = np.where(both_nan, 0.0, np.abs(truncated - reference))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        for index in np.flatnonzero(diff > tolerance):
+            name = FEATURE_NAMES[index]
+            worst[name] = max(worst.get(name, 0.0), float(diff[index]))
+    return worst
