@@ -155,6 +155,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    from models.features.registry import FEATURES, catalog_markdown, feature_set_version
+
+    if args.action == "catalog":
+        print(catalog_markdown())
+    else:
+        print(f"{feature_set_version()}: {len(FEATURES)} features")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from orchestration.instance import ensure_dagster_home
 
@@ -193,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     symbols.add_argument("action", choices=["list", "add"])
     symbols.add_argument("symbols", nargs="*", default=[])
     symbols.set_defaults(func=cmd_symbols)
+
+    features = commands.add_parser("features", help="the feature registry: version, catalog")
+    features.add_argument("action", choices=["version", "catalog"])
+    features.set_defaults(func=cmd_features)
 
     ui = commands.add_parser("ui", help="start the Dagster UI on this project's instance")
     ui.add_argument("--host", default="127.0.0.1")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from resources.warehouse import WarehouseResource
+from resources.warehouse.migrations import MIGRATIONS
 
 TRADEFORGE = Path(sys.executable).with_name("tradeforge")
 
@@ -49,7 +50,7 @@ def test_migrate_is_idempotent(user_env, tmp_path):
     first = tradeforge("warehouse", "migrate", env=user_env, cwd=tmp_path)
     second = tradeforge("warehouse", "migrate", env=user_env, cwd=tmp_path)
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
-    assert "applied migrations [1, 2]" in first.stdout
+    assert f"applied migrations {[m.version for m in MIGRATIONS]}" in first.stdout
     assert "schema is current" in second.stdout
 
 

@@ -31,7 +31,7 @@ def test_migrations_apply_once_and_are_safe_to_repeat(warehouse: WarehouseResour
         for migration in MIGRATIONS:
             for statement in migration.statements:
                 client.command(statement)
-    assert {"market_ticks", "market_ticks_quarantine", "aggregates", "schema_migrations"} <= tables
+    assert {"market_ticks", "market_ticks_quarantine", "aggregates", "ml_features", "schema_migrations"} <= tables
 
 
 def test_ticks_round_trip_exactly(warehouse: WarehouseResource):

@@ -21,6 +21,7 @@ import talib
 from models.candles import rollup_bars
 from models.features.registry import COMMODITIES, EXTERNAL_SERIES, FEATURE_NAMES, FIB_LEVELS, PATTERNS
 from models.sessions import london_session, minutes_after_rollover, new_york_session, tokyo_session
+from models.ticks import TS
 from models.timeframes import DayBoundary, Timeframe, bar_close_expr
 
 # Higher timeframes for context, chosen so 16 completed bars fit in the warm-up window.
@@ -300,7 +301,7 @@ def _external(frame: pl.DataFrame, external: pl.DataFrame | None) -> dict[str, n
     if external is None or external.is_empty():
         return out
     for name, rows in external.sort("known_at").partition_by("name", as_dict=True).items():
-        series = rows.select("known_at", pl.col("value").cast(pl.Float64))
+        series = rows.select(pl.col("known_at").cast(TS), pl.col("value").cast(pl.Float64))
         joined = frame.select("close_ts").join_asof(series, left_on="close_ts", right_on="known_at", strategy="backward")
         out[name[0]] = joined["value"].fill_null(np.nan).to_numpy()
     return out

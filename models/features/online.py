@@ -21,6 +21,10 @@ class RollingFeatures:
         self.tf, self.boundary, self.window = tf, boundary, window
         self._bars = pl.DataFrame(schema=BAR_SCHEMA)
 
+    def seed(self, bars: pl.DataFrame) -> None:
+        """Start from history (the newest bars from the warehouse, say) without computing."""
+        self._bars = bars.select(list(BAR_SCHEMA)).cast(BAR_SCHEMA).tail(self.window).rechunk()
+
     def update(self, bar: pl.DataFrame, external: pl.DataFrame | None = None) -> dict[str, object]:
         """Append one closed bar (a one-row frame in BAR_SCHEMA); returns its feature row.
 

@@ -127,8 +127,8 @@ _add("returns", 100, percentile_100="share of the last 100 closes below this clo
      resistance_distance_100="highest high of 100 bars / close - 1", support_distance_100="lowest low of 100 bars / close - 1")
 # -- multi-timeframe context (completed higher-timeframe bars only) --------------------------
 for k in (1, 2):
-    _add("multi_timeframe", 0, **{
-        f"htf{k}_trend": f"higher timeframe {k}: close / SMA(10) - 1 of its completed bars",
+    _add("multi_timeframe", 16, **{
+        f"htf{k}_trend": f"higher timeframe {k} (look-back in its bars): close / SMA(10) - 1 of its completed bars",
         f"htf{k}_rsi": f"higher timeframe {k}: RSI(14), simple averages (Cutler), / 100",
         f"htf{k}_natr": f"higher timeframe {k}: mean true range(14) / close",
     })
@@ -153,12 +153,12 @@ FEATURE_NAMES: tuple[str, ...] = tuple(spec.name for spec in FEATURES)
 WARMUP_BARS = 1500  # bars of history read before the first bar; covers every look-back and EMA memory
 
 
-def feature_set_version() -> str:
+def feature_set_version(specs: tuple[FeatureSpec, ...] = FEATURES) -> str:
     """A short hash of every declaration and of the code that computes them."""
     from models.features import compute  # the code is part of the definition
 
     digest = hashlib.sha256()
-    for spec in FEATURES:
+    for spec in specs:
         digest.update(repr((spec.name, spec.family, spec.lookback, spec.description)).encode())
     digest.update(inspect.getsource(compute).encode())
     return f"fs-{digest.hexdigest()[:12]}"
@@ -170,7 +170,7 @@ def catalog_markdown() -> str:
         "# Feature catalog",
         "",
         f"Generated from `models/features/registry.py` (feature set `{feature_set_version()}`, "
-        f"{len(FEATURES)} features). Regenerate with `tradeforge features catalog`.",
+        f"{len(FEATURES)} features). Regenerate with `tradeforge features catalog > models/features/CATALOG.md`.",
         "",
     ]
     for family in FAMILIES:

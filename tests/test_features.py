@@ -1,0 +1,165 @@
+"""Features and labels: registry, batch/live parity, no look-ahead, point-in-time joins."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from models.candles import aggregate_ticks
+from models.features.compute import compute_features
+from models.features.labels import LABEL_NAMES, compute_labels
+from models.features.lookahead import lookahead_violations
+from models.features.online import RollingFeatures
+from models.features.registry import FAMILIES, FEATURE_NAMES, FEATURES, WARMUP_BARS, catalog_markdown, feature_set_version
+from models.synthetic import generate_ticks
+from models.timeframes import DayBoundary, Timeframe
+
+EXTERNAL = {s.name for s in FEATURES if s.family == "external"}
+
+
+def history(symbol: str, first: date, days: int, tf: Timeframe = Timeframe.M5) -> pl.DataFrame:
+    ticks = pl.concat([generate_ticks(symbol, first + timedelta(days=i)) for i in range(days)])
+    return aggregate_ticks(ticks, [tf])
+
+
+@pytest.fixture(scope="module")
+def btc_m5() -> pl.DataFrame:
+    return history("BTCUSD", date(2024, 2, 26), 7)
+
+
+def test_registry_declares_every_computed_feature_once():
+    assert len(FEATURES) >= 110
+    assert len(set(FEATURE_NAMES)) == len(FEATURE_NAMES)
+    assert {s.family for s in FEATURES} == set(FAMILIES)
+    computed = compute_features(history("EURUSD", date(2024, 3, 4), 1), Timeframe.M5)
+    assert computed.columns == ["symbol", "timeframe", "ts", "close_ts", *FEATURE_NAMES]
+
+
+def test_feature_set_version_follows_the_definitions():
+    version = feature_set_version()
+    assert version == feature_set_version()
+    changed = (replace(FEATURES[0], lookback=FEATURES[0].lookback + 1), *FEATURES[1:])
+    assert feature_set_version(changed) != version
+    assert feature_set_version(FEATURES[:-1]) != version
+
+
+def test_catalog_is_generated_from_the_registry():
+    catalog = Path(__file__).resolve().parents[1] / "models" / "features" / "CATALOG.md"
+    assert catalog.read_text().strip() == catalog_markdown().strip(), (
+        "models/features/CATALOG.md is stale: run `tradeforge features catalog > models/features/CATALOG.md`"
+    )
+
+
+def test_live_vector_equals_the_batch_row_for_every_bar(btc_m5):
+    """The live runner's rolling window and the batch asset give the same features."""
+    batch = compute_features(btc_m5, Timeframe.M5).select(FEATURE_NAMES).to_numpy().astype(np.float64)
+    live = RollingFeatures(Timeframe.M5)
+    live.seed(btc_m5.head(WARMUP_BARS - 1))  # the runner starts from the warehouse's newest bars
+    worst = np.zeros(len(FEATURE_NAMES))
+    compared = 0
+    for i in range(WARMUP_BARS - 1, btc_m5.height):
+        row = live.update(btc_m5.slice(i, 1))
+        assert live.warm
+        vector = np.array([row[name] for name in FEATURE_NAMES], dtype=np.float64)
+        assert np.array_equal(np.isnan(vector), np.isnan(batch[i])), i
+        worst = np.fmax(worst, np.abs(np.nan_to_num(vector - batch[i])))
+        compared += 1
+    assert compared == btc_m5.height - WARMUP_BARS + 1 and compared > 500
+    offenders = {FEATURE_NAMES[k]: worst[k] for k in np.flatnonzero(worst > 1e-9)}
+    assert not offenders
+
+
+def test_live_refuses_bars_out_of_order(btc_m5):
+    live = RollingFeatures(Timeframe.M5)
+    live.update(btc_m5.slice(10, 1))
+    with pytest.raises(ValueError, match="is not after the newest bar"):
+        live.update(btc_m5.slice(5, 1))
+
+
+def test_no_feature_looks_ahead(btc_m5):
+    cuts = sorted(random.Random(7).sample(range(300, btc_m5.height - 1), 25))
+    assert lookahead_violations(btc_m5, Timeframe.M5, cuts) == {}
+    h1 = history("EURUSD", date(2024, 3, 4), 8, Timeframe.H1)
+    assert lookahead_violations(h1, Timeframe.H1, [60, 90, h1.height - 2], DayBoundary.NEW_YORK_17) == {}
+
+
+def test_a_feature_that_peeks_is_named(btc_m5):
+    """The checker itself: bars whose later rows are edited must not change earlier values,
+    so comparing a history against a doctored copy of its future flags exactly what moved."""
+    cut = 1000
+    honest = compute_features(btc_m5, Timeframe.M5).row(cut, named=True)
+    doctored = btc_m5.with_columns(
+        pl.when(pl.int_range(pl.len()) > cut).then(pl.col("close") * 1.5).otherwise(pl.col("close")).alias("close")
+    )
+    assert compute_features(doctored, Timeframe.M5).row(cut, named=True) == honest
+
+
+@pytest.mark.parametrize("symbol", ["EURUSD", "XAUUSD"])
+def test_warm_rows_have_every_feature(symbol):
+    features = compute_features(history(symbol, date(2024, 3, 4), 10), Timeframe.M5)
+    warm = features.slice(WARMUP_BARS)
+    nulls = {n: c for n, c in warm.select(pl.col(FEATURE_NAMES).null_count()).row(0, named=True).items() if c}
+    assert set(nulls) == EXTERNAL  # external data is null until it exists, never invented
+    assert all(c == warm.height for c in nulls.values())
+    values = warm.select(pl.col(FEATURE_NAMES).exclude(*EXTERNAL)).to_numpy()
+    assert np.isfinite(values).all()
+
+
+def test_external_values_join_as_of_when_they_became_known():
+    bars = history("EURUSD", date(2024, 3, 6), 1)
+    known = [datetime(2024, 3, 6, 10, tzinfo=UTC), datetime(2024, 3, 6, 14, 30, tzinfo=UTC)]
+    external = pl.DataFrame({"known_at": known, "name": ["fred_fedfunds"] * 2, "value": [5.33, 5.08]})
+    features = compute_features(bars, Timeframe.M5, external=external).select("close_ts", "fred_fedfunds")
+    before = features.filter(pl.col("close_ts") < known[0])
+    between = features.filter((pl.col("close_ts") >= known[0]) & (pl.col("close_ts") < known[1]))
+    after = features.filter(pl.col("close_ts") >= known[1])
+    assert before["fred_fedfunds"].null_count() == before.height > 0
+    assert set(between["fred_fedfunds"]) == {5.33}
+    assert set(after["fred_fedfunds"]) == {5.08}  # the revision reaches no bar that closed before it
+
+
+def test_multi_timeframe_context_uses_only_closed_higher_bars(btc_m5):
+    features = compute_features(btc_m5, Timeframe.M5)
+    # The H1 context changes only at bars closing on the hour, when an H1 bar has closed.
+    per_hour = features.with_columns(pl.col("close_ts").dt.truncate("1h").alias("hour"))
+    changes = per_hour.group_by("hour").agg(pl.col("htf1_trend").n_unique().alias("values"))
+    assert changes["values"].max() == 1
+
+
+def test_labels_are_exact_and_null_beyond_the_data():
+    opens = [datetime(2024, 3, 6, h, tzinfo=UTC) for h in range(10)]
+    closes = [100.0, 101.0, 102.0, 99.0, 98.0, 104.0, 104.0, 103.0, 105.0, 106.0]
+    bars = pl.DataFrame({"ts": opens, "open": closes, "high": [c + 0.5 for c in closes],
+                         "low": [c - 0.5 for c in closes], "close": closes})
+    close_ts = pl.Series([t + timedelta(hours=1) for t in opens]).dt.cast_time_unit("us")
+    labels = compute_labels(bars, close_ts, known_until=datetime(2024, 3, 6, 10, tzinfo=UTC))
+    assert labels.columns == list(LABEL_NAMES)
+    assert labels["fwd_ret_1h"][0] == pytest.approx(np.log(101 / 100))
+    assert labels["fwd_ret_4h"][1] == pytest.approx(np.log(104 / 101))
+    assert labels["direction_4h"][2] == 1 and labels["direction_1h"][2] == -1
+    # The last bar closes at 10:00, the end of the data: no 1h label for it yet.
+    assert labels["fwd_ret_1h"][9] is None and labels["fwd_ret_1h"][8] is not None
+    assert labels["fwd_ret_1d"].null_count() == 10
+    # With the data extended, the same bar gets its label.
+    later = compute_labels(bars, close_ts, known_until=datetime(2024, 3, 7, 12, tzinfo=UTC))
+    assert later["fwd_ret_1h"][9] == pytest.approx(0.0)  # nothing traded after the last bar
+
+
+def test_barrier_label_on_a_known_path():
+    n = 200
+    rng = np.random.default_rng(3)
+    closes = 100 * np.exp(np.cumsum(rng.normal(0, 0.001, n)))
+    closes[150:] = closes[149] * 1.05  # a jump far beyond 1.5 sigma: the upper barrier
+    opens = [datetime(2024, 3, 6, tzinfo=UTC) + timedelta(minutes=5 * i) for i in range(n)]
+    bars = pl.DataFrame({"ts": opens, "open": closes, "high": closes, "low": closes, "close": closes})
+    close_ts = pl.Series([t + timedelta(minutes=5) for t in opens])
+    labels = compute_labels(bars, close_ts, known_until=opens[-1] + timedelta(days=1))
+    assert labels["barrier_4h"][149] == 1 and labels["barrier_4h"][145] == 1
+    assert labels["barrier_4h"][99] is None  # no volatility estimate yet
+    assert set(labels["barrier_4h"].drop_nulls().unique()) <= {-1, 0, 1}
