@@ -74,16 +74,57 @@ def _summary_tables(warehouse, symbols: Sequence[str]) -> str:
         lines.append(f"  {symbol:<8} {n:>10,}  {first:%Y-%m-%d %H:%M} .. {last:%Y-%m-%d %H:%M} UTC")
     lines.append(f"  quarantined rows: {quarantined:,}")
     counts = {(s, tf): n for s, tf, n in bars.iter_rows()}
+    features = warehouse.query_frame(
+        "SELECT symbol, timeframe, count() AS n, sum(warm) AS warm, any(feature_set) AS fs FROM ml_features FINAL "
+        "WHERE symbol IN {symbols:Array(String)} GROUP BY symbol, timeframe ORDER BY symbol, timeframe",
+        {"symbols": list(symbols)},
+    )
     lines.append("aggregates (bars)")
     lines.append(f"  {'symbol':<8}" + "".join(f"{tf.value:>8}" for tf in ALL_TIMEFRAMES))
     for symbol in symbols:
         lines.append(f"  {symbol:<8}" + "".join(f"{counts.get((symbol, tf.value), 0):>8,}" for tf in ALL_TIMEFRAMES))
+    lines.append("ml_features (rows, warm rows, feature set)")
+    for symbol, tf, n, warm, version in features.iter_rows():
+        lines.append(f"  {symbol:<8} {tf:<4} {n:>7,} {warm:>7,}  {version}")
     return "\n".join(lines)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from dagster import DagsterInstance, materialize
+def _materialize_partitions(instance, resources, assets, partitions, describe) -> list[str] | None:
+    """One run per partition, a progress line each; the checks that did not pass, or None
+    when a run failed."""
+    from dagster import materialize
 
+    failed_checks: list[str] = []
+    for index, partition in enumerate(partitions, start=1):
+        t0 = time.perf_counter()
+        result = materialize(
+            assets,
+            partition_key=partition.key,
+            instance=instance,
+            resources=resources,
+            tags={"tradeforge/source": "demo"},
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            raise_on_error=False,
+        )
+        prefix = f"[{index:>2}/{len(partitions)}] {partition.symbol:<7} {partition.day}"
+        if not result.success:
+            _print(f"{prefix}  run {result.run_id} FAILED: see it in the Dagster UI")
+            return None
+        meta = {
+            e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+            for e in result.get_asset_materialization_events()
+        }
+        failed = [f"{e.asset_key.to_user_string()}:{e.check_name}" for e in result.get_asset_check_evaluations() if not e.passed]
+        failed_checks += [f"{partition.symbol} {partition.day} {name}" for name in failed]
+        status = "ok" if not failed else "FAILED " + ", ".join(failed)
+        _print(f"{prefix}  {describe(meta)}  checks {status}  {time.perf_counter() - t0:5.1f}s")
+    return failed_checks
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dagster import DagsterInstance
+
+    from assets.features import ml_features
     from assets.market_data import aggregates, market_ticks
     from assets.partitions import SYMBOLS, DaySymbol
     from models.instruments import instrument
@@ -105,50 +146,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     applied = warehouse.migrate()
     _print(f"  schema    : {'applied migrations ' + str(applied) if applied else 'current'}")
     instance.add_dynamic_partitions(SYMBOLS.name, symbols)
-
     partitions = [DaySymbol(symbol, day) for day in days for symbol in symbols]
-    failed_checks: list[str] = []
-    for index, partition in enumerate(partitions, start=1):
-        t0 = time.perf_counter()
-        result = materialize(
-            [market_ticks, aggregates],
-            partition_key=partition.key,
-            instance=instance,
-            resources=resources,
-            tags={"tradeforge/source": "demo"},
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-            raise_on_error=False,
-        )
-        if not result.success:
-            _print(f"[{index}/{len(partitions)}] {partition.symbol} {partition.day}: run {result.run_id} FAILED")
-            return 1
-        meta = {
-            m.asset_key.to_user_string(): m.metadata
-            for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())
-        }
-        failed = [
-            f"{e.asset_key.to_user_string()}:{e.check_name}"
-            for e in result.get_asset_check_evaluations()
-            if not e.passed
-        ]
-        failed_checks += [f"{partition.symbol} {partition.day} {name}" for name in failed]
-        ticks = meta["market_ticks"]["dagster/row_count"].value
-        bars = meta["aggregates"]["dagster/row_count"].value
-        quarantined = meta["market_ticks"]["quarantined_rows"].value
-        _print(
-            f"[{index:>2}/{len(partitions)}] {partition.symbol:<7} {partition.day}  "
-            f"{ticks:>8,} ticks  {bars:>6,} bars  {quarantined} quarantined  "
-            f"checks {'ok' if not failed else 'FAILED ' + ', '.join(failed)}  {time.perf_counter() - t0:5.1f}s"
-        )
+
+    _print("market_ticks + aggregates:")
+    ingested = _materialize_partitions(
+        instance, resources, [market_ticks, aggregates], partitions,
+        lambda m: f"{m['market_ticks']['dagster/row_count'].value:>8,} ticks  "
+        f"{m['aggregates']['dagster/row_count'].value:>6,} bars  "
+        f"{m['market_ticks']['quarantined_rows'].value} quarantined",
+    )
+    if ingested is None:
+        return 1
+    # Features after all candles: their labels look a day ahead.
+    _print("ml_features:")
+    featured = _materialize_partitions(
+        instance, resources, [ml_features], partitions,
+        lambda m: f"{m['ml_features']['dagster/row_count'].value:>6,} rows  "
+        f"{m['ml_features']['warm_rows'].value:>6,} warm  {m['ml_features']['feature_set'].value}",
+    )
+    if featured is None:
+        return 1
 
     _print("")
     with warehouse.session() as session:
         _print(_summary_tables(session, symbols))
+    failed_checks = ingested + featured
     if failed_checks:
         _print(f"asset checks that did not pass ({len(failed_checks)}):")
         for line in failed_checks:
             _print(f"  {line}")
-    _print(f"done in {time.perf_counter() - started:.1f}s: {len(partitions)} partitions of market_ticks and aggregates")
+    _print(f"done in {time.perf_counter() - started:.1f}s: {len(partitions)} partitions of market_ticks, aggregates, ml_features")
     _print("")
     _print("Open the Dagster UI on the same data:")
     _print("  make ui        (or: .venv/bin/tradeforge ui)  ->  http://127.0.0.1:3000")

@@ -184,3 +184,34 @@ def test_definitions_load_and_the_schedule_covers_every_symbol():
         requests = list(schedule.evaluate_tick(context).run_requests)
     assert sorted(r.partition_key for r in requests) == ["2024-03-06|EURUSD", "2024-03-06|GBPJPY"]
     assert len({r.run_key for r in requests}) == 2
+
+
+def test_ml_features_partitions_with_checks_and_labels_that_fill_in(warehouse, instance):
+    from assets.features import ml_features
+    from models.features.registry import feature_set_version
+    from models.timeframes import Timeframe
+    from resources.warehouse.features import read_features
+
+    res = resources(warehouse)
+    res["conventions"] = MarketConventionsResource(feature_timeframes=["M5", "H1"])
+    days = [date(2024, 3, 1) + timedelta(days=i) for i in range(7)]
+    for day in days:
+        run(DaySymbol("BTCUSD", day), instance, res)
+    last = DaySymbol("BTCUSD", days[-1])
+    result = run(last, instance, res, selection=[ml_features])
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert all(e.passed for e in checks.values()), {k: e.metadata for k, e in checks.items()}
+    assert checks["no_lookahead"].metadata["cuts"].value == 16
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["rows_M5"].value == 288 and meta["rows_H1"].value == 24
+    assert meta["feature_set"].value == feature_set_version()
+    rows = read_features(warehouse, "BTCUSD", Timeframe.M5, last.start, last.end)
+    assert rows.height == 288 and rows["warm"].sum() == 288  # six earlier days gave the warm-up
+    assert rows["fwd_ret_1d"].null_count() == 288  # tomorrow is not in the warehouse yet
+    # The next day lands; re-materializing fills the labels and replaces, never duplicates.
+    run(DaySymbol("BTCUSD", days[-1] + timedelta(days=1)), instance, res)
+    run(last, instance, res, selection=[ml_features])
+    rows = read_features(warehouse, "BTCUSD", Timeframe.M5, last.start, last.end)
+    assert rows.height == 288 and rows["fwd_ret_1d"].null_count() == 0
+    stored = warehouse.query_frame("SELECT count() AS n FROM ml_features WHERE timeframe = 'M5'")["n"][0]
+    assert stored == 288
