@@ -8,6 +8,7 @@ import platform
 from pathlib import Path
 
 from benchmarks.candles import bench_candles
+from benchmarks.features import bench_features
 from benchmarks.warehouse import bench_warehouse
 
 
@@ -19,6 +20,7 @@ def main() -> int:
         "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
         "candles": bench_candles(quick=args.quick),
         "warehouse": bench_warehouse(quick=args.quick),
+        "features": bench_features(quick=args.quick),
     }
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

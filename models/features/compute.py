@@ -62,6 +62,16 @@ def _decayed_sum(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def _rolling(x: np.ndarray, n: int, how: str) -> np.ndarray:
+    """Rolling mean/sum/std (sample) over ``n`` bars. TA-Lib when only leading values are
+    missing (the common case, and the fast one); polars, which skips gaps window by window,
+    otherwise."""
+    missing = np.isnan(x)
+    if not missing[np.argmax(~missing):].any():
+        if how == "mean":
+            return talib.SMA(x, n)
+        if how == "sum":
+            return talib.SUM(x, n)
+        return np.sqrt(np.maximum(talib.VAR(x, n, 1), 0) * n / (n - 1))
     series = pl.Series(x).fill_nan(None)
     result = getattr(series, f"rolling_{how}")(n)
     return result.cast(pl.Float64).fill_null(np.nan).to_numpy()
