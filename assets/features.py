@@ -36,7 +36,11 @@ def _check_results(
     rows: pl.DataFrame, bars_by_tf: dict, partition: DaySymbol, conventions: MarketConventionsResource, horizon
 ) -> Iterable[AssetCheckResult]:
     warm = rows.filter(pl.col("warm") == 1)
-    missing = warm.select(pl.col(_NON_EXTERNAL).is_null().sum()).row(0, named=True) if warm.height else {}
+    missing = (
+        warm.select((pl.col(_NON_EXTERNAL).is_null() | pl.col(_NON_EXTERNAL).is_infinite()).sum()).row(0, named=True)
+        if warm.height
+        else {}
+    )
     bad = {name: n for name, n in missing.items() if n}
     yield AssetCheckResult(
         check_name="no_nan_after_warmup",
@@ -80,7 +84,7 @@ def _check_results(
     deps=[AssetDep("aggregates", partition_mapping=_BARS_WINDOW)],
     automation_condition=AutomationCondition.eager(),
     check_specs=[
-        AssetCheckSpec("no_nan_after_warmup", asset="ml_features", description="no null/NaN feature on warm rows (external data excepted)"),
+        AssetCheckSpec("no_nan_after_warmup", asset="ml_features", description="no null/NaN/inf feature on warm rows (external data excepted)"),
         AssetCheckSpec("no_lookahead", asset="ml_features", description="truncated-history recomputation matches"),
         AssetCheckSpec("label_coverage", asset="ml_features", description="labels present wherever their horizon is in the data"),
     ],

@@ -89,9 +89,9 @@ def test_no_feature_looks_ahead(btc_m5):
     assert lookahead_violations(h1, Timeframe.H1, [60, 90, h1.height - 2], DayBoundary.NEW_YORK_17) == {}
 
 
-def test_a_feature_that_peeks_is_named(btc_m5):
-    """The checker itself: bars whose later rows are edited must not change earlier values,
-    so comparing a history against a doctored copy of its future flags exactly what moved."""
+def test_editing_the_future_changes_no_past_value(btc_m5):
+    """The same property from the other side: rewrite every bar after ``cut`` and the
+    features at ``cut`` stay exactly as they were."""
     cut = 1000
     honest = compute_features(btc_m5, Timeframe.M5).row(cut, named=True)
     doctored = btc_m5.with_columns(
