@@ -17,7 +17,7 @@ from dagster import (
     asset,
 )
 
-from assets.partitions import DAY_SYMBOL, DaySymbol, same_symbol_days
+from assets.partitions import DAY_SYMBOL, DaySymbol, require_upstream, same_symbol_days
 from models.features.compute import compute_features
 from models.features.labels import HORIZONS, LABEL_NAMES, compute_labels
 from models.features.lookahead import lookahead_violations
@@ -95,6 +95,7 @@ def ml_features(
 ) -> MaterializeResult:
     started = time.perf_counter()
     partition = DaySymbol.of(context)
+    require_upstream(context, "aggregates", partition)
     version = feature_set_version()
     boundary = conventions.day_boundary
     label_end = partition.end + max(HORIZONS.values())

@@ -11,11 +11,8 @@ from dagster import (
     AssetCheckSpec,
     AssetDep,
     AssetExecutionContext,
-    AssetKey,
-    AssetRecordsFilter,
     AutomationCondition,
     Backoff,
-    Failure,
     Jitter,
     MaterializeResult,
     MetadataValue,
@@ -23,7 +20,7 @@ from dagster import (
     asset,
 )
 
-from assets.partitions import DAY_SYMBOL, DaySymbol, same_symbol_days
+from assets.partitions import DAY_SYMBOL, DaySymbol, require_upstream, same_symbol_days
 from models.candles import bars_for_window, carried_bar_opens, window_lookback_start
 from models.instruments import instrument
 from models.quality import stored_violations, trading_gaps, validate_ticks
@@ -191,21 +188,6 @@ def _bar_check_results(
     )
 
 
-def _require_ticks(context: AssetExecutionContext, partition: DaySymbol) -> None:
-    """Candles of a day whose ticks were never ingested would silently be empty: refuse."""
-    records = context.instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=AssetKey("market_ticks"), asset_partitions=[str(partition.key)]), limit=1
-    )
-    if not records.records:
-        raise Failure(
-            description=(
-                f"market_ticks has no materialization for {partition.symbol} {partition.day}: "
-                f"materialize market_ticks for that partition first (or both assets together)"
-            ),
-            allow_retries=False,
-        )
-
-
 @asset(
     partitions_def=DAY_SYMBOL,
     group_name="market_data",
@@ -224,7 +206,7 @@ def aggregates(
 ) -> MaterializeResult:
     started = time.perf_counter()
     partition = DaySymbol.of(context)
-    _require_ticks(context, partition)
+    require_upstream(context, "market_ticks", partition)
     boundary = conventions.day_boundary
     lookback = window_lookback_start(partition.start, ALL_TIMEFRAMES, boundary)
     ticks = read_ticks(warehouse, partition.symbol, lookback, partition.end)

@@ -12,10 +12,13 @@ from datetime import UTC, date, datetime, timedelta
 
 from dagster import (
     AssetExecutionContext,
+    AssetKey,
+    AssetRecordsFilter,
     BetaWarning,
     DailyPartitionsDefinition,
     DimensionPartitionMapping,
     DynamicPartitionsDefinition,
+    Failure,
     IdentityPartitionMapping,
     MultiPartitionKey,
     MultiPartitionMapping,
@@ -73,4 +76,20 @@ def same_symbol_days(start_offset: int, end_offset: int = 0) -> MultiPartitionMa
                 ),
                 "symbol": DimensionPartitionMapping("symbol", IdentityPartitionMapping()),
             }
+        )
+
+
+def require_upstream(context: AssetExecutionContext, upstream: str, partition: DaySymbol) -> None:
+    """Fail clearly when ``upstream`` was never materialized for this partition: computing on
+    its absence would silently give an empty result that looks like a quiet market."""
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey(upstream), asset_partitions=[str(partition.key)]), limit=1
+    )
+    if not records.records:
+        raise Failure(
+            description=(
+                f"{upstream} has no materialization for {partition.symbol} {partition.day}: "
+                f"materialize {upstream} for that partition first (or together with this asset)"
+            ),
+            allow_retries=False,
         )

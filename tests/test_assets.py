@@ -152,12 +152,16 @@ def test_partitions_in_any_order_give_the_candles_of_the_whole_history(warehouse
     }
 
 
-def test_candles_without_their_ticks_fail_clearly(warehouse, instance):
+@pytest.mark.parametrize(("downstream", "upstream"), [("aggregates", "market_ticks"), ("ml_features", "aggregates")])
+def test_a_partition_without_its_input_fails_clearly(warehouse, instance, downstream, upstream):
+    from assets.features import ml_features
+
+    asset_def = {"aggregates": aggregates, "ml_features": ml_features}[downstream]
     partition = DaySymbol("EURUSD", date(2024, 3, 12))
-    result = run(partition, instance, resources(warehouse), selection=[aggregates], raise_on_error=False)
+    result = run(partition, instance, resources(warehouse), selection=[asset_def], raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert "market_ticks has no materialization for EURUSD 2024-03-12" in str(failure.event_specific_data.error)
+    assert f"{upstream} has no materialization for EURUSD 2024-03-12" in str(failure.event_specific_data.error)
 
 
 def test_a_new_symbol_needs_no_code(warehouse, instance):
