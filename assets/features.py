@@ -18,17 +18,17 @@ from dagster import (
 )
 
 from assets.partitions import DAY_SYMBOL, DaySymbol, require_upstream, same_symbol_days
-from models.features.compute import compute_features
+from models.features.compute import EXTERNAL_FEATURES, compute_features
 from models.features.labels import HORIZONS, LABEL_NAMES, compute_labels
 from models.features.lookahead import lookahead_violations
-from models.features.registry import FEATURE_NAMES, FEATURES, WARMUP_BARS, feature_set_version
+from models.features.registry import FEATURE_NAMES, WARMUP_BARS, feature_set_version
 from resources.conventions import MarketConventionsResource
 from resources.warehouse import WarehouseResource
 from resources.warehouse.features import bars_around, data_horizon, write_features
 
 # Warm-up reads WARMUP_BARS bars back (62 days of H1); labels look one day ahead.
 _BARS_WINDOW = same_symbol_days(start_offset=-63, end_offset=1)
-_NON_EXTERNAL = [s.name for s in FEATURES if s.family != "external"]
+_NON_EXTERNAL = [name for name in FEATURE_NAMES if name not in EXTERNAL_FEATURES]
 _LOOKAHEAD_CUTS = 8
 
 

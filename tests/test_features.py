@@ -122,6 +122,8 @@ def test_external_values_join_as_of_when_they_became_known():
     assert before["fred_fedfunds"].null_count() == before.height > 0
     assert set(between["fred_fedfunds"]) == {5.33}
     assert set(after["fred_fedfunds"]) == {5.08}  # the revision reaches no bar that closed before it
+    with pytest.raises(ValueError, match="unregistered features"):
+        compute_features(bars, Timeframe.M5, external=external.with_columns(name=pl.lit("fred_typo")))
 
 
 def test_multi_timeframe_context_uses_only_closed_higher_bars(btc_m5):

@@ -19,7 +19,7 @@ import polars as pl
 import talib
 
 from models.candles import rollup_bars
-from models.features.registry import COMMODITIES, EXTERNAL_SERIES, FEATURE_NAMES, FIB_LEVELS, PATTERNS
+from models.features.registry import FEATURE_NAMES, FEATURES, FIB_LEVELS, PATTERNS
 from models.sessions import london_session, minutes_after_rollover, new_york_session, tokyo_session
 from models.ticks import TS
 from models.timeframes import DayBoundary, Timeframe, bar_close_expr
@@ -35,7 +35,7 @@ CONTEXT_TIMEFRAMES: dict[Timeframe, tuple[Timeframe, Timeframe]] = {
     Timeframe.D1: (Timeframe.W1, Timeframe.W1),
     Timeframe.W1: (Timeframe.W1, Timeframe.W1),
 }
-ID_COLUMNS = ("symbol", "timeframe", "ts", "close_ts")
+EXTERNAL_FEATURES = tuple(spec.name for spec in FEATURES if spec.family == "external")
 
 
 def _div(a: np.ndarray, b: np.ndarray | float) -> np.ndarray:
@@ -304,12 +304,12 @@ def _external(frame: pl.DataFrame, external: pl.DataFrame | None) -> dict[str, n
 
     ``external`` holds long rows ``(known_at, name, value)`` with names of the external features.
     """
-    names = [f"fred_{s}" for s in EXTERNAL_SERIES] + [f"fred_{s}_change" for s in EXTERNAL_SERIES]
-    names += [f"commodity_{k}_ret_1d" for k in COMMODITIES]
-    names += ["event_hours_to_next", "event_hours_since_last", "event_last_surprise"]
-    out = {name: np.full(frame.height, np.nan) for name in names}
+    out = {name: np.full(frame.height, np.nan) for name in EXTERNAL_FEATURES}
     if external is None or external.is_empty():
         return out
+    unknown = set(external["name"].unique()) - set(EXTERNAL_FEATURES)
+    if unknown:
+        raise ValueError(f"external rows for unregistered features {sorted(unknown)}; registered: {EXTERNAL_FEATURES}")
     for name, rows in external.sort("known_at").partition_by("name", as_dict=True).items():
         series = rows.select(pl.col("known_at").cast(TS), pl.col("value").cast(pl.Float64))
         joined = frame.select("close_ts").join_asof(series, left_on="close_ts", right_on="known_at", strategy="backward")
