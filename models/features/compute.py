@@ -322,22 +322,30 @@ def compute_features(
     tf: Timeframe,
     boundary: DayBoundary = DayBoundary.UTC,
     external: pl.DataFrame | None = None,
+    tail: int | None = None,
 ) -> pl.DataFrame:
-    """One row per bar (one symbol, one timeframe, sorted by ts): ids and every feature."""
+    """One row per bar (one symbol, one timeframe, sorted by ts): ids and every feature.
+
+    ``tail`` keeps only the last rows: indicators still run over every bar given, but the
+    per-row work (clock, context joins, the output frame) is done for those rows alone. The
+    live path asks for one.
+    """
     frame = bars.select("symbol", "timeframe", "ts", bar_close_expr(pl.col("ts"), tf, boundary).alias("close_ts"))
     if bars.is_empty():
         return frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(n) for n in FEATURE_NAMES)
+    keep = slice(-tail, None) if tail else slice(None)
+    rows = frame[keep]
     b = _Bars(bars)
     values: dict[str, np.ndarray] = {}
     for family in (_trend, _momentum, _volatility, _volume, _candle, _patterns, _fibonacci, _returns):
-        values |= family(b)
-    values |= _clock(frame)
-    values |= _context(bars, frame, tf, boundary)
-    values |= _external(frame, external)
+        values |= {name: column[keep] for name, column in family(b).items()}
+    values |= _clock(rows)
+    values |= _context(bars, rows, tf, boundary)
+    values |= _external(rows, external)
     values["rsi_x_natr"] = (values["rsi_14"] - 0.5) * values["natr_14"]
     values["adx_x_macd_hist"] = values["adx_14"] * values["macd_hist"]
     values["trend_x_vol"] = values["sma_ratio_50"] * values["realized_vol_30"]
     values["london_x_spread"] = values["session_london"] * values["spread_zscore_100"]
-    return frame.with_columns(
+    return rows.with_columns(
         pl.Series(name, values[name], dtype=pl.Float64, nan_to_null=True) for name in FEATURE_NAMES
     )

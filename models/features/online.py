@@ -36,7 +36,7 @@ class RollingFeatures:
             raise ValueError(f"bar at {bar['ts'][0]} is not after the newest bar {self._bars['ts'][-1]}")
         new = bar.select(list(BAR_SCHEMA)).cast(BAR_SCHEMA)
         self._bars = pl.concat([self._bars.tail(self.window - 1), new]).rechunk()
-        return compute_features(self._bars, self.tf, self.boundary, external).row(-1, named=True)
+        return compute_features(self._bars, self.tf, self.boundary, external, tail=1).row(0, named=True)
 
     @property
     def warm(self) -> bool:
