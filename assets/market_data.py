@@ -12,6 +12,7 @@ from dagster import (
     AssetDep,
     AssetExecutionContext,
     AutomationCondition,
+    Failure,
     Backoff,
     Jitter,
     MaterializeResult,
@@ -24,6 +25,7 @@ from assets.partitions import DAY_SYMBOL, DaySymbol, require_upstream, same_symb
 from models.candles import bars_for_window, carried_bar_opens, window_lookback_start
 from models.instruments import instrument
 from models.quality import stored_violations, trading_gaps, validate_ticks
+from models.ticks import MalformedTicksError, conform_ticks
 from models.timeframes import ALL_TIMEFRAMES, bar_open_expr
 from resources.conventions import MarketConventionsResource
 from resources.market_data import TickVendorResource
@@ -115,7 +117,11 @@ def market_ticks(
 ) -> MaterializeResult:
     started = time.perf_counter()
     partition = DaySymbol.of(context)
-    raw = market_data.fetch_ticks(partition.symbol, partition.start, partition.end)
+    try:
+        raw = conform_ticks(market_data.fetch_ticks(partition.symbol, partition.start, partition.end))
+    except MalformedTicksError as exc:
+        # The same payload will be just as broken on a retry: fail once, clearly.
+        raise Failure(description=f"{partition.symbol} {partition.day}: {exc}", allow_retries=False) from exc
     fetched = time.perf_counter()
     checked = validate_ticks(raw, partition.symbol, partition.start, partition.end, conventions.tick_rules)
     with warehouse.session() as session:

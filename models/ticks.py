@@ -24,6 +24,10 @@ TICK_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+class MalformedTicksError(ValueError):
+    """A vendor payload that cannot be read as ticks at all (rows that can are validated)."""
+
+
 def empty_ticks() -> pl.DataFrame:
     return pl.DataFrame(schema=TICK_SCHEMA)
 
@@ -31,11 +35,12 @@ def empty_ticks() -> pl.DataFrame:
 def conform_ticks(frame: pl.DataFrame) -> pl.DataFrame:
     """Cast a vendor frame to :data:`TICK_SCHEMA`: missing optional columns become null.
 
-    Raises ``ValueError`` naming what is missing when a frame has no timestamps or symbol.
+    Raises :class:`MalformedTicksError` naming what is wrong: no timestamps or symbol, or a
+    column that will not cast to its type.
     """
     missing = {"symbol", "ts"} - set(frame.columns)
     if missing:
-        raise ValueError(f"tick frame lacks required column(s) {sorted(missing)}; has {frame.columns}")
+        raise MalformedTicksError(f"tick frame lacks required column(s) {sorted(missing)}; has {frame.columns}")
     columns = []
     for name, dtype in TICK_SCHEMA.items():
         if name not in frame.columns:
@@ -44,7 +49,10 @@ def conform_ticks(frame: pl.DataFrame) -> pl.DataFrame:
             columns.append(_as_utc_ms(frame.schema["ts"]).alias("ts"))
         else:
             columns.append(pl.col(name).cast(dtype))
-    return frame.select(columns)
+    try:
+        return frame.select(columns)
+    except pl.exceptions.PolarsError as exc:  # e.g. prices sent as text that is not a number
+        raise MalformedTicksError(f"tick frame does not fit the tick schema: {exc}") from exc
 
 
 def _as_utc_ms(dtype: pl.DataType) -> pl.Expr:
@@ -52,5 +60,5 @@ def _as_utc_ms(dtype: pl.DataType) -> pl.Expr:
     if isinstance(dtype, pl.Datetime):
         ts = ts.dt.replace_time_zone("UTC") if dtype.time_zone is None else ts.dt.convert_time_zone("UTC")
         return ts.dt.cast_time_unit("ms")
-    raise ValueError(f"tick column 'ts' must be a datetime, got {dtype}")
+    raise MalformedTicksError(f"tick column 'ts' must be a datetime, got {dtype}")
 

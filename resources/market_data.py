@@ -1,7 +1,8 @@
 """Market-data vendors behind one interface: ticks of one symbol over a UTC window.
 
-Every vendor returns frames in :data:`models.ticks.TICK_SCHEMA` and may return bad rows;
-validation and quarantine happen downstream, the same for every vendor.
+Every vendor returns a frame with the columns of :data:`models.ticks.TICK_SCHEMA` (optional
+ones may be missing) and may return bad rows; conforming, validation and quarantine happen
+downstream in the `market_ticks` asset, the same for every vendor.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from models.synthetic import SyntheticMarketConfig, generate_ticks
-from models.ticks import conform_ticks, empty_ticks
+from models.ticks import empty_ticks
 
 
 class TickVendorResource(ConfigurableResource):
@@ -38,4 +39,4 @@ class SyntheticMarketResource(TickVendorResource):
             frames.append(generate_ticks(symbol, day, config))
             day += timedelta(days=1)
         ticks = pl.concat(frames) if frames else empty_ticks()
-        return conform_ticks(ticks.filter((pl.col("ts") >= start) & (pl.col("ts") < end)))
+        return ticks.filter((pl.col("ts") >= start) & (pl.col("ts") < end))

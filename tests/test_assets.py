@@ -219,3 +219,21 @@ def test_ml_features_partitions_with_checks_and_labels_that_fill_in(warehouse, i
     assert rows.height == 288 and rows["fwd_ret_1d"].null_count() == 0
     stored = warehouse.query_frame("SELECT count() AS n FROM ml_features WHERE timeframe = 'M5'")["n"][0]
     assert stored == 288
+
+
+class GarbledFeed(TickVendorResource):
+    """A vendor that answers with something that is not ticks at all."""
+
+    def fetch_ticks(self, symbol: str, start: datetime, end: datetime) -> pl.DataFrame:
+        return pl.DataFrame({"symbol": [symbol], "time": ["yesterday"], "bid": ["1.1"]})
+
+
+def test_a_payload_that_is_not_ticks_fails_once_and_says_why(warehouse, instance):
+    partition = DaySymbol("EURUSD", date(2024, 3, 6))
+    result = run(partition, instance, resources(warehouse, vendor=GarbledFeed()), selection=[market_ticks],
+                 raise_on_error=False)
+    assert not result.success
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert len(failures) == 1 and not any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
+    assert "lacks required column(s) ['ts']" in str(failures[0].event_specific_data.error)
+    assert read_ticks(warehouse, "EURUSD", partition.start, partition.end).is_empty()
