@@ -20,17 +20,21 @@ def lookahead_violations(
     cuts: list[int],
     boundary: DayBoundary = DayBoundary.UTC,
     tolerance: float = 1e-9,
+    full: pl.DataFrame | None = None,
 ) -> dict[str, float]:
     """Feature -> largest difference at the cut points between full and truncated history.
 
-    Empty when clean. A value that is null on one side and not on the other counts as inf.
+    ``full`` is ``compute_features(bars, ...)`` when the caller has it already. Empty when
+    clean. A value that is null on one side and not on the other counts as inf.
     """
-    full = compute_features(bars, tf, boundary).select(FEATURE_NAMES).to_numpy().astype(np.float64)
+    if full is None:
+        full = compute_features(bars, tf, boundary)
+    reference_rows = full.select(FEATURE_NAMES).to_numpy().astype(np.float64)
     worst: dict[str, float] = {}
     for cut in cuts:
         row = compute_features(bars.head(cut + 1), tf, boundary).select(FEATURE_NAMES).row(-1)
         truncated = np.array(row, dtype=np.float64)
-        reference = full[cut]
+        reference = reference_rows[cut]
         both_nan = np.isnan(truncated) & np.isnan(reference)
         diff = np.where(both_nan, 0.0, np.abs(truncated - reference))
         diff = np.where(np.isnan(diff), np.inf, diff)

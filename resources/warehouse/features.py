@@ -23,13 +23,13 @@ def bars_around(
     Returns the bars and how many of them came before ``start``.
     """
     before = warehouse.query_frame(
-        "SELECT ts FROM aggregates FINAL WHERE symbol = {symbol:String} AND timeframe = {tf:String} "
-        "AND ts < {start:DateTime('UTC')} ORDER BY ts DESC LIMIT {n:UInt32}",
+        "SELECT min(ts) AS first, count() AS n FROM (SELECT ts FROM aggregates FINAL WHERE symbol = {symbol:String} "
+        "AND timeframe = {tf:String} AND ts < {start:DateTime('UTC')} ORDER BY ts DESC LIMIT {n:UInt32})",
         {"symbol": symbol, "tf": tf.value, "start": start, "n": history},
-    )
-    first = before["ts"].min() if before.height else None
-    bars = read_bars(warehouse, symbol, tf, start=_from_epoch(first) if first is not None else start, end=end)
-    return bars.drop("covered_until"), before.height
+    ).row(0, named=True)
+    first = _from_epoch(before["first"]) if before["n"] else start
+    bars = read_bars(warehouse, symbol, tf, start=first, end=end)
+    return bars.drop("covered_until"), before["n"]
 
 
 def _from_epoch(seconds: int) -> datetime:
