@@ -23,7 +23,7 @@ from models.features.lookahead import lookahead_violations
 from models.features.registry import FEATURE_NAMES, WARMUP_BARS, feature_set_version
 from resources.conventions import MarketConventionsResource
 from resources.warehouse import WarehouseResource
-from resources.warehouse.features import bars_around, data_horizon, write_features
+from resources.warehouse.features import bars_around, data_horizon, read_external, write_features
 
 # Warm-up reads WARMUP_BARS bars back (62 days of H1); labels look one day ahead.
 _BARS_WINDOW = same_symbol_days(start_offset=-63, end_offset=1)
@@ -102,8 +102,10 @@ def ml_features(
     with warehouse.session() as session:
         horizon = data_horizon(session, partition.symbol)
         loaded = {tf: bars_around(session, partition.symbol, tf, partition.start, label_end, WARMUP_BARS) for tf in conventions.timeframes}
+        first_bar = min((bars["ts"].min() for bars, _ in loaded.values() if bars.height), default=partition.start)
+        external = read_external(session, partition.symbol, first_bar, partition.end)
     for tf, (bars, history) in loaded.items():
-        features = compute_features(bars, tf, boundary)
+        features = compute_features(bars, tf, boundary, external)
         labels = compute_labels(bars, features["close_ts"], horizon or partition.start)
         rows = pl.concat([features, labels], how="horizontal").with_columns(
             pl.lit(version).alias("feature_set"),
@@ -126,6 +128,8 @@ def ml_features(
             **{f"rows_{tf.value}": rows.height for tf, rows in frames},
             "warm_rows": int(all_rows["warm"].sum()) if all_rows.height else 0,
             "null_ratio_top": MetadataValue.json(worst),
+            "external_rows": external.values.height if external.values is not None else 0,
+            "calendar_events": external.events.height if external.events is not None else 0,
             "duration_seconds": round(time.perf_counter() - started, 3),
         },
         check_results=list(_check_results(all_rows, bars_by_tf, partition, conventions, horizon)),

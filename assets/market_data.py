@@ -1,4 +1,5 @@
-"""Market data assets: vendor ticks -> `market_ticks` (validated) -> `aggregates` (M1..W1)."""
+"""Market data assets: vendor ticks -> `market_ticks` (validated, gaps filled from backups)
+-> `vendor_candles` (vendor minutes where no ticks exist) -> `aggregates` (M1..W1)."""
 
 
 import time
@@ -22,15 +23,30 @@ from dagster import (
 )
 
 from assets.partitions import DAY_SYMBOL, DaySymbol, require_upstream, same_symbol_days
-from models.candles import bars_for_window, carried_bar_opens, window_lookback_start
+from models.candles import VENDOR_CANDLE_SUFFIX, bars_for_window, carried_bar_opens, vendor_m1_bars, window_lookback_start
 from models.instruments import instrument
-from models.quality import stored_violations, trading_gaps, validate_ticks
+from models.quality import inside_gaps, stored_violations, trading_gaps, validate_ticks
 from models.ticks import MalformedTicksError, conform_ticks
 from models.timeframes import ALL_TIMEFRAMES, bar_open_expr
 from resources.conventions import MarketConventionsResource
-from resources.market_data import TickVendorResource
+from resources.market_data import MarketDataResource
+from resources.vendors.base import (
+    VENDOR_M1_SCHEMA,
+    MarketDataVendor,
+    VendorPayloadError,
+    VendorRequestError,
+    VendorUnavailableError,
+)
 from resources.warehouse import WarehouseResource
-from resources.warehouse.market import duplicate_bar_rows, read_bars, read_ticks, write_bars, write_ticks
+from resources.warehouse.market import (
+    duplicate_bar_rows,
+    read_bars,
+    read_ticks,
+    read_vendor_candles,
+    write_bars,
+    write_ticks,
+    write_vendor_candles,
+)
 
 # Check name -> the validation reasons it covers. Each check reads the stored partition back
 # and fails hard if any stored row breaks its rule, and warns if rows had to be quarantined.
@@ -112,29 +128,47 @@ def _markdown_table(frame: pl.DataFrame) -> str:
 def market_ticks(
     context: AssetExecutionContext,
     warehouse: WarehouseResource,
-    market_data: TickVendorResource,
+    market_data: MarketDataResource,
     conventions: MarketConventionsResource,
 ) -> MaterializeResult:
     started = time.perf_counter()
     partition = DaySymbol.of(context)
-    try:
-        raw = conform_ticks(market_data.fetch_ticks(partition.symbol, partition.start, partition.end))
-    except MalformedTicksError as exc:
-        # The same payload will be just as broken on a retry: fail once, clearly.
-        raise Failure(description=f"{partition.symbol} {partition.day}: {exc}", allow_retries=False) from exc
-    fetched = time.perf_counter()
+    vendors = _vendors_or_fail(market_data, partition)
+    primary, backups = vendors[0], vendors[1:]
+    raw = _fetch(primary, partition)
     checked = validate_ticks(raw, partition.symbol, partition.start, partition.end, conventions.tick_rules)
+    filled: dict[str, int] = {}
+    backup_errors: dict[str, str] = {}
+    for backup in backups:
+        gaps = _gaps(checked.clean["ts"], partition, conventions)
+        if gaps.is_empty():
+            break
+        try:
+            extra = inside_gaps(_fetch(backup, partition, gaps["gap_start"].min(), gaps["gap_end"].max()), gaps)
+        except VendorUnavailableError as exc:  # keep the primary's rows; the gap check shows the hole
+            backup_errors[backup.source] = str(exc)
+            context.log.warning(f"{partition.symbol} {partition.day}: backup {backup.source} unavailable: {exc}")
+            continue
+        filled[backup.source] = extra.height
+        raw = pl.concat([raw, extra])
+        checked = validate_ticks(raw, partition.symbol, partition.start, partition.end, conventions.tick_rules)
+    fetched = time.perf_counter()
     with warehouse.session() as session:
         write_ticks(session, partition.symbol, partition.start, partition.end, checked.clean, checked.quarantine)
         stored = read_ticks(session, partition.symbol, partition.start, partition.end)
+    per_source = dict(stored.group_by("source").len().iter_rows())
     context.log.info(
-        f"{partition.symbol} {partition.day}: {raw.height:,} received, {stored.height:,} stored, "
+        f"{partition.symbol} {partition.day}: {raw.height:,} received, {stored.height:,} stored {per_source}, "
         f"{checked.quarantine.height:,} quarantined {checked.reason_counts or ''}"
     )
     return MaterializeResult(
         metadata={
             "dagster/row_count": stored.height,
             "received_rows": raw.height,
+            "rows_per_source": MetadataValue.json(per_source),
+            "primary": primary.source,
+            "backup_rows_filled": MetadataValue.json(filled),
+            **({"backup_errors": MetadataValue.json(backup_errors)} if backup_errors else {}),
             "quarantined_rows": checked.quarantine.height,
             "quarantine_reasons": MetadataValue.json(checked.reason_counts),
             "out_of_order_rows": checked.out_of_order,
@@ -144,6 +178,83 @@ def market_ticks(
             "warehouse": warehouse.describe(),
         },
         check_results=list(_tick_check_results(stored, partition, checked.reason_counts, conventions)),
+    )
+
+
+def _vendors_or_fail(market_data: MarketDataResource, partition: DaySymbol) -> list[MarketDataVendor]:
+    try:
+        return market_data.route(partition.symbol)
+    except VendorRequestError as exc:
+        raise Failure(description=str(exc), allow_retries=False) from exc
+
+
+def _fetch(vendor: MarketDataVendor, partition: DaySymbol, start=None, end=None) -> pl.DataFrame:
+    """Ticks of one vendor, conformed. A payload that is not ticks, or a refused request,
+    would be just as broken on a retry: fail once, clearly. Transient errors propagate to
+    the RetryPolicy."""
+    what = f"{partition.symbol} {partition.day} from {vendor.source}"
+    try:
+        return conform_ticks(vendor.fetch_ticks(partition.symbol, start or partition.start, end or partition.end))
+    except (MalformedTicksError, VendorPayloadError, VendorRequestError) as exc:
+        raise Failure(description=f"{what}: {exc}", allow_retries=False) from exc
+
+
+def _gaps(ts: pl.Series, partition: DaySymbol, conventions: MarketConventionsResource) -> pl.DataFrame:
+    return trading_gaps(ts, partition.start, partition.end, instrument(partition.symbol).asset_class, conventions.tick_rules.max_gap)
+
+
+@asset(
+    partitions_def=DAY_SYMBOL,
+    group_name="market_data",
+    kinds={"clickhouse", "polars"},
+    deps=[AssetDep("market_ticks")],
+    automation_condition=AutomationCondition.eager(),
+    retry_policy=RetryPolicy(max_retries=3, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS),
+    check_specs=[AssetCheckSpec("candles_consistent", asset="vendor_candles",
+                                description="low <= open, close <= high; one candle per minute, none where ticks exist")],
+    description="Vendor one-minute candles for the open-market minutes the day's ticks leave empty (primary first, then backups).",
+)
+def vendor_candles(
+    context: AssetExecutionContext,
+    warehouse: WarehouseResource,
+    market_data: MarketDataResource,
+    conventions: MarketConventionsResource,
+) -> MaterializeResult:
+    started = time.perf_counter()
+    partition = DaySymbol.of(context)
+    require_upstream(context, "market_ticks", partition)
+    ticks = read_ticks(warehouse, partition.symbol, partition.start, partition.end)
+    tick_minutes = ticks["ts"].dt.truncate("1m").unique().implode()
+    frames, per_source = [], {}
+    for vendor in _vendors_or_fail(market_data, partition):
+        gaps = _gaps(pl.concat([ticks["ts"], *(f["ts"] for f in frames)]), partition, conventions)
+        if gaps.is_empty():
+            break
+        try:
+            candles = vendor.fetch_m1_bars(partition.symbol, partition.start, partition.end)
+        except (VendorPayloadError, VendorRequestError) as exc:
+            raise Failure(description=f"{partition.symbol} {partition.day} candles from {vendor.source}: {exc}", allow_retries=False) from exc
+        if candles is None:
+            continue
+        taken = pl.concat(f["ts"] for f in frames) if frames else pl.Series("ts", [], dtype=candles.schema["ts"])
+        fresh = candles.filter(~pl.col("ts").is_in(tick_minutes) & ~pl.col("ts").is_in(taken.implode()))
+        per_source[vendor.source] = fresh.height
+        frames.append(fresh.with_columns(pl.lit(vendor.source + VENDOR_CANDLE_SUFFIX).alias("source")))
+    rows = pl.concat(frames).sort("ts") if frames else pl.DataFrame(schema={**VENDOR_M1_SCHEMA, "source": pl.String()})
+    with warehouse.session() as session:
+        write_vendor_candles(session, partition.symbol, partition.start, partition.end, rows)
+        stored = read_vendor_candles(session, partition.symbol, partition.start, partition.end)
+    broken = stored.filter(~((pl.col("low") <= pl.min_horizontal("open", "close")) & (pl.col("high") >= pl.max_horizontal("open", "close")) & (pl.col("low") > 0)))
+    overlap = stored.filter(pl.col("ts").is_in(tick_minutes)).height
+    duplicates = stored.height - stored["ts"].n_unique()
+    context.log.info(f"{partition.symbol} {partition.day}: {stored.height:,} vendor candles {per_source}")
+    return MaterializeResult(
+        metadata={"dagster/row_count": stored.height, "candles_per_source": MetadataValue.json(per_source),
+                  "duration_seconds": round(time.perf_counter() - started, 3)},
+        check_results=[AssetCheckResult(
+            check_name="candles_consistent", passed=broken.is_empty() and overlap == 0 and duplicates == 0,
+            metadata={"inconsistent": broken.height, "minutes_also_in_ticks": overlap, "duplicate_minutes": duplicates},
+        )],
     )
 
 
@@ -198,14 +309,14 @@ def _bar_check_results(
     partitions_def=DAY_SYMBOL,
     group_name="market_data",
     kinds={"clickhouse", "polars"},
-    deps=[AssetDep("market_ticks", partition_mapping=_TICKS_LOOKBACK)],
+    deps=[AssetDep("market_ticks", partition_mapping=_TICKS_LOOKBACK), AssetDep("vendor_candles", partition_mapping=_TICKS_LOOKBACK)],
     automation_condition=AutomationCondition.eager(),
     check_specs=[
         AssetCheckSpec("ohlc_consistent", asset="aggregates", description="low <= open, close <= high; no empty bars"),
         AssetCheckSpec("bars_unique_and_aligned", asset="aggregates", description="one bar per key, on its boundary"),
         AssetCheckSpec("every_tick_in_a_bar", asset="aggregates", description="bars count every stored tick"),
     ],
-    description="OHLCV candles M1..W1 of every bar overlapping the day, built from market_ticks.",
+    description="OHLCV candles M1..W1 of every bar overlapping the day, from market_ticks and, for minutes without ticks, vendor_candles.",
 )
 def aggregates(
     context: AssetExecutionContext, warehouse: WarehouseResource, conventions: MarketConventionsResource
@@ -215,8 +326,11 @@ def aggregates(
     require_upstream(context, "market_ticks", partition)
     boundary = conventions.day_boundary
     lookback = window_lookback_start(partition.start, ALL_TIMEFRAMES, boundary)
-    ticks = read_ticks(warehouse, partition.symbol, lookback, partition.end)
-    bars = bars_for_window(ticks.drop("seq"), partition.start, ALL_TIMEFRAMES, boundary)
+    with warehouse.session() as session:
+        ticks = read_ticks(session, partition.symbol, lookback, partition.end)
+        candles = read_vendor_candles(session, partition.symbol, lookback, partition.end)
+    vendor_m1 = vendor_m1_bars(candles, partition.symbol)
+    bars = bars_for_window(ticks.drop("seq"), partition.start, ALL_TIMEFRAMES, boundary, vendor_m1)
     with warehouse.session() as session:
         write_bars(session, partition.symbol, bars, partition.start, partition.end,
                    carried_bar_opens(partition.start, ALL_TIMEFRAMES, boundary))
@@ -224,7 +338,10 @@ def aggregates(
             pl.col("covered_until") == partition.end
         )
         duplicates = duplicate_bar_rows(session, partition.symbol, partition.end)
-    ticks_in_day = ticks.filter(pl.col("ts") >= partition.start).height
+    # vendor candles count the ticks the vendor says made them
+    tick_minutes = ticks["ts"].dt.truncate("1m").unique().implode()
+    used_candles = vendor_m1.filter((pl.col("ts") >= partition.start) & ~pl.col("ts").is_in(tick_minutes))
+    ticks_in_day = ticks.filter(pl.col("ts") >= partition.start).height + int(used_candles["tick_count"].sum())
     per_timeframe = dict(stored.group_by("timeframe").len().iter_rows())
     context.log.info(f"{partition.symbol} {partition.day}: {stored.height:,} bars from {ticks_in_day:,} ticks")
     return MaterializeResult(
@@ -232,6 +349,7 @@ def aggregates(
             "dagster/row_count": stored.height,
             **{f"bars_{tf.value}": per_timeframe.get(tf.value, 0) for tf in ALL_TIMEFRAMES},
             "ticks_read": ticks.height,
+            "vendor_candles_used": used_candles.height,
             "day_boundary": boundary.value,
             **_time_range_metadata(stored["ts"]),
             "duration_seconds": round(time.perf_counter() - started, 3),

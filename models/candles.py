@@ -233,16 +233,59 @@ def aggregate_ticks(
     boundary: DayBoundary = DayBoundary.UTC,
 ) -> pl.DataFrame:
     """Bars at each requested timeframe, stacked, ordered by timeframe, symbol and ts."""
+    return _cascade([_minute_runs(part) for part in _by_symbol(ticks)], timeframes, boundary)
+
+
+def aggregate_m1(
+    m1: pl.DataFrame,
+    timeframes: Iterable[Timeframe] = ALL_TIMEFRAMES,
+    boundary: DayBoundary = DayBoundary.UTC,
+) -> pl.DataFrame:
+    """As :func:`aggregate_ticks`, from finished M1 bars sorted by symbol and ts (vendor
+    candles merged with candles built from ticks)."""
+    return _cascade([_bar_runs(part) for part in _by_symbol(m1)], timeframes, boundary)
+
+
+def _cascade(minute_runs: list[_Runs], timeframes: Iterable[Timeframe], boundary: DayBoundary) -> pl.DataFrame:
     wanted = set(timeframes)
     frames: dict[Timeframe, list[pl.DataFrame]] = {tf: [] for tf in ALL_TIMEFRAMES}
-    for part in _by_symbol(ticks) if wanted else []:
-        runs = _minute_runs(part)
+    for runs in minute_runs if wanted else []:
         for tf in ALL_TIMEFRAMES[: max(ALL_TIMEFRAMES.index(tf) for tf in wanted) + 1]:
             if tf is not Timeframe.M1:
                 runs = runs.rollup(tf, boundary)
             if tf in wanted:
                 frames[tf].append(runs.finish(tf))
     return _stack([frame for tf in ALL_TIMEFRAMES for frame in frames[tf]])
+
+
+VENDOR_CANDLE_SUFFIX = ":m1"
+"""Appended to a vendor's name in ``source`` for bars made from its candles, not its ticks."""
+
+
+def vendor_m1_bars(candles: pl.DataFrame, symbol: str) -> pl.DataFrame:
+    """A vendor's one-minute candles (ts, open, high, low, close, volume, vwap, tick_count,
+    source) as M1 rows of :data:`BAR_SCHEMA`: no quotes behind them, so no bid/ask or spread."""
+    return candles.sort("ts").select(
+        pl.lit(symbol).alias("symbol"),
+        pl.lit(Timeframe.M1.value).alias("timeframe"),
+        "ts", "open", "high", "low", "close",
+        pl.lit(None, pl.Float64).alias("bid_close"),
+        pl.lit(None, pl.Float64).alias("ask_close"),
+        pl.col("volume").fill_null(0.0),
+        pl.col("tick_count").fill_null(1).clip(lower_bound=1),
+        pl.lit(0, pl.UInt32).alias("quote_count"),
+        pl.lit(None, pl.Float64).alias("spread_mean"),
+        pl.lit(None, pl.Float64).alias("spread_max"),
+        pl.col("vwap").fill_null(pl.col("close")),
+        pl.col("source"),
+    ).cast(BAR_SCHEMA)  # type: ignore[arg-type]
+
+
+def merge_m1(from_ticks: pl.DataFrame, from_vendor: pl.DataFrame) -> pl.DataFrame:
+    """M1 bars of one symbol: every bar built from ticks, and vendor bars only for minutes
+    without one, so a minute is never counted twice."""
+    missing = from_vendor.filter(~pl.col("ts").is_in(from_ticks["ts"].implode()))
+    return pl.concat([from_ticks, missing]).sort("ts")
 
 
 def carried_bar_opens(
@@ -263,16 +306,21 @@ def bars_for_window(
     start: datetime,
     timeframes: Iterable[Timeframe] = ALL_TIMEFRAMES,
     boundary: DayBoundary = DayBoundary.UTC,
+    vendor_m1: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Bars overlapping a window that starts at ``start``, built from ticks since
-    :func:`window_lookback_start` up to the window's end.
+    :func:`window_lookback_start` up to the window's end, and from ``vendor_m1`` (M1 rows of
+    :data:`BAR_SCHEMA`, see :func:`vendor_m1_bars`) for minutes without ticks.
 
     A bar that runs past the window end holds the data up to it, as a live feed would; the
     window that contains the bar's end completes it. Bars that ended before ``start`` are
     left out: earlier windows own them.
     """
     timeframes = tuple(timeframes)
-    bars = aggregate_ticks(ticks, timeframes, boundary)
+    if vendor_m1 is None or vendor_m1.is_empty():
+        bars = aggregate_ticks(ticks, timeframes, boundary)
+    else:
+        bars = aggregate_m1(merge_m1(ticks_to_m1(ticks), vendor_m1), timeframes, boundary)
     carried = carried_bar_opens(start, timeframes, boundary)
     is_carried = pl.any_horizontal(
         pl.lit(False), *((pl.col("timeframe") == tf.value) & (pl.col("ts") == opened) for tf, opened in carried.items())

@@ -31,6 +31,14 @@ class Instrument:
     def point(self) -> float:
         return 10.0 ** -self.digits
 
+    @property
+    def currencies(self) -> tuple[str, str]:
+        """(base, quote): ``EURUSD`` -> (EUR, USD), ``XAUUSD`` -> (XAU, USD), ``BTCUSDT`` -> (BTC, USDT)."""
+        if self.asset_class is AssetClass.CRYPTO:
+            coin = next(c for c in _CRYPTO if self.symbol.startswith(c))
+            return coin, self.symbol[len(coin):]
+        return self.symbol[:3], self.symbol[3:]
+
 
 _USD_PER_UNIT = {  # rough levels used to infer cross rates
     "USD": 1.0, "EUR": 1.08, "GBP": 1.27, "AUD": 0.66, "NZD": 0.61, "CAD": 0.74,

@@ -144,3 +144,23 @@ def trading_gaps(
     open_minutes = np.maximum(open_before[past_last_full] - open_before[np.minimum(first_full, past_last_full)], 0)
     frame = pl.DataFrame({"gap_start": edges[:-1], "gap_end": edges[1:], "open_minutes": open_minutes})
     return frame.filter(pl.col("open_minutes") > max_gap.total_seconds() / 60)
+
+
+def inside_gaps(rows: pl.DataFrame, gaps: pl.DataFrame) -> pl.DataFrame:
+    """Rows with ``gap_start < ts < gap_end`` for some gap of :func:`trading_gaps`.
+
+    The bounds are the primary's own ticks (or the window's edges), so what a backup source
+    adds here can never repeat a primary row: gap filling without duplicates.
+    """
+    if rows.is_empty() or gaps.is_empty():
+        return rows.clear()
+    ts = rows["ts"].cast(TS).dt.epoch("ms").to_numpy()
+    starts = gaps["gap_start"].cast(TS).dt.epoch("ms").to_numpy()
+    ends = gaps["gap_end"].cast(TS).dt.epoch("ms").to_numpy()
+    order = np.argsort(starts)
+    starts, ends = starts[order], ends[order]
+    # gaps are disjoint: the gap a row may sit in is the last one starting before it
+    index = np.searchsorted(starts, ts, side="left") - 1
+    safe = np.clip(index, 0, None)
+    inside = (index >= 0) & (ts > starts[safe]) & (ts < ends[safe])
+    return rows.filter(pl.Series(inside))

@@ -13,16 +13,29 @@ from dagster import (
     schedule,
 )
 
+from assets.external import (
+    external_commodity_prices,
+    external_economic_calendar,
+    external_fred_indicators,
+)
 from assets.features import ml_features
-from assets.market_data import aggregates, market_ticks
+from assets.market_data import aggregates, market_ticks, vendor_candles
 from assets.partitions import SYMBOLS, day_symbol_key
 from orchestration.resources import resources_from_env
 
 ingest_market_data = define_asset_job(
     "ingest_market_data",
-    selection=AssetSelection.assets(market_ticks, aggregates),
-    description="Ticks of one symbol-day from the vendor, validated, then its candles.",
+    selection=AssetSelection.assets(market_ticks, vendor_candles, aggregates),
+    description="Ticks of one symbol-day from its vendors (gaps filled from backups), vendor candles where ticks lack, then candles.",
 )
+ingest_fred = define_asset_job("ingest_fred", selection=AssetSelection.assets(external_fred_indicators))
+ingest_commodities = define_asset_job("ingest_commodities", selection=AssetSelection.assets(external_commodity_prices))
+ingest_calendar = define_asset_job("ingest_calendar", selection=AssetSelection.assets(external_economic_calendar))
+
+
+def _range_tags(first: str, last: str) -> dict[str, str]:
+    """One run over a partition range (the assets' single-run backfill policy)."""
+    return {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}
 
 
 @schedule(cron_schedule="15 0 * * *", job=ingest_market_data, execution_timezone="UTC")
@@ -33,9 +46,34 @@ def daily_market_data(context: ScheduleEvaluationContext):
         yield RunRequest(run_key=f"{day.isoformat()}|{symbol}", partition_key=day_symbol_key(day, symbol))
 
 
+@schedule(cron_schedule="0 6 * * 1", job=ingest_fred, execution_timezone="UTC")
+def weekly_fred(context: ScheduleEvaluationContext):
+    """Monday 06:00 UTC: the week (Sunday to Sunday) that just ended, every release in it."""
+    today = context.scheduled_execution_time.date()
+    week = (today - timedelta(days=(today.weekday() + 1) % 7 + 7)).isoformat()
+    return RunRequest(run_key=week, partition_key=week)
+
+
+@schedule(cron_schedule="0 6 * * *", job=ingest_commodities, execution_timezone="UTC")
+def daily_commodities(context: ScheduleEvaluationContext):
+    """06:00 UTC: yesterday's closes, settled after midnight New York."""
+    day = (context.scheduled_execution_time - timedelta(days=1)).date().isoformat()
+    return RunRequest(run_key=day, partition_key=day)
+
+
+@schedule(cron_schedule="20 0 * * *", job=ingest_calendar, execution_timezone="UTC")
+def daily_calendar(context: ScheduleEvaluationContext):
+    """00:20 UTC: yesterday (its actuals) through the coming week (schedule and forecasts)."""
+    now = context.scheduled_execution_time
+    first = (now - timedelta(days=1)).date().isoformat()
+    last = (now + timedelta(days=6)).date().isoformat()
+    return RunRequest(run_key=f"{first}..{last}", tags=_range_tags(first, last))
+
+
 defs = Definitions(
-    assets=[market_ticks, aggregates, ml_features],
-    jobs=[ingest_market_data],
-    schedules=[daily_market_data],
+    assets=[market_ticks, vendor_candles, aggregates, ml_features,
+            external_fred_indicators, external_commodity_prices, external_economic_calendar],
+    jobs=[ingest_market_data, ingest_fred, ingest_commodities, ingest_calendar],
+    schedules=[daily_market_data, weekly_fred, daily_commodities, daily_calendar],
     resources=resources_from_env(),
 )

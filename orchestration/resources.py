@@ -1,4 +1,9 @@
-"""The resources of the code location, configured from the environment (see README)."""
+"""The resources of the code location, configured from the environment (see README).
+
+Secrets stay ``EnvVar`` references: Dagster resolves them at run time and never shows them.
+A vendor is configured when its key (or its switch) is in the environment; the synthetic
+market and file import are always there.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,59 @@ from typing import Any
 from dagster import EnvVar
 
 from resources.conventions import MarketConventionsResource
-from resources.market_data import SyntheticMarketResource
+from resources.external.calendar import EconomicCalendarResource
+from resources.external.fred import FredResource
+from resources.external.yahoo import YahooFinanceResource
+from resources.market_data import MarketDataResource, SyntheticMarketResource
+from resources.vendors.dukascopy import DukascopyResource
+from resources.vendors.files import FileImportResource
+from resources.vendors.polygon import PolygonResource
 from resources.warehouse import warehouse_from_env
+
+
+def _urls(env: dict[str, str], **names: str) -> dict[str, str]:
+    """Endpoint overrides (a proxy, a mirror, a test stub): field -> value where set."""
+    return {field: env[name] for field, name in names.items() if env.get(name)}
+
+
+def parse_routes(text: str) -> dict[str, list[str]]:
+    """``"XAUUSD=polygon,dukascopy;EURUSD=files"`` -> ``{"XAUUSD": ["polygon", "dukascopy"], ...}``."""
+    routes = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        symbol, sep, names = part.partition("=")
+        if not sep or not names.strip():
+            raise ValueError(f"TRADEFORGE_ROUTES entry {part!r} is not SYMBOL=vendor[,backup...]")
+        routes[symbol.strip().upper()] = [n.strip() for n in names.split(",") if n.strip()]
+    return routes
+
+
+def market_data_from_env(env: dict[str, str] | None = None) -> MarketDataResource:
+    env = dict(os.environ if env is None else env)
+    seed: Any = EnvVar.int("TRADEFORGE_SYNTHETIC_SEED") if env.get("TRADEFORGE_SYNTHETIC_SEED") else 7
+    polygon = (
+        PolygonResource(api_key=EnvVar("POLYGON_API_KEY"), **_urls(env, base_url="POLYGON_BASE_URL"))
+        if env.get("POLYGON_API_KEY") else None
+    )
+    return MarketDataResource(
+        synthetic=SyntheticMarketResource(seed=seed),
+        polygon=polygon,
+        dukascopy=DukascopyResource(**_urls(env, base_url="DUKASCOPY_URL")),
+        files=FileImportResource(**_urls(env, directory="TRADEFORGE_IMPORTS")),
+        primary=env.get("TRADEFORGE_PRIMARY_VENDOR", "synthetic"),
+        backups=[n.strip() for n in env.get("TRADEFORGE_BACKUP_VENDORS", "").split(",") if n.strip()],
+        routes=parse_routes(env.get("TRADEFORGE_ROUTES", "")),
+    )
 
 
 def resources_from_env() -> dict[str, Any]:
     """Embedded defaults unless the environment names production services."""
-    seed: Any = EnvVar.int("TRADEFORGE_SYNTHETIC_SEED") if os.environ.get("TRADEFORGE_SYNTHETIC_SEED") else 7
+    env = os.environ
+    calendar_dir = os.path.join(env["TRADEFORGE_IMPORTS"], "calendar") if env.get("TRADEFORGE_IMPORTS") else ""
     return {
         "warehouse": warehouse_from_env(),
-        "market_data": SyntheticMarketResource(seed=seed),
-        "conventions": MarketConventionsResource(day_boundary=os.environ.get("TRADEFORGE_DAY_BOUNDARY", "utc")),
+        "market_data": market_data_from_env(),
+        "conventions": MarketConventionsResource(day_boundary=env.get("TRADEFORGE_DAY_BOUNDARY", "utc")),
+        "fred": FredResource(api_key=EnvVar("FRED_API_KEY"), **_urls(dict(env), base_url="FRED_BASE_URL")),
+        "yahoo": YahooFinanceResource(**_urls(dict(env), base_url="YAHOO_BASE_URL")),
+        "calendar": EconomicCalendarResource(directory=calendar_dir, **_urls(dict(env), feed_url="CALENDAR_FEED_URL")),
     }

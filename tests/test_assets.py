@@ -22,14 +22,14 @@ from models.candles import aggregate_ticks
 from models.synthetic import SyntheticMarketConfig, generate_ticks
 from models.timeframes import DayBoundary
 from resources.conventions import MarketConventionsResource
-from resources.market_data import SyntheticMarketResource, TickVendorResource
+from resources.market_data import MarketDataResource, SyntheticMarketResource
 from resources.warehouse import WarehouseResource
 from resources.warehouse.market import read_bars, read_quarantine, read_ticks
 
 SCALE = 0.25  # fewer ticks per day keeps the suite quick; the logic is the same
 
 
-class DamagedFeed(TickVendorResource):
+class DamagedFeed(SyntheticMarketResource):
     """A vendor whose payloads carry the faults real feeds have: synthetic ticks, then
     crossed, NaN, negative, duplicated, misdated and shuffled rows, and a silent hour."""
 
@@ -59,7 +59,7 @@ def instance() -> DagsterInstance:
 def resources(warehouse: WarehouseResource, boundary: DayBoundary = DayBoundary.UTC, vendor=None) -> dict:
     return {
         "warehouse": warehouse,
-        "market_data": vendor or SyntheticMarketResource(seed=7, tick_rate_scale=SCALE),
+        "market_data": MarketDataResource(synthetic=vendor or SyntheticMarketResource(seed=7, tick_rate_scale=SCALE)),
         "conventions": MarketConventionsResource(day_boundary=boundary),
     }
 
@@ -176,18 +176,28 @@ def test_definitions_load_and_the_schedule_covers_every_symbol():
     from orchestration.definitions import defs
 
     Definitions.validate_loadable(defs)
-    assert {a.key.to_user_string() for a in defs.resolve_all_asset_specs()} == {"market_ticks", "aggregates", "ml_features"}
-    schedule = defs.resolve_schedule_def("daily_market_data")
+    assert {a.key.to_user_string() for a in defs.resolve_all_asset_specs()} == {
+        "market_ticks", "vendor_candles", "aggregates", "ml_features",
+        "external_fred_indicators", "external_commodity_prices", "external_economic_calendar",
+    }
+
     with instance_for_test() as persistent:  # schedules read symbols from a stored instance
         persistent.add_dynamic_partitions(SYMBOLS.name, ["EURUSD", "GBPJPY"])
-        context = build_schedule_context(
-            persistent,
-            scheduled_execution_time=datetime(2024, 3, 7, 0, 15, tzinfo=UTC),
-            repository_def=defs.get_repository_def(),
-        )
-        requests = list(schedule.evaluate_tick(context).run_requests)
+
+        def requests_of(name: str, at: datetime) -> list:
+            context = build_schedule_context(persistent, scheduled_execution_time=at, repository_def=defs.get_repository_def())
+            return list(defs.resolve_schedule_def(name).evaluate_tick(context).run_requests)
+
+        requests = requests_of("daily_market_data", datetime(2024, 3, 7, 0, 15, tzinfo=UTC))
+        fred = requests_of("weekly_fred", datetime(2024, 3, 11, 6, tzinfo=UTC))
+        commodities = requests_of("daily_commodities", datetime(2024, 3, 7, 6, tzinfo=UTC))
+        (calendar,) = requests_of("daily_calendar", datetime(2024, 3, 7, 0, 20, tzinfo=UTC))
     assert sorted(r.partition_key for r in requests) == ["2024-03-06|EURUSD", "2024-03-06|GBPJPY"]
     assert len({r.run_key for r in requests}) == 2
+    assert [r.partition_key for r in fred] == ["2024-03-03"]  # Monday morning: the Sunday-to-Sunday week just ended
+    assert [r.partition_key for r in commodities] == ["2024-03-06"]
+    assert calendar.tags["dagster/asset_partition_range_start"] == "2024-03-06"
+    assert calendar.tags["dagster/asset_partition_range_end"] == "2024-03-13"  # yesterday's actuals to next week's schedule
 
 
 def test_ml_features_partitions_with_checks_and_labels_that_fill_in(warehouse, instance):
@@ -221,7 +231,7 @@ def test_ml_features_partitions_with_checks_and_labels_that_fill_in(warehouse, i
     assert stored == 288
 
 
-class GarbledFeed(TickVendorResource):
+class GarbledFeed(SyntheticMarketResource):
     """A vendor that answers with something that is not ticks at all."""
 
     def fetch_ticks(self, symbol: str, start: datetime, end: datetime) -> pl.DataFrame:

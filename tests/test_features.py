@@ -13,6 +13,7 @@ import pytest
 
 from models.candles import aggregate_ticks
 from models.features.compute import compute_features
+from models.features.external import ExternalData
 from models.features.labels import LABEL_NAMES, compute_labels
 from models.features.lookahead import lookahead_violations
 from models.features.online import RollingFeatures
@@ -115,7 +116,7 @@ def test_external_values_join_as_of_when_they_became_known():
     bars = history("EURUSD", date(2024, 3, 6), 1)
     known = [datetime(2024, 3, 6, 10, tzinfo=UTC), datetime(2024, 3, 6, 14, 30, tzinfo=UTC)]
     external = pl.DataFrame({"known_at": known, "name": ["fred_fedfunds"] * 2, "value": [5.33, 5.08]})
-    features = compute_features(bars, Timeframe.M5, external=external).select("close_ts", "fred_fedfunds")
+    features = compute_features(bars, Timeframe.M5, external=ExternalData(values=external)).select("close_ts", "fred_fedfunds")
     before = features.filter(pl.col("close_ts") < known[0])
     between = features.filter((pl.col("close_ts") >= known[0]) & (pl.col("close_ts") < known[1]))
     after = features.filter(pl.col("close_ts") >= known[1])
@@ -123,7 +124,7 @@ def test_external_values_join_as_of_when_they_became_known():
     assert set(between["fred_fedfunds"]) == {5.33}
     assert set(after["fred_fedfunds"]) == {5.08}  # the revision reaches no bar that closed before it
     with pytest.raises(ValueError, match="unregistered features"):
-        compute_features(bars, Timeframe.M5, external=external.with_columns(name=pl.lit("fred_typo")))
+        compute_features(bars, Timeframe.M5, external=ExternalData(values=external.with_columns(name=pl.lit("fred_typo"))))
 
 
 def test_multi_timeframe_context_uses_only_closed_higher_bars(btc_m5):

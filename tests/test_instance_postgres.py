@@ -12,7 +12,7 @@ from assets.market_data import aggregates, market_ticks
 from assets.partitions import SYMBOLS, DaySymbol
 from orchestration.instance import ensure_dagster_home
 from resources.conventions import MarketConventionsResource
-from resources.market_data import SyntheticMarketResource
+from resources.market_data import MarketDataResource, SyntheticMarketResource
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_runs_events_and_partitions_are_stored_in_postgres(postgres, postgres_ho
             instance=instance,
             resources={
                 "warehouse": warehouse,
-                "market_data": SyntheticMarketResource(tick_rate_scale=0.1),
+                "market_data": MarketDataResource(synthetic=SyntheticMarketResource(tick_rate_scale=0.1)),
                 "conventions": MarketConventionsResource(),
             },
         )

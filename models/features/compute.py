@@ -19,6 +19,7 @@ import polars as pl
 import talib
 
 from models.candles import rollup_bars
+from models.features.external import ExternalData, event_features
 from models.features.registry import FEATURE_NAMES, FEATURES, FIB_LEVELS, PATTERNS
 from models.sessions import london_session, minutes_after_rollover, new_york_session, tokyo_session
 from models.ticks import TS
@@ -299,18 +300,23 @@ def _context(bars: pl.DataFrame, frame: pl.DataFrame, tf: Timeframe, boundary: D
     return out
 
 
-def _external(frame: pl.DataFrame, external: pl.DataFrame | None) -> dict[str, np.ndarray]:
-    """Latest value of each external series known at each bar's close; null without data.
+def _external(frame: pl.DataFrame, external: ExternalData | None) -> dict[str, np.ndarray]:
+    """External features known at each bar's close; null where nothing was known yet.
 
-    ``external`` holds long rows ``(known_at, name, value)`` with names of the external features.
+    ``external.values`` holds long rows ``(known_at, name, value)`` named after registered
+    features (latest value wins); ``external.events`` the symbol's high-impact events.
     """
     out = {name: np.full(frame.height, np.nan) for name in EXTERNAL_FEATURES}
-    if external is None or external.is_empty():
+    if external is None:
         return out
-    unknown = set(external["name"].unique()) - set(EXTERNAL_FEATURES)
+    out |= event_features(frame["close_ts"], external.events)
+    values = external.values
+    if values is None or values.is_empty():
+        return out
+    unknown = set(values["name"].unique()) - set(EXTERNAL_FEATURES)
     if unknown:
         raise ValueError(f"external rows for unregistered features {sorted(unknown)}; registered: {EXTERNAL_FEATURES}")
-    for name, rows in external.sort("known_at").partition_by("name", as_dict=True).items():
+    for name, rows in values.sort("known_at").partition_by("name", as_dict=True).items():
         series = rows.select(pl.col("known_at").cast(TS), pl.col("value").cast(pl.Float64))
         joined = frame.select("close_ts").join_asof(series, left_on="close_ts", right_on="known_at", strategy="backward")
         out[name[0]] = joined["value"].fill_null(np.nan).to_numpy()
@@ -321,7 +327,7 @@ def compute_features(
     bars: pl.DataFrame,
     tf: Timeframe,
     boundary: DayBoundary = DayBoundary.UTC,
-    external: pl.DataFrame | None = None,
+    external: ExternalData | None = None,
     tail: int | None = None,
 ) -> pl.DataFrame:
     """One row per bar (one symbol, one timeframe, sorted by ts): ids and every feature.

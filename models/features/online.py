@@ -10,6 +10,7 @@ import polars as pl
 
 from models.candles import BAR_SCHEMA
 from models.features.compute import compute_features
+from models.features.external import ExternalData
 from models.features.registry import WARMUP_BARS
 from models.timeframes import DayBoundary, Timeframe
 
@@ -25,7 +26,7 @@ class RollingFeatures:
         """Start from history (the newest bars from the warehouse, say) without computing."""
         self._bars = bars.select(list(BAR_SCHEMA)).cast(BAR_SCHEMA).tail(self.window).rechunk()
 
-    def update(self, bar: pl.DataFrame, external: pl.DataFrame | None = None) -> dict[str, object]:
+    def update(self, bar: pl.DataFrame, external: ExternalData | None = None) -> dict[str, object]:
         """Append one closed bar (a one-row frame in BAR_SCHEMA); returns its feature row.
 
         Bars must arrive in time order; a bar at or before the newest one is refused.

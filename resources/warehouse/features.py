@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 
+from models.features.external import (
+    COMMODITY_FEATURE_NAMES,
+    FRED_FEATURE_SERIES,
+    ExternalData,
+    commodity_values,
+    fred_values,
+    symbol_events,
+)
 from models.features.labels import LABEL_SCHEMA
 from models.features.registry import FEATURE_NAMES
+from models.instruments import instrument
 from models.timeframes import Timeframe
 from resources.warehouse.client import Warehouse
+from resources.warehouse.external import read_calendar, read_commodities, read_fred_vintages
 from resources.warehouse.market import read_bars, seconds_to_datetime
 
 FEATURE_COLUMNS = ["symbol", "timeframe", "ts", "close_ts", "feature_set", "warm", *FEATURE_NAMES, *LABEL_SCHEMA]
@@ -64,3 +74,17 @@ def read_features(warehouse: Warehouse, symbol: str, tf: Timeframe, start: datet
         {"symbol": symbol, "tf": tf.value, "start": start, "end": end},
     )
     return seconds_to_datetime(frame, "ts", "close_ts") if frame.height else frame
+
+
+def read_external(warehouse: Warehouse, symbol: str, first_bar: datetime, end: datetime) -> ExternalData:
+    """What the external tables knew for bars from ``first_bar`` to ``end``, shaped for the
+    features: FRED and commodity values by ``known_at``, the symbol's currencies' events.
+
+    Rows known after ``end`` are not read at all; within the window the as-of join by each
+    bar's close decides what the bar sees.
+    """
+    vintages = read_fred_vintages(warehouse, [series for series, _ in FRED_FEATURE_SERIES.values()], end)
+    prices = read_commodities(warehouse, list(COMMODITY_FEATURE_NAMES), (first_bar - timedelta(days=14)).date(), end)
+    events = read_calendar(warehouse, list(instrument(symbol).currencies), first_bar - timedelta(days=31), end + timedelta(days=31))
+    values = pl.concat([fred_values(vintages), commodity_values(prices)])
+    return ExternalData(values=values, events=symbol_events(events, instrument(symbol).currencies))

@@ -125,3 +125,26 @@ def seconds_to_datetime(frame: pl.DataFrame, *columns: str) -> pl.DataFrame:
     return frame.with_columns(
         pl.from_epoch(pl.col(c).cast(pl.Int64), time_unit="s").dt.replace_time_zone("UTC").cast(TS) for c in columns
     )
+
+
+_CANDLE_COLUMNS = ["symbol", "ts", "open", "high", "low", "close", "volume", "vwap", "tick_count", "source"]
+_CANDLE_WINDOW = "symbol = {symbol:String} AND ts >= {start:DateTime('UTC')} AND ts < {end:DateTime('UTC')}"
+
+
+def write_vendor_candles(warehouse: Warehouse, symbol: str, start: datetime, end: datetime, candles: pl.DataFrame) -> None:
+    """Replace the vendor candles of ``symbol`` opening in ``[start, end)``."""
+    rows = candles.with_columns(pl.lit(symbol).alias("symbol")).select(_CANDLE_COLUMNS)
+    warehouse.replace("vendor_candles", _CANDLE_WINDOW, {"symbol": symbol, "start": start, "end": end}, rows)
+
+
+def read_vendor_candles(warehouse: Warehouse, symbol: str, start: datetime, end: datetime) -> pl.DataFrame:
+    """Vendor candles of ``symbol`` opening in ``[start, end)``, by time."""
+    frame = warehouse.query_frame(
+        f"SELECT {', '.join(_CANDLE_COLUMNS)} FROM vendor_candles WHERE {_CANDLE_WINDOW} ORDER BY ts",
+        {"symbol": symbol, "start": start, "end": end},
+    )
+    schema = {"symbol": pl.String(), "ts": TS, "open": pl.Float64(), "high": pl.Float64(), "low": pl.Float64(),
+              "close": pl.Float64(), "volume": pl.Float64(), "vwap": pl.Float64(), "tick_count": pl.UInt32(), "source": pl.String()}
+    if frame.is_empty():
+        return pl.DataFrame(schema=schema)
+    return seconds_to_datetime(frame, "ts").cast(schema)  # type: ignore[arg-type]

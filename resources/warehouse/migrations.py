@@ -114,6 +114,87 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(3, "ml_features (columns generated from the feature registry)", (_ml_features_table(),)),
+    Migration(
+        4,
+        "vendor_candles (one-minute candles from vendors, for minutes without ticks)",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS vendor_candles (
+                symbol LowCardinality(String),
+                ts DateTime('UTC') COMMENT 'minute open',
+                open Float64,
+                high Float64,
+                low Float64,
+                close Float64,
+                volume Float64,
+                vwap Float64,
+                tick_count UInt32,
+                source LowCardinality(String),
+                ingested_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = MergeTree
+            PARTITION BY toYYYYMM(ts)
+            ORDER BY (symbol, ts)
+            """,
+        ),
+    ),
+    Migration(
+        5,
+        "external data, point-in-time: FRED/ALFRED vintages, commodity prices, economic calendar",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS external_fred_indicators (
+                series_id LowCardinality(String),
+                observation_date Date COMMENT 'the period the value describes',
+                value Nullable(Float64),
+                realtime_start Date COMMENT 'ALFRED: the day this value became the published one',
+                known_at DateTime('UTC') COMMENT 'when a point-in-time join may first use it',
+                week Date COMMENT 'the asset partition (publication week) that wrote the row',
+                source LowCardinality(String),
+                ingested_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = MergeTree
+            PARTITION BY toYear(week)
+            ORDER BY (series_id, week, observation_date, realtime_start)
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS external_commodity_prices (
+                name LowCardinality(String),
+                ticker LowCardinality(String),
+                date Date COMMENT 'trading day in the exchange time zone',
+                open Nullable(Float64),
+                high Nullable(Float64),
+                low Nullable(Float64),
+                close Nullable(Float64),
+                volume Nullable(Float64),
+                currency LowCardinality(String),
+                known_at DateTime('UTC') COMMENT 'when the day was complete: the next midnight at the exchange',
+                source LowCardinality(String),
+                ingested_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = MergeTree
+            PARTITION BY toYear(date)
+            ORDER BY (name, date)
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS external_economic_calendar (
+                event_id String COMMENT 'hash of currency, title and scheduled time',
+                ts DateTime('UTC') COMMENT 'scheduled release time; the actual is known from here',
+                currency LowCardinality(String),
+                impact LowCardinality(String),
+                title String,
+                actual Nullable(Float64),
+                forecast Nullable(Float64),
+                previous Nullable(Float64),
+                actual_text Nullable(String),
+                forecast_text Nullable(String),
+                previous_text Nullable(String),
+                known_at DateTime('UTC') COMMENT 'when the event and its forecast were first known',
+                source LowCardinality(String),
+                ingested_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = MergeTree
+            PARTITION BY toYYYYMM(ts)
+            ORDER BY (ts, currency, event_id)
+            """,
+        ),
+    ),
 )
 
 

@@ -1,0 +1,1 @@
+"""External data sources: FRED/ALFRED, Yahoo Finance, the economic calendar."""

@@ -1,0 +1,1 @@
+"""Market-data vendors behind one interface (see :mod:`resources.vendors.base`)."""

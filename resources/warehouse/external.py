@@ -1,0 +1,95 @@
+"""Reads and idempotent writes of the external tables (FRED vintages, commodities, calendar)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+
+import polars as pl
+
+from resources.warehouse.client import Warehouse
+from resources.warehouse.market import seconds_to_datetime
+
+UTC_MS = pl.Datetime("ms", "UTC")
+_FRED_COLUMNS = ["series_id", "observation_date", "value", "realtime_start", "known_at", "week", "source"]
+_COMMODITY_COLUMNS = ["name", "ticker", "date", "open", "high", "low", "close", "volume", "currency", "known_at", "source"]
+_EVENT_COLUMNS = ["event_id", "ts", "currency", "impact", "title", "actual", "forecast", "previous",
+                  "actual_text", "forecast_text", "previous_text", "known_at", "source"]
+
+
+def write_fred_week(warehouse: Warehouse, week: date, rows: pl.DataFrame) -> None:
+    """Replace what the publication week ``week`` wrote."""
+    frame = rows.with_columns(pl.lit(week).alias("week")).select(_FRED_COLUMNS)
+    warehouse.replace("external_fred_indicators", "week = {week:Date}", {"week": week}, frame)
+
+
+def read_fred_vintages(warehouse: Warehouse, series: list[str], known_until: datetime) -> pl.DataFrame:
+    """Every vintage of ``series`` known by ``known_until``, one row per (observation, vintage)."""
+    frame = warehouse.query_frame(
+        "SELECT series_id, observation_date, any(value) AS value, realtime_start, min(known_at) AS first_known "
+        "FROM external_fred_indicators WHERE series_id IN {series:Array(String)} AND known_at <= {until:DateTime('UTC')} "
+        "GROUP BY series_id, observation_date, realtime_start ORDER BY series_id, observation_date, realtime_start",
+        {"series": series, "until": known_until},
+    )
+    schema = {"series_id": pl.String(), "observation_date": pl.Date(), "value": pl.Float64(),
+              "realtime_start": pl.Date(), "known_at": UTC_MS}
+    if frame.is_empty():
+        return pl.DataFrame(schema=schema)
+    return seconds_to_datetime(frame.rename({"first_known": "known_at"}), "known_at").cast(schema)  # type: ignore[arg-type]
+
+
+def fred_weeks(warehouse: Warehouse) -> pl.DataFrame:
+    """Rows and the newest publication per stored week and series (freshness, gaps)."""
+    return warehouse.query_frame(
+        "SELECT series_id, week, count() AS rows, max(realtime_start) AS newest FROM external_fred_indicators "
+        "GROUP BY series_id, week ORDER BY series_id, week"
+    )
+
+
+def write_commodity_day(warehouse: Warehouse, day: date, rows: pl.DataFrame) -> None:
+    warehouse.replace("external_commodity_prices", "date = {day:Date}", {"day": day}, rows.select(_COMMODITY_COLUMNS))
+
+
+def read_commodities(warehouse: Warehouse, names: list[str], start: date, known_until: datetime) -> pl.DataFrame:
+    frame = warehouse.query_frame(
+        f"SELECT {', '.join(_COMMODITY_COLUMNS)} FROM external_commodity_prices "
+        "WHERE name IN {names:Array(String)} AND date >= {start:Date} AND known_at <= {until:DateTime('UTC')} ORDER BY name, date",
+        {"names": names, "start": start, "until": known_until},
+    )
+    if frame.is_empty():
+        return pl.DataFrame(schema={"name": pl.String(), "date": pl.Date(), "close": pl.Float64(), "known_at": UTC_MS})
+    return seconds_to_datetime(frame, "known_at").with_columns(pl.col("known_at").cast(UTC_MS), pl.col("name").cast(pl.String))
+
+
+def write_calendar_day(warehouse: Warehouse, start: datetime, end: datetime, events: pl.DataFrame) -> pl.DataFrame:
+    """Replace the events scheduled in ``[start, end)``; an event keeps the earliest
+    ``known_at`` ever stored for it, so re-fetching a past day never makes its events look
+    announced later than they were. Returns what was written."""
+    params = {"start": start, "end": end}
+    where = "ts >= {start:DateTime('UTC')} AND ts < {end:DateTime('UTC')}"
+    stored = warehouse.query_frame(f"SELECT event_id, min(known_at) AS first_known FROM external_economic_calendar WHERE {where} GROUP BY event_id", params)
+    rows = events.unique("event_id", keep="last")
+    if not stored.is_empty():
+        first = seconds_to_datetime(stored, "first_known").with_columns(pl.col("event_id").cast(pl.String), pl.col("first_known").cast(UTC_MS))
+        rows = rows.join(first, on="event_id", how="left").with_columns(
+            pl.min_horizontal("known_at", "first_known").alias("known_at")
+        ).drop("first_known")
+    rows = rows.select(_EVENT_COLUMNS)
+    warehouse.replace("external_economic_calendar", where, params, rows)
+    return rows
+
+
+def read_calendar(warehouse: Warehouse, currencies: list[str] | None, start: datetime, end: datetime) -> pl.DataFrame:
+    """Events scheduled in ``[start, end)`` (of ``currencies`` if given), by time."""
+    clause = " AND currency IN {currencies:Array(String)}" if currencies else ""
+    frame = warehouse.query_frame(
+        f"SELECT {', '.join(_EVENT_COLUMNS)} FROM external_economic_calendar "
+        f"WHERE ts >= {{start:DateTime('UTC')}} AND ts < {{end:DateTime('UTC')}}{clause} ORDER BY ts",
+        {"start": start, "end": end, "currencies": currencies or []},
+    )
+    if frame.is_empty():
+        from resources.external.calendar import EVENT_SCHEMA
+
+        return pl.DataFrame(schema=EVENT_SCHEMA)
+    return seconds_to_datetime(frame, "ts", "known_at").with_columns(
+        pl.col("ts", "known_at").cast(UTC_MS), pl.col("currency", "impact", "source").cast(pl.String)
+    )
