@@ -65,7 +65,7 @@ def _finish(frame: pl.DataFrame, source: str) -> pl.DataFrame:
         pl.concat_str("currency", "title", pl.col("ts").dt.epoch("s").cast(pl.String), separator="|")
         .map_batches(lambda keys: pl.Series([hashlib.sha1(k.encode()).hexdigest()[:16] for k in keys], dtype=pl.String))
         .alias("event_id")
-    ).select(EVENT_SCHEMA).cast(EVENT_SCHEMA)  # type: ignore[arg-type]
+    ).select(list(EVENT_SCHEMA)).cast(EVENT_SCHEMA)  # type: ignore[arg-type]
 
 
 class EconomicCalendarResource(ConfigurableResource):

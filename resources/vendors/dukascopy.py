@@ -81,9 +81,7 @@ class DukascopyResource(MarketDataVendor):
         rows = self._walk(dukascopy_instrument(symbol), dk.INTERVAL_MIN_1, start, end, _BAR_COLUMNS)
         if rows.is_empty():
             return empty_m1()
-        return rows.with_columns(_ts(), pl.col("close").alias("vwap"), pl.lit(1, pl.UInt32).alias("tick_count")).select(
-            VENDOR_M1_SCHEMA
-        )
+        return rows.with_columns(_ts(), pl.col("close").alias("vwap"), pl.lit(1, pl.UInt32).alias("tick_count")).select(list(VENDOR_M1_SCHEMA))
 
     def _walk(self, name: str, interval: str, start: datetime, end: datetime, columns: tuple[str, ...]) -> pl.DataFrame:
         """Pages forward from ``start`` until a row reaches ``end`` or the feed runs dry.

@@ -41,10 +41,10 @@ LAYOUTS: dict[str, FileLayout] = {
     "mt5_bars": FileLayout("bars", {"date": "<DATE>", "time": "<TIME>", "open": "<OPEN>", "high": "<HIGH>",
                                      "low": "<LOW>", "close": "<CLOSE>", "tick_count": "<TICKVOL>"}, "%Y.%m.%d %H:%M:%S", "\t"),
     # HistData.com ASCII: no header, Eastern Standard Time all year (UTC-5, no DST).
-    "histdata_ticks": FileLayout("ticks", {"ts": "column_1", "bid": "column_2", "ask": "column_3"},
+    "histdata_ticks": FileLayout("ticks", {"ts": "column_0", "bid": "column_1", "ask": "column_2"},
                                  "%Y%m%d %H%M%S%3f", ",", has_header=False, timezone="Etc/GMT+5"),
-    "histdata_m1": FileLayout("bars", {"ts": "column_1", "open": "column_2", "high": "column_3", "low": "column_4",
-                                        "close": "column_5", "volume": "column_6"}, "%Y%m%d %H%M%S", ";",
+    "histdata_m1": FileLayout("bars", {"ts": "column_0", "open": "column_1", "high": "column_2", "low": "column_3",
+                                        "close": "column_4", "volume": "column_5"}, "%Y%m%d %H%M%S", ";",
                               has_header=False, timezone="Etc/GMT+5"),
     # Dukascopy / JForex historical data export.
     "dukascopy_ticks": FileLayout("ticks", {"ts": "Gmt time", "ask": "Ask", "bid": "Bid", "ask_size": "AskVolume",
@@ -57,6 +57,10 @@ LAYOUTS: dict[str, FileLayout] = {
     "tradeforge_bars": FileLayout("bars", {c: c for c in ("ts", "open", "high", "low", "close", "volume")},
                                   "%Y-%m-%dT%H:%M:%S%.f%#z"),
 }
+
+
+_REQUIRED = {"ticks": {"ts", "date", "time"}, "bars": {"ts", "date", "time", "open", "high", "low", "close"}}
+_PRICES = {"ticks": {"bid", "ask", "price"}, "bars": {"close"}}  # at least one of these
 
 
 def detect_layout(path: Path) -> str:
@@ -88,10 +92,11 @@ def read_file(path: Path, layout: FileLayout, start: datetime, end: datetime) ->
         frame = pl.scan_csv(path, separator=layout.separator, has_header=layout.has_header,
                             infer_schema=False, truncate_ragged_lines=True)
     names = frame.collect_schema().names()
-    missing = sorted(set(layout.columns.values()) - set(names))
-    if missing:
-        raise VendorPayloadError(f"{path}: lacks column(s) {missing}; has {names}")
-    wanted = {ours: theirs for ours, theirs in layout.columns.items() if ours not in ("date", "time", "ts")}
+    required = _REQUIRED[layout.kind] & set(layout.columns)
+    missing = sorted(layout.columns[c] for c in required if layout.columns[c] not in names)
+    if missing or not (_PRICES[layout.kind] & {c for c, theirs in layout.columns.items() if theirs in names}):
+        raise VendorPayloadError(f"{path}: lacks column(s) {missing or sorted(_PRICES[layout.kind])}; has {names}")
+    wanted = {ours: theirs for ours, theirs in layout.columns.items() if ours not in ("date", "time", "ts") and theirs in names}
     try:
         rows = frame.select(_timestamp(layout, frame.collect_schema()), *(
             pl.col(theirs).cast(pl.Float64, strict=False).alias(ours) for ours, theirs in wanted.items()
@@ -162,7 +167,7 @@ class FileImportResource(MarketDataVendor):
             pl.col("volume").fill_null(0.0), pl.col("close").alias("vwap"),
             pl.col("tick_count").fill_null(1).clip(lower_bound=1),
         )
-        return filled.select(VENDOR_M1_SCHEMA).cast(VENDOR_M1_SCHEMA).unique("ts", keep="first").sort("ts")  # type: ignore[arg-type]
+        return filled.select(list(VENDOR_M1_SCHEMA)).cast(VENDOR_M1_SCHEMA).unique("ts", keep="first").sort("ts")  # type: ignore[arg-type]
 
     def _files(self, symbol: str, kind: str) -> list[tuple[Path, FileLayout]]:
         folder = self.root() / symbol

@@ -121,7 +121,7 @@ class PolygonResource(MarketDataVendor):
             return empty_m1()
         ts = pl.from_epoch(rows["timestamp"], time_unit="ms").dt.replace_time_zone("UTC").cast(TS)
         frame = rows.with_columns(ts.alias("ts"), pl.col("transactions").fill_null(1).alias("tick_count"))
-        return frame.select(VENDOR_M1_SCHEMA).cast(VENDOR_M1_SCHEMA).filter((pl.col("ts") >= start) & (pl.col("ts") < end))  # type: ignore[arg-type]
+        return frame.select(list(VENDOR_M1_SCHEMA)).cast(VENDOR_M1_SCHEMA).filter((pl.col("ts") >= start) & (pl.col("ts") < end))  # type: ignore[arg-type]
 
     def _drain(self, results: Iterator[Any], ticker: str) -> list[dict[str, Any]]:
         """Every page of an iterator of model objects, with failures mapped to vendor errors."""
