@@ -72,7 +72,8 @@ def fred_values(vintages: pl.DataFrame) -> pl.DataFrame:
 def _value_as_of(at: pl.DataFrame, rows: pl.DataFrame, date_column: str, alias: str) -> pl.DataFrame:
     """Per moment, the value of observation ``date_column`` in the newest vintage known then."""
     vintages = rows.rename({"observation_date": date_column, "value": alias}).sort("known_at")
-    return at.sort("known_at").join_asof(vintages, on="known_at", by=date_column, strategy="backward")
+    # both sides are sorted by known_at just above; polars cannot verify that per group
+    return at.sort("known_at").join_asof(vintages, on="known_at", by=date_column, strategy="backward", check_sortedness=False)
 
 
 def commodity_values(prices: pl.DataFrame) -> pl.DataFrame:

@@ -155,12 +155,13 @@ WARMUP_BARS = 1500  # bars of history read before the first bar; covers every lo
 
 def feature_set_version(specs: tuple[FeatureSpec, ...] = FEATURES) -> str:
     """A short hash of every declaration and of the code that computes them."""
-    from models.features import compute  # the code is part of the definition
+    from models.features import compute, external  # the code is part of the definition
 
     digest = hashlib.sha256()
     for spec in specs:
         digest.update(repr((spec.name, spec.family, spec.lookback, spec.description)).encode())
-    digest.update(inspect.getsource(compute).encode())
+    for module in (compute, external):
+        digest.update(inspect.getsource(module).encode())
     return f"fs-{digest.hexdigest()[:12]}"
 
 

@@ -67,7 +67,7 @@ def write_calendar_day(warehouse: Warehouse, start: datetime, end: datetime, eve
     params = {"start": start, "end": end}
     where = "ts >= {start:DateTime('UTC')} AND ts < {end:DateTime('UTC')}"
     stored = warehouse.query_frame(f"SELECT event_id, min(known_at) AS first_known FROM external_economic_calendar WHERE {where} GROUP BY event_id", params)
-    rows = events.unique("event_id", keep="last")
+    rows = events.with_columns(pl.col("known_at").min().over("event_id")).unique("event_id", keep="last", maintain_order=True)
     if not stored.is_empty():
         first = seconds_to_datetime(stored, "first_known").with_columns(pl.col("event_id").cast(pl.String), pl.col("first_known").cast(UTC_MS))
         rows = rows.join(first, on="event_id", how="left").with_columns(
