@@ -9,6 +9,7 @@ from pathlib import Path
 
 from benchmarks.candles import bench_candles
 from benchmarks.features import bench_features
+from benchmarks.vendors import bench_vendors
 from benchmarks.warehouse import bench_warehouse
 
 
@@ -21,6 +22,7 @@ def main() -> int:
         "candles": bench_candles(quick=args.quick),
         "warehouse": bench_warehouse(quick=args.quick),
         "features": bench_features(quick=args.quick),
+        "vendors": bench_vendors(quick=args.quick),
     }
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

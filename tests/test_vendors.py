@@ -69,6 +69,18 @@ def test_polygon_quotes_page_through_429_and_5xx_to_the_exact_day():
     assert set(got["source"]) == {"polygon"} and set(got["symbol"]) == {"EURUSD"}
 
 
+def test_polygon_sub_second_windows_are_exact():
+    """A gap window starts and ends on ticks' milliseconds: the first is in, the last is out."""
+    expected = ticks("EURUSD")
+    app = PolygonStub()
+    app.quotes["C:EURUSD"] = expected
+    first, last = expected["ts"][1000], expected["ts"][1400]
+    with StubServer(app) as stub:
+        got = PolygonResource(api_key="test-key", base_url=stub.url).fetch_ticks("EURUSD", first, last)
+    assert got["ts"].min() == first and got["ts"].max() < last
+    assert got.height == expected.filter((pl.col("ts") >= first) & (pl.col("ts") < last)).height
+
+
 def test_polygon_crypto_comes_from_trades():
     trades = ticks("BTCUSD").with_columns(price=(pl.col("bid") + pl.col("ask")) / 2, size=pl.lit(0.01))
     app = PolygonStub()

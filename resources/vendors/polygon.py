@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import polars as pl
@@ -32,6 +32,7 @@ from resources.vendors.base import (
     empty_m1,
 )
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _QUOTE_FIELDS = {"participant_timestamp": pl.Int64(), "bid_price": pl.Float64(), "ask_price": pl.Float64(),
                  "bid_size": pl.Float64(), "ask_size": pl.Float64()}
 _TRADE_FIELDS = {"participant_timestamp": pl.Int64(), "price": pl.Float64(), "size": pl.Float64()}
@@ -100,7 +101,9 @@ class PolygonResource(MarketDataVendor):
     def fetch_ticks(self, symbol: str, start: datetime, end: datetime) -> pl.DataFrame:
         """Forex/metal quotes (bid/ask) or crypto trades (price/size), ascending by time."""
         client, ticker = self._client(), polygon_ticker(symbol)
-        window = {"timestamp_gte": start, "timestamp_lt": end, "limit": self.page_limit, "sort": "timestamp", "order": "asc"}
+        # integer nanoseconds: the client's own datetime conversion goes through a float and
+        # moves a sub-second bound by up to a microsecond
+        window = {"timestamp_gte": _ns(start), "timestamp_lt": _ns(end), "limit": self.page_limit, "sort": "timestamp", "order": "asc"}
         if instrument(symbol).asset_class is AssetClass.CRYPTO:
             rows = _columns(self._drain(client.list_trades(ticker, **window), ticker), _TRADE_FIELDS)
             renamed = rows.select(pl.col("price"), pl.col("size"))
@@ -115,7 +118,7 @@ class PolygonResource(MarketDataVendor):
     def fetch_m1_bars(self, symbol: str, start: datetime, end: datetime) -> pl.DataFrame:
         """Minute aggregates; Polygon's window is inclusive, so the end minute is dropped here."""
         client, ticker = self._client(), polygon_ticker(symbol)
-        aggs = client.list_aggs(ticker, 1, "minute", start, end, adjusted=True, sort="asc", limit=self.page_limit)
+        aggs = client.list_aggs(ticker, 1, "minute", _ns(start) // 1_000_000, _ns(end) // 1_000_000, adjusted=True, sort="asc", limit=self.page_limit)
         rows = _columns(self._drain(aggs, ticker), _AGG_FIELDS)
         if rows.is_empty():
             return empty_m1()
@@ -133,6 +136,11 @@ class PolygonResource(MarketDataVendor):
             raise VendorRequestError(f"Polygon {ticker}: {str(exc)[:200]}") from None
         except (TypeError, AttributeError) as exc:
             raise VendorPayloadError(f"Polygon {ticker}: unreadable result row ({exc})") from None
+
+
+def _ns(moment: datetime) -> int:
+    """Exact nanoseconds since the epoch (no float on the way)."""
+    return (moment - _EPOCH) // timedelta(microseconds=1) * 1_000
 
 
 def _columns(rows: list[dict[str, Any]], fields: dict[str, pl.DataType]) -> pl.DataFrame:
