@@ -102,7 +102,7 @@ def _materialize_partitions(instance, resources, assets, partitions, describe) -
             partition_key=partition.key,
             instance=instance,
             resources=resources,
-            tags={"tradeforge/source": "demo"},
+            tags={"tradeforge/source": "cli"},
             run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
             raise_on_error=False,
         )
@@ -182,6 +182,71 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    """Copy files into the import folder, show what they hold, and ingest the days they cover
+    through the file vendor: the same validation, quarantine, candles and checks as any vendor."""
+    from datetime import UTC, datetime
+
+    from dagster import DagsterInstance
+
+    from assets.market_data import aggregates, market_ticks, vendor_candles
+    from assets.partitions import SYMBOLS, DaySymbol
+    from models.instruments import instrument
+    from orchestration.instance import ensure_dagster_home
+    from orchestration.resources import resources_from_env
+    from resources.market_data import MarketDataResource
+    from resources.vendors.files import LAYOUTS, FileImportResource, detect_layout, read_file
+
+    symbol = instrument(args.symbol).symbol
+    files = FileImportResource(directory=args.directory or "", layout=args.layout, timezone=args.timezone or "")
+    target = files.root() / symbol
+    target.mkdir(parents=True, exist_ok=True)
+    days: set[date] = set()
+    everything = (datetime(1970, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
+    for source in args.files:
+        from pathlib import Path
+
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such file")
+        copy = target / path.name
+        if copy.resolve() != path.resolve():
+            shutil.copy2(path, copy)
+        name = detect_layout(copy) if args.layout == "auto" else args.layout
+        layout = files.layout_of(copy)
+        rows = read_file(copy, layout, *everything)
+        if rows.is_empty():
+            _print(f"{path.name}: layout {name} ({layout.kind}), no rows")
+            continue
+        first, last = rows["ts"].min(), rows["ts"].max()
+        days |= set(rows["ts"].dt.date().unique().to_list())
+        _print(f"{path.name}: layout {name} ({layout.kind}, times in {layout.timezone}), {rows.height:,} rows, "
+               f"{first:%Y-%m-%d %H:%M:%S} .. {last:%Y-%m-%d %H:%M:%S} UTC -> {copy}")
+    if not days or args.no_ingest:
+        _print("nothing ingested" if not days else f"copied; {len(days)} day(s) to ingest with the file vendor")
+        return 0
+    ensure_dagster_home()
+    instance = DagsterInstance.get()
+    instance.add_dynamic_partitions(SYMBOLS.name, [symbol])
+    resources = resources_from_env()
+    resources["market_data"] = MarketDataResource(files=files, primary="files")
+    resources["warehouse"].process_config_and_initialize().migrate()
+    partitions = [DaySymbol(symbol, day) for day in sorted(days)]
+    _print(f"ingesting {len(partitions)} day(s) of {symbol} from {files.root()}:")
+    failed = _materialize_partitions(
+        instance, resources, [market_ticks, vendor_candles, aggregates], partitions,
+        lambda m: f"{m['market_ticks']['dagster/row_count'].value:>8,} ticks  "
+        f"{m['vendor_candles']['dagster/row_count'].value:>6,} candles  "
+        f"{m['aggregates']['dagster/row_count'].value:>6,} bars  {m['market_ticks']['quarantined_rows'].value} quarantined",
+    )
+    if failed is None:
+        return 1
+    for line in failed:
+        _print(f"  check did not pass: {line}")
+    _print(f"layouts known: {', '.join(sorted(LAYOUTS))}")
+    return 0
+
+
 def cmd_features(args: argparse.Namespace) -> int:
     from models.features.registry import FEATURES, catalog_markdown, feature_set_version
 
@@ -230,6 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     symbols.add_argument("action", choices=["list", "add"])
     symbols.add_argument("symbols", nargs="*", default=[])
     symbols.set_defaults(func=cmd_symbols)
+
+    imports = commands.add_parser("import", help="load CSV/Parquet ticks or M1 bars you already have (MT5, HistData, Dukascopy, ...)")
+    imports.add_argument("files", nargs="+", help="files of one symbol")
+    imports.add_argument("--symbol", required=True)
+    imports.add_argument("--layout", default="auto", help="'auto' (recognised from the first line) or a layout name")
+    imports.add_argument("--timezone", default="", help="time zone of the files' times (MT5 exports use the broker's server time)")
+    imports.add_argument("--directory", default="", help="import folder (default $TRADEFORGE_HOME/imports)")
+    imports.add_argument("--no-ingest", action="store_true", help="only copy and inspect")
+    imports.set_defaults(func=cmd_import)
 
     features = commands.add_parser("features", help="the feature registry: version, catalog")
     features.add_argument("action", choices=["version", "catalog"])

@@ -175,12 +175,13 @@ class FileImportResource(MarketDataVendor):
             return []
         found = []
         for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in (".csv", ".txt", ".parquet")):
-            layout = self._layout(path)
+            layout = self.layout_of(path)
             if layout.kind == kind:
                 found.append((path, layout))
         return found
 
-    def _layout(self, path: Path) -> FileLayout:
+    def layout_of(self, path: Path) -> FileLayout:
+        """The layout this resource reads ``path`` with."""
         if self.layout == "custom":
             if not self.columns:
                 raise VendorRequestError("layout 'custom' needs a column mapping (columns: {ts: ..., bid: ..., ...})")
