@@ -79,19 +79,74 @@ def _rolling(x: np.ndarray, n: int, how: str) -> np.ndarray:
 
 
 class _Bars:
-    """Arrays of one symbol's bars and the indicators several families share."""
+    """Arrays of one symbol's bars and the indicators several families share.
 
-    def __init__(self, bars: pl.DataFrame):
-        self.o, self.h, self.l, self.c = (bars[c].to_numpy().astype(np.float64) for c in ("open", "high", "low", "close"))
-        volume = bars["volume"].to_numpy().astype(np.float64)
-        ticks = bars["tick_count"].to_numpy().astype(np.float64)
+    The recursive indicators (EMA family, Wilder smoothing, SAR) are methods: the batch
+    engine runs TA-Lib over the whole history; the live engine (``models.features.live``)
+    answers them from state advanced one bar at a time, and the families stay one code.
+    """
+
+    def __init__(self, columns: dict[str, np.ndarray]):
+        self.o, self.h, self.l, self.c = (columns[c] for c in ("open", "high", "low", "close"))
+        volume, ticks = columns["volume"], columns["tick_count"]
         self.ticks = ticks
         self.activity = np.where(volume > 0, volume, ticks)
-        self.spread = bars["spread_mean"].fill_null(np.nan).to_numpy().astype(np.float64)
-        self.spread_max = bars["spread_max"].fill_null(np.nan).to_numpy().astype(np.float64)
-        self.vwap = bars["vwap"].to_numpy().astype(np.float64)
+        self.spread, self.spread_max, self.vwap = columns["spread_mean"], columns["spread_max"], columns["vwap"]
         self.log_ret = np.r_[np.nan, np.diff(np.log(self.c))]
-        self.atr14 = talib.ATR(self.h, self.l, self.c, 14)
+        self.ad_step = _div((self.c - self.l) - (self.h - self.c), self.h - self.l) * self.activity
+        self._cache: dict[tuple, object] = {}
+
+    @staticmethod
+    def columns_of(bars: pl.DataFrame) -> dict[str, np.ndarray]:
+        return {
+            name: bars[name].fill_null(np.nan).to_numpy().astype(np.float64)
+            for name in ("open", "high", "low", "close", "volume", "tick_count", "spread_mean", "spread_max", "vwap")
+        }
+
+    def _memo(self, key: tuple, compute):
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def ema(self, n: int) -> np.ndarray:
+        return self._memo(("ema", n), lambda: talib.EMA(self.c, n))
+
+    def dema(self, n: int) -> np.ndarray:
+        return talib.DEMA(self.c, n)
+
+    def tema(self, n: int) -> np.ndarray:
+        return talib.TEMA(self.c, n)
+
+    def t3(self, n: int, vfactor: float) -> np.ndarray:
+        return talib.T3(self.c, n, vfactor)
+
+    def macd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return talib.MACD(self.c, 12, 26, 9)
+
+    def directional(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ADX, +DI, -DI."""
+        return talib.ADX(self.h, self.l, self.c, n), talib.PLUS_DI(self.h, self.l, self.c, n), talib.MINUS_DI(self.h, self.l, self.c, n)
+
+    def sar(self) -> np.ndarray:
+        return talib.SAR(self.h, self.l, 0.02, 0.2)
+
+    def rsi(self, n: int) -> np.ndarray:
+        return talib.RSI(self.c, n)
+
+    def cmo(self, n: int) -> np.ndarray:
+        return talib.CMO(self.c, n)
+
+    def stochrsi(self) -> tuple[np.ndarray, np.ndarray]:
+        return talib.STOCHRSI(self.c, 14, 14, 3, 0)
+
+    def trix(self, n: int) -> np.ndarray:
+        return talib.TRIX(self.c, n)
+
+    def atr(self, n: int) -> np.ndarray:
+        return self._memo(("atr", n), lambda: talib.ATR(self.h, self.l, self.c, n))
+
+    def ad_decayed(self, n: int) -> np.ndarray:
+        return _decayed_sum(self.ad_step, n)
 
 
 def _trend(b: _Bars) -> dict[str, np.ndarray]:
@@ -99,23 +154,22 @@ def _trend(b: _Bars) -> dict[str, np.ndarray]:
     for n in (10, 20, 50, 200):
         out[f"sma_ratio_{n}"] = _div(c, talib.SMA(c, n)) - 1
     for n in (10, 20, 50):
-        out[f"ema_ratio_{n}"] = _div(c, talib.EMA(c, n)) - 1
+        out[f"ema_ratio_{n}"] = _div(c, b.ema(n)) - 1
     out["wma_ratio_20"] = _div(c, talib.WMA(c, 20)) - 1
     out["trima_ratio_20"] = _div(c, talib.TRIMA(c, 20)) - 1
-    out["dema_ratio_20"] = _div(c, talib.DEMA(c, 20)) - 1
-    out["tema_ratio_20"] = _div(c, talib.TEMA(c, 20)) - 1
-    out["t3_ratio_10"] = _div(c, talib.T3(c, 10, 0.7)) - 1
+    out["dema_ratio_20"] = _div(c, b.dema(20)) - 1
+    out["tema_ratio_20"] = _div(c, b.tema(20)) - 1
+    out["t3_ratio_10"] = _div(c, b.t3(10, 0.7)) - 1
     out["sma_cross_10_50"] = _div(talib.SMA(c, 10), talib.SMA(c, 50)) - 1
-    out["ema_cross_12_26"] = _div(talib.EMA(c, 12), talib.EMA(c, 26)) - 1
-    macd, signal, hist = talib.MACD(c, 12, 26, 9)
+    out["ema_cross_12_26"] = _div(b.ema(12), b.ema(26)) - 1
+    macd, signal, hist = b.macd()
     out["macd"], out["macd_signal"], out["macd_hist"] = _div(macd, c), _div(signal, c), _div(hist, c)
-    out["adx_14"] = talib.ADX(b.h, b.l, c, 14) / 100
-    out["plus_di_14"] = talib.PLUS_DI(b.h, b.l, c, 14) / 100
-    out["minus_di_14"] = talib.MINUS_DI(b.h, b.l, c, 14) / 100
+    adx, plus_di, minus_di = b.directional(14)
+    out["adx_14"], out["plus_di_14"], out["minus_di_14"] = adx / 100, plus_di / 100, minus_di / 100
     down, up = talib.AROON(b.h, b.l, 25)
     out["aroon_up_25"], out["aroon_down_25"] = up / 100, down / 100
     out["aroon_osc_25"] = talib.AROONOSC(b.h, b.l, 25) / 100
-    out["sar_distance"] = _div(c - talib.SAR(b.h, b.l, 0.02, 0.2), c)
+    out["sar_distance"] = _div(c - b.sar(), c)
     out["linreg_slope_20"] = _div(talib.LINEARREG_SLOPE(c, 20), c)
     return out
 
@@ -123,10 +177,10 @@ def _trend(b: _Bars) -> dict[str, np.ndarray]:
 def _momentum(b: _Bars) -> dict[str, np.ndarray]:
     c, out = b.c, {}
     for n in (7, 14, 28):
-        out[f"rsi_{n}"] = talib.RSI(c, n) / 100
+        out[f"rsi_{n}"] = b.rsi(n) / 100
     k, d = talib.STOCH(b.h, b.l, c, 14, 3, 0, 3, 0)
     out["stoch_k"], out["stoch_d"] = k / 100, d / 100
-    k, d = talib.STOCHRSI(c, 14, 14, 3, 0)
+    k, d = b.stochrsi()
     out["stochrsi_k"], out["stochrsi_d"] = k / 100, d / 100
     out["cci_20"] = talib.CCI(b.h, b.l, c, 20) / 100
     out["willr_14"] = talib.WILLR(b.h, b.l, c, 14) / 100
@@ -134,9 +188,9 @@ def _momentum(b: _Bars) -> dict[str, np.ndarray]:
         out[f"roc_{n}"] = _div(c, _shift(c, n)) - 1
     out["mfi_14"] = talib.MFI(b.h, b.l, c, b.activity, 14) / 100
     out["ultosc"] = talib.ULTOSC(b.h, b.l, c, 7, 14, 28) / 100
-    out["trix_15"] = talib.TRIX(c, 15)
+    out["trix_15"] = b.trix(15)
     out["ppo"] = talib.PPO(c, 12, 26, 0) / 100
-    out["cmo_14"] = talib.CMO(c, 14) / 100
+    out["cmo_14"] = b.cmo(14) / 100
     out["bop"] = _div(c - b.o, b.h - b.l)
     return out
 
@@ -144,10 +198,10 @@ def _momentum(b: _Bars) -> dict[str, np.ndarray]:
 def _volatility(b: _Bars) -> dict[str, np.ndarray]:
     c, h, l, out = b.c, b.h, b.l, {}
     for n in (7, 14, 28):
-        out[f"natr_{n}"] = _div(b.atr14 if n == 14 else talib.ATR(h, l, c, n), c)
+        out[f"natr_{n}"] = _div(b.atr(n), c)
     upper, middle, lower = talib.BBANDS(c, 20, 2, 2, 0)
     out["bb_position_20"], out["bb_width_20"] = _div(c - lower, upper - lower), _div(upper - lower, middle)
-    ema20, atr20 = talib.EMA(c, 20), talib.ATR(h, l, c, 20)
+    ema20, atr20 = b.ema(20), b.atr(20)
     out["keltner_position_20"] = _div(c - (ema20 - 2 * atr20), 4 * atr20)
     out["keltner_width_20"] = _div(4 * atr20, ema20)
     for n in (20, 55):
@@ -161,7 +215,7 @@ def _volatility(b: _Bars) -> dict[str, np.ndarray]:
     co = np.log(_div(c, b.o))
     out["garman_klass_vol_20"] = np.sqrt(np.maximum(_rolling(0.5 * hl**2 - (2 * np.log(2) - 1) * co**2, 20, "mean"), 0))
     out["vol_ratio_10_60"] = _div(out["realized_vol_10"], out["realized_vol_60"])
-    out["true_range_ratio"] = _div(talib.TRANGE(h, l, c), b.atr14)
+    out["true_range_ratio"] = _div(talib.TRANGE(h, l, c), b.atr(14))
     return out
 
 
@@ -175,13 +229,12 @@ def _volume(b: _Bars) -> dict[str, np.ndarray]:
     out["activity_zscore_50"] = _div(b.activity - talib.SMA(b.activity, 50), talib.STDDEV(b.activity, 50, 1))
     spread_mean, spread_std = _rolling(b.spread, 100, "mean"), _rolling(b.spread, 100, "std")
     out["spread_zscore_100"] = _div(b.spread - spread_mean, spread_std)
-    out["spread_to_atr"] = _div(b.spread, b.atr14)
+    out["spread_to_atr"] = _div(b.spread, b.atr(14))
     out["spread_max_ratio"] = _div(b.spread_max, b.spread)
     out["vwap_distance"] = _div(b.c - b.vwap, b.c)
     # Chaikin's oscillator EMA3(A/D) - EMA10(A/D) written on the A/D increments, where the
     # level of the cumulative line cancels: the same value whatever bar the history starts at.
-    ad_step = _div((b.c - b.l) - (b.h - b.c), b.h - b.l) * b.activity
-    out["adosc_3_10"] = _div(_decayed_sum(ad_step, 10) - _decayed_sum(ad_step, 3), _rolling(b.activity, 10, "sum"))
+    out["adosc_3_10"] = _div(b.ad_decayed(10) - b.ad_decayed(3), _rolling(b.activity, 10, "sum"))
     return out
 
 
@@ -192,7 +245,7 @@ def _candle(b: _Bars) -> dict[str, np.ndarray]:
         "upper_wick": _div(b.h - np.maximum(b.o, b.c), span),
         "lower_wick": _div(np.minimum(b.o, b.c) - b.l, span),
         "close_position": _div(b.c - b.l, span),
-        "range_to_atr": _div(span, b.atr14),
+        "range_to_atr": _div(span, b.atr(14)),
         "gap": _div(b.o, _shift(b.c, 1)) - 1,
     }
 
@@ -341,7 +394,7 @@ def compute_features(
         return frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(n) for n in FEATURE_NAMES)
     keep = slice(-tail, None) if tail else slice(None)
     rows = frame[keep]
-    b = _Bars(bars)
+    b = _Bars(_Bars.columns_of(bars))
     values: dict[str, np.ndarray] = {}
     for family in (_trend, _momentum, _volatility, _volume, _candle, _patterns, _fibonacci, _returns):
         values |= {name: column[keep] for name, column in family(b).items()}
