@@ -92,8 +92,18 @@ def bar_open_expr(ts: pl.Expr, tf: Timeframe, boundary: DayBoundary) -> pl.Expr:
     )
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=ZoneInfo("UTC"))
+_FIRST_SUNDAY = datetime(1970, 1, 4, tzinfo=ZoneInfo("UTC"))
+
+
 def bar_open_at(moment: datetime, tf: Timeframe, boundary: DayBoundary) -> datetime:
-    """Scalar form of :func:`bar_open_expr`, for partition windows and look-backs."""
+    """Scalar form of :func:`bar_open_expr`, for partition windows, look-backs and the live
+    path (plain arithmetic where the bars align to UTC, which is every case but the New York
+    boundary's H4/D1/W1)."""
+    if boundary is DayBoundary.UTC or not _boundary_aligned(tf):
+        anchor = _FIRST_SUNDAY if tf is Timeframe.W1 else _EPOCH
+        length = timedelta(minutes=tf.minutes)
+        return anchor + ((moment - anchor) // length) * length
     frame = pl.DataFrame({"ts": [moment]}, schema={"ts": pl.Datetime("ms", "UTC")})
     return frame.select(bar_open_expr(pl.col("ts"), tf, boundary)).item()
 

@@ -141,11 +141,11 @@ class PolygonStub:
         limit = int(request.query.get("limit", 10))
         offset = int(request.query.get("cursor", 0))
         if parts[:2] == ["v3", "quotes"]:
-            ticker, rows = parts[2], self._quotes(parts[2], request)
+            rows = self._quotes(parts[2], request)
         elif parts[:2] == ["v3", "trades"]:
-            ticker, rows = parts[2], self._trades(parts[2], request)
+            rows = self._trades(parts[2], request)
         elif parts[:3] == ["v2", "aggs", "ticker"]:
-            ticker, rows = parts[3], self._aggs(parts[3], int(parts[7]), int(parts[8]))
+            rows = self._aggs(parts[3], int(parts[7]), int(parts[8]))
         else:
             return Reply(404, {"status": "NOT_FOUND", "message": "no such route"})
         page = rows[offset : offset + limit]

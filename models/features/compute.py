@@ -39,12 +39,29 @@ CONTEXT_TIMEFRAMES: dict[Timeframe, tuple[Timeframe, Timeframe]] = {
 EXTERNAL_FEATURES = tuple(spec.name for spec in FEATURES if spec.family == "external")
 
 
+class _TaLib:
+    """TA-Lib's functions without their pandas/polars argument wrapper (numpy goes in): about
+    2 us less per call, and the live path makes some 50 calls per bar."""
+
+    def __getattr__(self, name: str):
+        function = getattr(talib, name)
+        function = getattr(function, "__wrapped__", function)
+        setattr(self, name, function)
+        return function
+
+
+ta = _TaLib()
+
+QUIET = {"divide": "ignore", "invalid": "ignore"}
+"""numpy error state the families run under (``np.errstate(**QUIET)``): _div handles 0 and NaN."""
+
+
 def _div(a: np.ndarray, b: np.ndarray | float) -> np.ndarray:
-    """a / b with 0 where b is 0 (a flat bar has no range to be a fraction of)."""
-    b = np.broadcast_to(np.asarray(b, dtype=np.float64), np.shape(a))
-    out = np.zeros(np.shape(a))
-    np.divide(a, b, out=out, where=b != 0)
-    return np.where(np.isnan(a) | np.isnan(b), np.nan, out)
+    """a / b with 0 where b is 0 (a flat bar has no range to be a fraction of); NaN stays NaN."""
+    out = np.true_divide(a, b)
+    if np.count_nonzero(b) != np.size(b):  # the cheap test: it runs ~60 times per live bar
+        out = np.where(np.equal(b, 0) & (a == a), 0.0, out)
+    return out
 
 
 def _shift(x: np.ndarray, k: int) -> np.ndarray:
@@ -62,23 +79,45 @@ def _decayed_sum(x: np.ndarray, n: int) -> np.ndarray:
     return (1 - alpha) * smoothed / alpha
 
 
+def _windows(x: np.ndarray, n: int, start: int, stop: int) -> np.ndarray:
+    """Rows ``start..stop-1`` of the length-``n`` trailing windows of ``x`` (a read-only view;
+    ``as_strided`` because ``sliding_window_view`` costs ~15 us of checks per call)."""
+    step = x.strides[0]
+    return np.lib.stride_tricks.as_strided(x[start - n + 1 :], shape=(stop - start, n), strides=(step, step), writeable=False)
+
+
+def _rolling_shape(x: np.ndarray, n: int, first: int = 0, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """Rolling skewness and excess kurtosis (population moments) over ``n`` values, for rows
+    from ``first`` on; NaN where the window holds a NaN. Central moments per window, in
+    chunks to bound memory."""
+    skew, kurt = np.full(len(x), np.nan), np.full(len(x), np.nan)
+    for start in range(max(n - 1, first), len(x), chunk):
+        stop = min(start + chunk, len(x))
+        windows = _windows(x, n, start, stop)
+        centred = windows - (windows.sum(axis=1) / n)[:, None]
+        squared = centred * centred
+        m2, m3, m4 = squared.sum(axis=1) / n, (squared * centred).sum(axis=1) / n, (squared * squared).sum(axis=1) / n
+        skew[start:stop], kurt[start:stop] = m3 / m2**1.5, m4 / m2**2 - 3.0
+    return skew, kurt
+
+
 def _rolling(x: np.ndarray, n: int, how: str) -> np.ndarray:
     """Rolling mean/sum/std (sample) over ``n`` bars. TA-Lib when only leading values are
     missing (the common case, and the fast one); polars, which skips gaps window by window,
     otherwise."""
-    missing = np.isnan(x)
-    if not missing[np.argmax(~missing):].any():
+    leading = np.count_nonzero(x != x)  # NaNs; all of them leading is the common case
+    if leading == 0 or not np.isnan(x[leading:]).any():
         if how == "mean":
-            return talib.SMA(x, n)
+            return ta.SMA(x, n)
         if how == "sum":
-            return talib.SUM(x, n)
-        return np.sqrt(np.maximum(talib.VAR(x, n, 1), 0) * n / (n - 1))
+            return ta.SUM(x, n)
+        return np.sqrt(np.maximum(ta.VAR(x, n, 1), 0) * n / (n - 1))
     series = pl.Series(x).fill_nan(None)
     result = getattr(series, f"rolling_{how}")(n)
     return result.cast(pl.Float64).fill_null(np.nan).to_numpy()
 
 
-class _Bars:
+class BarArrays:
     """Arrays of one symbol's bars and the indicators several families share.
 
     The recursive indicators (EMA family, Wilder smoothing, SAR) are methods: the batch
@@ -92,9 +131,11 @@ class _Bars:
         self.ticks = ticks
         self.activity = np.where(volume > 0, volume, ticks)
         self.spread, self.spread_max, self.vwap = columns["spread_mean"], columns["spread_max"], columns["vwap"]
-        self.log_ret = np.r_[np.nan, np.diff(np.log(self.c))]
-        self.ad_step = _div((self.c - self.l) - (self.h - self.c), self.h - self.l) * self.activity
+        self.log_ret = np.concatenate(((np.nan,), np.diff(np.log(self.c))))
+        with np.errstate(**QUIET):
+            self.ad_step = _div((self.c - self.l) - (self.h - self.c), self.h - self.l) * self.activity
         self._cache: dict[tuple, object] = {}
+        self.first_row = 0  # rows before it may be left NaN by per-window statistics (the live path needs the last)
 
     @staticmethod
     def columns_of(bars: pl.DataFrame) -> dict[str, np.ndarray]:
@@ -109,103 +150,103 @@ class _Bars:
         return self._cache[key]
 
     def ema(self, n: int) -> np.ndarray:
-        return self._memo(("ema", n), lambda: talib.EMA(self.c, n))
+        return self._memo(("ema", n), lambda: ta.EMA(self.c, n))
 
     def dema(self, n: int) -> np.ndarray:
-        return talib.DEMA(self.c, n)
+        return ta.DEMA(self.c, n)
 
     def tema(self, n: int) -> np.ndarray:
-        return talib.TEMA(self.c, n)
+        return ta.TEMA(self.c, n)
 
     def t3(self, n: int, vfactor: float) -> np.ndarray:
-        return talib.T3(self.c, n, vfactor)
+        return ta.T3(self.c, n, vfactor)
 
     def macd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return talib.MACD(self.c, 12, 26, 9)
+        return ta.MACD(self.c, 12, 26, 9)
 
     def directional(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ADX, +DI, -DI."""
-        return talib.ADX(self.h, self.l, self.c, n), talib.PLUS_DI(self.h, self.l, self.c, n), talib.MINUS_DI(self.h, self.l, self.c, n)
+        return ta.ADX(self.h, self.l, self.c, n), ta.PLUS_DI(self.h, self.l, self.c, n), ta.MINUS_DI(self.h, self.l, self.c, n)
 
     def sar(self) -> np.ndarray:
-        return talib.SAR(self.h, self.l, 0.02, 0.2)
+        return ta.SAR(self.h, self.l, 0.02, 0.2)
 
     def rsi(self, n: int) -> np.ndarray:
-        return talib.RSI(self.c, n)
+        return ta.RSI(self.c, n)
 
     def cmo(self, n: int) -> np.ndarray:
-        return talib.CMO(self.c, n)
+        return ta.CMO(self.c, n)
 
     def stochrsi(self) -> tuple[np.ndarray, np.ndarray]:
-        return talib.STOCHRSI(self.c, 14, 14, 3, 0)
+        return ta.STOCHRSI(self.c, 14, 14, 3, 0)
 
     def trix(self, n: int) -> np.ndarray:
-        return talib.TRIX(self.c, n)
+        return ta.TRIX(self.c, n)
 
     def atr(self, n: int) -> np.ndarray:
-        return self._memo(("atr", n), lambda: talib.ATR(self.h, self.l, self.c, n))
+        return self._memo(("atr", n), lambda: ta.ATR(self.h, self.l, self.c, n))
 
     def ad_decayed(self, n: int) -> np.ndarray:
         return _decayed_sum(self.ad_step, n)
 
 
-def _trend(b: _Bars) -> dict[str, np.ndarray]:
+def _trend(b: BarArrays) -> dict[str, np.ndarray]:
     c, out = b.c, {}
     for n in (10, 20, 50, 200):
-        out[f"sma_ratio_{n}"] = _div(c, talib.SMA(c, n)) - 1
+        out[f"sma_ratio_{n}"] = _div(c, ta.SMA(c, n)) - 1
     for n in (10, 20, 50):
         out[f"ema_ratio_{n}"] = _div(c, b.ema(n)) - 1
-    out["wma_ratio_20"] = _div(c, talib.WMA(c, 20)) - 1
-    out["trima_ratio_20"] = _div(c, talib.TRIMA(c, 20)) - 1
+    out["wma_ratio_20"] = _div(c, ta.WMA(c, 20)) - 1
+    out["trima_ratio_20"] = _div(c, ta.TRIMA(c, 20)) - 1
     out["dema_ratio_20"] = _div(c, b.dema(20)) - 1
     out["tema_ratio_20"] = _div(c, b.tema(20)) - 1
     out["t3_ratio_10"] = _div(c, b.t3(10, 0.7)) - 1
-    out["sma_cross_10_50"] = _div(talib.SMA(c, 10), talib.SMA(c, 50)) - 1
+    out["sma_cross_10_50"] = _div(ta.SMA(c, 10), ta.SMA(c, 50)) - 1
     out["ema_cross_12_26"] = _div(b.ema(12), b.ema(26)) - 1
     macd, signal, hist = b.macd()
     out["macd"], out["macd_signal"], out["macd_hist"] = _div(macd, c), _div(signal, c), _div(hist, c)
     adx, plus_di, minus_di = b.directional(14)
     out["adx_14"], out["plus_di_14"], out["minus_di_14"] = adx / 100, plus_di / 100, minus_di / 100
-    down, up = talib.AROON(b.h, b.l, 25)
+    down, up = ta.AROON(b.h, b.l, 25)
     out["aroon_up_25"], out["aroon_down_25"] = up / 100, down / 100
-    out["aroon_osc_25"] = talib.AROONOSC(b.h, b.l, 25) / 100
+    out["aroon_osc_25"] = ta.AROONOSC(b.h, b.l, 25) / 100
     out["sar_distance"] = _div(c - b.sar(), c)
-    out["linreg_slope_20"] = _div(talib.LINEARREG_SLOPE(c, 20), c)
+    out["linreg_slope_20"] = _div(ta.LINEARREG_SLOPE(c, 20), c)
     return out
 
 
-def _momentum(b: _Bars) -> dict[str, np.ndarray]:
+def _momentum(b: BarArrays) -> dict[str, np.ndarray]:
     c, out = b.c, {}
     for n in (7, 14, 28):
         out[f"rsi_{n}"] = b.rsi(n) / 100
-    k, d = talib.STOCH(b.h, b.l, c, 14, 3, 0, 3, 0)
+    k, d = ta.STOCH(b.h, b.l, c, 14, 3, 0, 3, 0)
     out["stoch_k"], out["stoch_d"] = k / 100, d / 100
     k, d = b.stochrsi()
     out["stochrsi_k"], out["stochrsi_d"] = k / 100, d / 100
-    out["cci_20"] = talib.CCI(b.h, b.l, c, 20) / 100
-    out["willr_14"] = talib.WILLR(b.h, b.l, c, 14) / 100
+    out["cci_20"] = ta.CCI(b.h, b.l, c, 20) / 100
+    out["willr_14"] = ta.WILLR(b.h, b.l, c, 14) / 100
     for n in (5, 10, 20):
         out[f"roc_{n}"] = _div(c, _shift(c, n)) - 1
-    out["mfi_14"] = talib.MFI(b.h, b.l, c, b.activity, 14) / 100
-    out["ultosc"] = talib.ULTOSC(b.h, b.l, c, 7, 14, 28) / 100
+    out["mfi_14"] = ta.MFI(b.h, b.l, c, b.activity, 14) / 100
+    out["ultosc"] = ta.ULTOSC(b.h, b.l, c, 7, 14, 28) / 100
     out["trix_15"] = b.trix(15)
-    out["ppo"] = talib.PPO(c, 12, 26, 0) / 100
+    out["ppo"] = ta.PPO(c, 12, 26, 0) / 100
     out["cmo_14"] = b.cmo(14) / 100
     out["bop"] = _div(c - b.o, b.h - b.l)
     return out
 
 
-def _volatility(b: _Bars) -> dict[str, np.ndarray]:
+def _volatility(b: BarArrays) -> dict[str, np.ndarray]:
     c, h, l, out = b.c, b.h, b.l, {}
     for n in (7, 14, 28):
         out[f"natr_{n}"] = _div(b.atr(n), c)
-    upper, middle, lower = talib.BBANDS(c, 20, 2, 2, 0)
+    upper, middle, lower = ta.BBANDS(c, 20, 2, 2, 0)
     out["bb_position_20"], out["bb_width_20"] = _div(c - lower, upper - lower), _div(upper - lower, middle)
     ema20, atr20 = b.ema(20), b.atr(20)
     out["keltner_position_20"] = _div(c - (ema20 - 2 * atr20), 4 * atr20)
     out["keltner_width_20"] = _div(4 * atr20, ema20)
     for n in (20, 55):
-        highest, lowest = talib.MAX(h, n), talib.MIN(l, n)
+        highest, lowest = ta.MAX(h, n), ta.MIN(l, n)
         out[f"donchian_position_{n}"] = _div(c - lowest, highest - lowest)
         out[f"donchian_width_{n}"] = _div(highest - lowest, c)
     for n in (10, 30, 60, 120):
@@ -215,18 +256,18 @@ def _volatility(b: _Bars) -> dict[str, np.ndarray]:
     co = np.log(_div(c, b.o))
     out["garman_klass_vol_20"] = np.sqrt(np.maximum(_rolling(0.5 * hl**2 - (2 * np.log(2) - 1) * co**2, 20, "mean"), 0))
     out["vol_ratio_10_60"] = _div(out["realized_vol_10"], out["realized_vol_60"])
-    out["true_range_ratio"] = _div(talib.TRANGE(h, l, c), b.atr(14))
+    out["true_range_ratio"] = _div(ta.TRANGE(h, l, c), b.atr(14))
     return out
 
 
-def _volume(b: _Bars) -> dict[str, np.ndarray]:
+def _volume(b: BarArrays) -> dict[str, np.ndarray]:
     out = {}
-    direction = np.sign(np.r_[0.0, np.diff(b.c)])
+    direction = np.sign(np.concatenate(((0.0,), np.diff(b.c))))
     obv_step = direction * b.activity
     out["obv_change_20"] = _div(_rolling(obv_step, 20, "sum"), _rolling(b.activity, 20, "sum"))
     for n in (20, 100):
-        out[f"tick_count_ratio_{n}"] = _div(b.ticks, talib.SMA(b.ticks, n))
-    out["activity_zscore_50"] = _div(b.activity - talib.SMA(b.activity, 50), talib.STDDEV(b.activity, 50, 1))
+        out[f"tick_count_ratio_{n}"] = _div(b.ticks, ta.SMA(b.ticks, n))
+    out["activity_zscore_50"] = _div(b.activity - ta.SMA(b.activity, 50), ta.STDDEV(b.activity, 50, 1))
     spread_mean, spread_std = _rolling(b.spread, 100, "mean"), _rolling(b.spread, 100, "std")
     out["spread_zscore_100"] = _div(b.spread - spread_mean, spread_std)
     out["spread_to_atr"] = _div(b.spread, b.atr(14))
@@ -238,7 +279,7 @@ def _volume(b: _Bars) -> dict[str, np.ndarray]:
     return out
 
 
-def _candle(b: _Bars) -> dict[str, np.ndarray]:
+def _candle(b: BarArrays) -> dict[str, np.ndarray]:
     span = b.h - b.l
     return {
         "body": _div(b.c - b.o, span),
@@ -250,17 +291,17 @@ def _candle(b: _Bars) -> dict[str, np.ndarray]:
     }
 
 
-def _patterns(b: _Bars) -> dict[str, np.ndarray]:
+def _patterns(b: BarArrays) -> dict[str, np.ndarray]:
     return {
-        f"pattern_{name[3:].lower()}": np.sign(getattr(talib, name)(b.o, b.h, b.l, b.c)).astype(np.float64)
+        f"pattern_{name[3:].lower()}": np.sign(getattr(ta, name)(b.o, b.h, b.l, b.c)).astype(np.float64)
         for name in PATTERNS
     }
 
 
-def _fibonacci(b: _Bars) -> dict[str, np.ndarray]:
+def _fibonacci(b: BarArrays) -> dict[str, np.ndarray]:
     n = 100
-    high, low = talib.MAX(b.h, n), talib.MIN(b.l, n)
-    high_at, low_at = talib.MAXINDEX(b.h, n).astype(np.float64), talib.MININDEX(b.l, n).astype(np.float64)
+    high, low = ta.MAX(b.h, n), ta.MIN(b.l, n)
+    high_at, low_at = ta.MAXINDEX(b.h, n).astype(np.float64), ta.MININDEX(b.l, n).astype(np.float64)
     up = high_at >= low_at  # the swing ran up: retrace from the high
     span = high - low
     out = {}
@@ -273,23 +314,23 @@ def _fibonacci(b: _Bars) -> dict[str, np.ndarray]:
     return out
 
 
-def _returns(b: _Bars) -> dict[str, np.ndarray]:
+def _returns(b: BarArrays) -> dict[str, np.ndarray]:
     log_c = np.log(b.c)
     out = {f"ret_{n}": log_c - _shift(log_c, n) for n in (1, 3, 6, 12, 24, 48)}
     for k in (1, 2, 3):
         out[f"ret_1_lag_{k}"] = _shift(b.log_ret, k)
-    series = pl.Series(b.log_ret).fill_nan(None)
-    out["skew_60"] = series.rolling_skew(60).fill_null(np.nan).to_numpy()
-    out["kurt_60"] = series.rolling_kurtosis(60).fill_null(np.nan).to_numpy()
-    windows = np.lib.stride_tricks.sliding_window_view(b.c, 100) if len(b.c) >= 100 else np.empty((0, 100))
-    below = (windows < windows[:, -1:]).sum(axis=1) / 99 if len(windows) else np.empty(0)
-    out["percentile_100"] = np.r_[np.full(min(99, len(b.c)), np.nan), below]
-    out["resistance_distance_100"] = _div(talib.MAX(b.h, 100), b.c) - 1
-    out["support_distance_100"] = _div(talib.MIN(b.l, 100), b.c) - 1
+    out["skew_60"], out["kurt_60"] = _rolling_shape(b.log_ret, 60, first=b.first_row)
+    out["percentile_100"] = np.full(len(b.c), np.nan)
+    first = max(99, b.first_row)
+    if len(b.c) > first:
+        windows = _windows(b.c, 100, first, len(b.c))
+        out["percentile_100"][first:] = (windows < windows[:, -1:]).sum(axis=1) / 99
+    out["resistance_distance_100"] = _div(ta.MAX(b.h, 100), b.c) - 1
+    out["support_distance_100"] = _div(ta.MIN(b.l, 100), b.c) - 1
     return out
 
 
-def _clock(frame: pl.DataFrame) -> dict[str, np.ndarray]:
+def clock_features(frame: pl.DataFrame) -> dict[str, np.ndarray]:
     """Sessions and calendar at each bar's close."""
     at = pl.col("close_ts")
     hour = at.dt.hour().cast(pl.Float64) + at.dt.minute().cast(pl.Float64) / 60
@@ -326,9 +367,21 @@ def _clock(frame: pl.DataFrame) -> dict[str, np.ndarray]:
 
 
 def _simple_rsi(close: np.ndarray, n: int) -> np.ndarray:
-    change = np.r_[np.nan, np.diff(close)]
+    change = np.concatenate(((np.nan,), np.diff(close)))
     gain, loss = _rolling(np.maximum(change, 0), n, "mean"), _rolling(np.maximum(-change, 0), n, "mean")
     return np.where(np.isnan(gain), np.nan, _div(gain, gain + loss))
+
+
+def context_values(k: int, c: np.ndarray, h: np.ndarray, l: np.ndarray) -> dict[str, np.ndarray]:
+    """Trend, RSI and ATR of higher-timeframe bars ``k`` (closes, highs, lows in order)."""
+    previous = _shift(c, 1)
+    true_range = np.fmax(h - l, np.fmax(np.abs(h - previous), np.abs(l - previous)))
+    with np.errstate(**QUIET):
+        return {
+            f"htf{k}_trend": _div(c, _rolling(c, 10, "mean")) - 1,
+            f"htf{k}_rsi": _simple_rsi(c, 14),
+            f"htf{k}_natr": _div(_rolling(true_range, 14, "mean"), c),
+        }
 
 
 def _context(bars: pl.DataFrame, frame: pl.DataFrame, tf: Timeframe, boundary: DayBoundary) -> dict[str, np.ndarray]:
@@ -341,19 +394,15 @@ def _context(bars: pl.DataFrame, frame: pl.DataFrame, tf: Timeframe, boundary: D
     for k, higher in enumerate(CONTEXT_TIMEFRAMES[tf], start=1):
         upper = rollup_bars(bars, higher, boundary)
         c, h, l = (upper[col].to_numpy() for col in ("close", "high", "low"))
-        previous = _shift(c, 1)
-        true_range = np.fmax(h - l, np.fmax(np.abs(h - previous), np.abs(l - previous)))
         values = upper.select(bar_close_expr(pl.col("ts"), higher, boundary).alias("available_at")).with_columns(
-            pl.Series(f"htf{k}_trend", _div(c, _rolling(c, 10, "mean")) - 1),
-            pl.Series(f"htf{k}_rsi", _simple_rsi(c, 14)),
-            pl.Series(f"htf{k}_natr", _div(_rolling(true_range, 14, "mean"), c)),
+            pl.Series(name, column) for name, column in context_values(k, c, h, l).items()
         )
         joined = frame.select("close_ts").join_asof(values, left_on="close_ts", right_on="available_at", strategy="backward")
         out |= {name: joined[name].fill_null(np.nan).to_numpy() for name in values.columns[1:]}
     return out
 
 
-def _external(frame: pl.DataFrame, external: ExternalData | None) -> dict[str, np.ndarray]:
+def external_features(frame: pl.DataFrame, external: ExternalData | None) -> dict[str, np.ndarray]:
     """External features known at each bar's close; null where nothing was known yet.
 
     ``external.values`` holds long rows ``(known_at, name, value)`` named after registered
@@ -376,6 +425,20 @@ def _external(frame: pl.DataFrame, external: ExternalData | None) -> dict[str, n
     return out
 
 
+def interactions(values: dict) -> dict:
+    """Products of features computed above (arrays in batch, floats live)."""
+    return {
+        "rsi_x_natr": (values["rsi_14"] - 0.5) * values["natr_14"],
+        "adx_x_macd_hist": values["adx_14"] * values["macd_hist"],
+        "trend_x_vol": values["sma_ratio_50"] * values["realized_vol_30"],
+        "london_x_spread": values["session_london"] * values["spread_zscore_100"],
+    }
+
+
+FAMILIES = (_trend, _momentum, _volatility, _volume, _candle, _patterns, _fibonacci, _returns)
+"""The families computed from bar arrays alone (the rest need the clock, other timeframes or external data)."""
+
+
 def compute_features(
     bars: pl.DataFrame,
     tf: Timeframe,
@@ -394,17 +457,15 @@ def compute_features(
         return frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(n) for n in FEATURE_NAMES)
     keep = slice(-tail, None) if tail else slice(None)
     rows = frame[keep]
-    b = _Bars(_Bars.columns_of(bars))
+    b = BarArrays(BarArrays.columns_of(bars))
     values: dict[str, np.ndarray] = {}
-    for family in (_trend, _momentum, _volatility, _volume, _candle, _patterns, _fibonacci, _returns):
-        values |= {name: column[keep] for name, column in family(b).items()}
-    values |= _clock(rows)
+    with np.errstate(**QUIET):
+        for family in FAMILIES:
+            values |= {name: column[keep] for name, column in family(b).items()}
+    values |= clock_features(rows)
     values |= _context(bars, rows, tf, boundary)
-    values |= _external(rows, external)
-    values["rsi_x_natr"] = (values["rsi_14"] - 0.5) * values["natr_14"]
-    values["adx_x_macd_hist"] = values["adx_14"] * values["macd_hist"]
-    values["trend_x_vol"] = values["sma_ratio_50"] * values["realized_vol_30"]
-    values["london_x_spread"] = values["session_london"] * values["spread_zscore_100"]
+    values |= external_features(rows, external)
+    values |= interactions(values)
     return rows.with_columns(
         pl.Series(name, values[name], dtype=pl.Float64, nan_to_null=True) for name in FEATURE_NAMES
     )
