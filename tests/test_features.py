@@ -57,23 +57,34 @@ def test_catalog_is_generated_from_the_registry():
     )
 
 
-def test_live_vector_equals_the_batch_row_for_every_bar(btc_m5):
-    """The live runner's rolling window and the batch asset give the same features."""
-    batch = compute_features(btc_m5, Timeframe.M5).select(FEATURE_NAMES).to_numpy().astype(np.float64)
-    live = RollingFeatures(Timeframe.M5)
-    live.seed(btc_m5.head(WARMUP_BARS - 1))  # the runner starts from the warehouse's newest bars
+def _live_against_batch(bars: pl.DataFrame, tf: Timeframe, boundary: DayBoundary) -> tuple[int, dict[str, float]]:
+    batch = compute_features(bars, tf, boundary).select(FEATURE_NAMES).to_numpy().astype(np.float64)
+    live = RollingFeatures(tf, boundary)
+    live.seed(bars.head(WARMUP_BARS - 1))  # the runner starts from the warehouse's newest bars
     worst = np.zeros(len(FEATURE_NAMES))
     compared = 0
-    for i in range(WARMUP_BARS - 1, btc_m5.height):
-        row = live.update(btc_m5.slice(i, 1))
-        assert live.warm
+    for i in range(WARMUP_BARS - 1, bars.height):
+        row = live.update(bars.slice(i, 1))
+        assert live.warm and row["ts"] == bars["ts"][i]
         vector = np.array([row[name] for name in FEATURE_NAMES], dtype=np.float64)
-        assert np.array_equal(np.isnan(vector), np.isnan(batch[i])), i
+        assert np.array_equal(np.isnan(vector), np.isnan(batch[i])), (i, [n for n, a, b in zip(FEATURE_NAMES, np.isnan(vector), np.isnan(batch[i]), strict=True) if a != b])
         worst = np.fmax(worst, np.abs(np.nan_to_num(vector - batch[i])))
         compared += 1
+    return compared, {FEATURE_NAMES[k]: worst[k] for k in np.flatnonzero(worst > 1e-9)}
+
+
+def test_live_vector_equals_the_batch_row_for_every_bar(btc_m5):
+    """The live path (state advanced bar by bar, finite windows through the batch code) and
+    the batch asset give the same features: the referee of the incremental engine."""
+    compared, offenders = _live_against_batch(btc_m5, Timeframe.M5, DayBoundary.UTC)
     assert compared == btc_m5.height - WARMUP_BARS + 1 and compared > 500
-    offenders = {FEATURE_NAMES[k]: worst[k] for k in np.flatnonzero(worst > 1e-9)}
     assert not offenders
+
+
+def test_live_vector_equals_the_batch_row_across_a_weekend_under_the_new_york_boundary():
+    bars = history("EURUSD", date(2024, 2, 27), 9)  # a closed weekend inside; H4 context on the 17:00 day
+    compared, offenders = _live_against_batch(bars, Timeframe.M5, DayBoundary.NEW_YORK_17)
+    assert compared > 500 and not offenders
 
 
 def test_live_refuses_bars_out_of_order(btc_m5):
