@@ -97,15 +97,23 @@ _FIRST_SUNDAY = datetime(1970, 1, 4, tzinfo=ZoneInfo("UTC"))
 
 
 def bar_open_at(moment: datetime, tf: Timeframe, boundary: DayBoundary) -> datetime:
-    """Scalar form of :func:`bar_open_expr`, for partition windows, look-backs and the live
-    path (plain arithmetic where the bars align to UTC, which is every case but the New York
-    boundary's H4/D1/W1)."""
+    """Scalar form of :func:`bar_open_expr` (the same wall-clock arithmetic in plain Python:
+    the live path calls it once per higher bar), for partition windows and look-backs."""
     if boundary is DayBoundary.UTC or not _boundary_aligned(tf):
         anchor = _FIRST_SUNDAY if tf is Timeframe.W1 else _EPOCH
         length = timedelta(minutes=tf.minutes)
         return anchor + ((moment - anchor) // length) * length
-    frame = pl.DataFrame({"ts": [moment]}, schema={"ts": pl.Datetime("ms", "UTC")})
-    return frame.select(bar_open_expr(pl.col("ts"), tf, boundary)).item()
+    zone = ZoneInfo(boundary.tz)
+    wall = moment.astimezone(zone).replace(tzinfo=None) - boundary.offset
+    midnight = wall.replace(hour=0, minute=0, second=0, microsecond=0)
+    if tf is Timeframe.W1:
+        opened = midnight - timedelta(days=(midnight.weekday() + 1) % 7)  # weeks start on Sunday
+    elif tf is Timeframe.D1:
+        opened = midnight
+    else:
+        opened = midnight + timedelta(minutes=(wall - midnight) // timedelta(minutes=tf.minutes) * tf.minutes)
+    local = (opened + boundary.offset).replace(tzinfo=zone, fold=0)  # fold 0: the earlier of a repeated hour
+    return local.astimezone(ZoneInfo("UTC"))
 
 
 def bar_close_at(open_time: datetime, tf: Timeframe, boundary: DayBoundary) -> datetime:

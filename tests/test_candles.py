@@ -13,7 +13,7 @@ import pytest
 from models.candles import aggregate_ticks, bars_for_window, window_lookback_start
 from models.synthetic import generate_ticks
 from models.ticks import TICK_SCHEMA, conform_ticks
-from models.timeframes import ALL_TIMEFRAMES, DayBoundary, Timeframe, bar_close_at, bar_open_at
+from models.timeframes import ALL_TIMEFRAMES, DayBoundary, Timeframe, bar_close_at, bar_open_at, bar_open_expr
 
 # -- the reference: plain Python, datetime and zoneinfo, one tick at a time ------------------
 
@@ -239,3 +239,18 @@ def test_windows_in_any_order_rebuild_the_full_history(boundary):
     assert got.drop("vwap", "spread_mean").equals(expected.drop("vwap", "spread_mean"))
     for column in ("vwap", "spread_mean"):  # rebuilt from sums: equal to rounding
         assert (got[column] - expected[column]).abs().max() < 1e-9 * expected["open"].max()
+
+
+@pytest.mark.parametrize("boundary", list(DayBoundary))
+def test_scalar_bar_open_is_the_vectorised_one(boundary):
+    """The live path's plain-Python bar opens equal the polars expression the batch uses,
+    at random moments and every few minutes around six DST switches."""
+    rng = random.Random(5)
+    moments = [datetime(2023, 1, 1, tzinfo=UTC) + timedelta(milliseconds=rng.randrange(4 * 365 * 86_400_000)) for _ in range(1500)]
+    for switch in ("2023-03-12", "2023-11-05", "2024-03-10", "2024-11-03", "2025-03-09", "2025-11-02"):
+        start = datetime.fromisoformat(f"{switch}T00:00:00+00:00")
+        moments += [start + timedelta(minutes=m) for m in range(0, 48 * 60, 13)]
+    frame = pl.DataFrame({"ts": moments}, schema={"ts": pl.Datetime("ms", "UTC")})
+    for tf in ALL_TIMEFRAMES:
+        expected = frame.select(bar_open_expr(pl.col("ts"), tf, boundary))["ts"].to_list()
+        assert [bar_open_at(t, tf, boundary) for t in moments] == expected, tf

@@ -52,7 +52,7 @@ from models.features.registry import FEATURE_NAMES, WARMUP_BARS
 from models.ticks import TS
 from models.timeframes import DayBoundary, Timeframe, bar_close_at, bar_open_at
 
-TAIL = 256  # bars the finite-window families see: the longest window (SMA 200) and then some
+TAIL = 208  # bars the finite-window families see: the longest window (SMA 200) and a margin
 _CLOCK_CHUNK = 512  # bar closes whose clock features are computed per batch call
 _COLUMNS = ("open", "high", "low", "close", "volume", "tick_count", "spread_mean", "spread_max", "vwap")
 _HIGHER_KEPT = 24  # completed higher bars kept; the context needs 16
