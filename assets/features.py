@@ -6,7 +6,9 @@ from collections.abc import Iterable
 
 import polars as pl
 from dagster import (
+    AllPartitionMapping,
     AssetCheckResult,
+    AssetSelection,
     AssetCheckSpec,
     AssetDep,
     AssetExecutionContext,
@@ -29,6 +31,18 @@ from resources.warehouse.features import bars_around, data_horizon, read_externa
 _BARS_WINDOW = same_symbol_days(start_offset=-63, end_offset=1)
 _NON_EXTERNAL = [name for name in FEATURE_NAMES if name not in EXTERNAL_FEATURES]
 _LOOKAHEAD_CUTS = 8
+# Each bar joins, as of its close, everything the external tables knew: all their partitions.
+_EXTERNAL = ("external_fred_indicators", "external_commodity_prices", "external_economic_calendar")
+_EXTERNAL_DEPS = [AssetDep(name, partition_mapping=AllPartitionMapping()) for name in _EXTERNAL]
+# Eager on new candles. Missing history does not block (the warm-up is best effort: rows say
+# whether they are warm, and the day's own candles are required by the asset itself), and the
+# optional, slow-moving external data neither triggers nor blocks.
+_FOLLOW_CANDLES = (
+    AutomationCondition.eager()
+    .without(~AutomationCondition.any_deps_missing())
+    .ignore(AssetSelection.assets(*_EXTERNAL))
+    .with_label("eager on candles")
+)
 
 
 def _check_results(
@@ -80,8 +94,8 @@ def _check_results(
     partitions_def=DAY_SYMBOL,
     group_name="features",
     kinds={"clickhouse", "polars"},
-    deps=[AssetDep("aggregates", partition_mapping=_BARS_WINDOW)],
-    automation_condition=AutomationCondition.eager(),
+    deps=[AssetDep("aggregates", partition_mapping=_BARS_WINDOW), *_EXTERNAL_DEPS],
+    automation_condition=_FOLLOW_CANDLES,
     check_specs=[
         AssetCheckSpec("no_nan_after_warmup", asset="ml_features", description="no null/NaN/inf feature on warm rows (external data excepted)"),
         AssetCheckSpec("no_lookahead", asset="ml_features", description="truncated-history recomputation matches"),

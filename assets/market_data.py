@@ -4,6 +4,7 @@
 
 import time
 from collections.abc import Iterable, Mapping
+from datetime import timedelta
 
 import polars as pl
 from dagster import (
@@ -14,6 +15,7 @@ from dagster import (
     AssetExecutionContext,
     AutomationCondition,
     Failure,
+    FreshnessPolicy,
     Backoff,
     Jitter,
     MaterializeResult,
@@ -123,6 +125,8 @@ def _markdown_table(frame: pl.DataFrame) -> str:
     kinds={"clickhouse", "polars"},
     check_specs=_tick_check_specs(),
     retry_policy=RetryPolicy(max_retries=3, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS),
+    # the daily schedule runs at 00:15 UTC: a day without a new partition by 02:00 is late
+    freshness_policy=FreshnessPolicy.cron(deadline_cron="0 2 * * *", lower_bound_delta=timedelta(days=1)),
     description="Quotes and trades per symbol and UTC day, validated; bad rows go to market_ticks_quarantine.",
 )
 def market_ticks(

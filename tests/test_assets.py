@@ -247,3 +247,35 @@ def test_a_payload_that_is_not_ticks_fails_once_and_says_why(warehouse, instance
     assert len(failures) == 1 and not any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
     assert "lacks required column(s) ['ts']" in str(failures[0].event_specific_data.error)
     assert read_ticks(warehouse, "EURUSD", partition.start, partition.end).is_empty()
+
+
+def test_features_follow_new_candles_without_waiting_for_external_data(warehouse):
+    """Declarative automation: a new day of candles requests its features (and the vendor
+    candles step), although no external partition was ever materialized: external data is
+    optional and its dependencies are ignored by the condition."""
+    from dagster import evaluate_automation_conditions
+
+    from resources.external.calendar import EconomicCalendarResource
+    from resources.external.fred import FredResource
+    from resources.external.yahoo import YahooFinanceResource
+
+    from assets.external import external_commodity_prices, external_economic_calendar, external_fred_indicators
+    from assets.features import ml_features
+    from assets.market_data import vendor_candles
+
+    now = datetime(2024, 3, 8, 1, tzinfo=UTC)
+    everything = [market_ticks, vendor_candles, aggregates, ml_features,
+                  external_fred_indicators, external_commodity_prices, external_economic_calendar]
+    external = {"fred": FredResource(api_key="unused"), "yahoo": YahooFinanceResource(), "calendar": EconomicCalendarResource()}
+    graph = Definitions(assets=everything, resources={**resources(warehouse), **external})
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(SYMBOLS.name, ["EURUSD"])
+        first = evaluate_automation_conditions(defs=graph, instance=instance, evaluation_time=now)
+        partition = DaySymbol("EURUSD", date(2024, 3, 7))  # the latest complete day at `now`
+        assert run(partition, instance, resources(warehouse)).success
+        later = evaluate_automation_conditions(defs=graph, instance=instance, evaluation_time=now, cursor=first.cursor)
+    requested = {result.key.to_user_string(): {str(k) for k in result.true_subset.expensively_compute_partition_keys()}
+                 for result in later.results if result.true_subset.size}
+    assert requested.get("ml_features") == {str(partition.key)}
+    assert requested.get("vendor_candles") == {str(partition.key)}
+    assert "external_fred_indicators" not in requested
