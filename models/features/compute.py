@@ -53,6 +53,7 @@ class _TaLib:
 ta = _TaLib()
 
 QUIET = {"divide": "ignore", "invalid": "ignore"}
+_LN2 = float(np.log(2))
 """numpy error state the families run under (``np.errstate(**QUIET)``): _div handles 0 and NaN."""
 
 
@@ -121,7 +122,7 @@ class BarArrays:
     """Arrays of one symbol's bars and the indicators several families share.
 
     The recursive indicators (EMA family, Wilder smoothing, SAR) are methods: the batch
-    engine runs TA-Lib over the whole history; the live engine (``models.features.live``)
+    engine runs TA-Lib over the whole history; the live engine (``models.features.online``)
     answers them from state advanced one bar at a time, and the families stay one code.
     """
 
@@ -192,8 +193,9 @@ class BarArrays:
 
 def _trend(b: BarArrays) -> dict[str, np.ndarray]:
     c, out = b.c, {}
-    for n in (10, 20, 50, 200):
-        out[f"sma_ratio_{n}"] = _div(c, ta.SMA(c, n)) - 1
+    sma = {n: ta.SMA(c, n) for n in (10, 20, 50, 200)}
+    for n, average in sma.items():
+        out[f"sma_ratio_{n}"] = _div(c, average) - 1
     for n in (10, 20, 50):
         out[f"ema_ratio_{n}"] = _div(c, b.ema(n)) - 1
     out["wma_ratio_20"] = _div(c, ta.WMA(c, 20)) - 1
@@ -201,7 +203,7 @@ def _trend(b: BarArrays) -> dict[str, np.ndarray]:
     out["dema_ratio_20"] = _div(c, b.dema(20)) - 1
     out["tema_ratio_20"] = _div(c, b.tema(20)) - 1
     out["t3_ratio_10"] = _div(c, b.t3(10, 0.7)) - 1
-    out["sma_cross_10_50"] = _div(ta.SMA(c, 10), ta.SMA(c, 50)) - 1
+    out["sma_cross_10_50"] = _div(sma[10], sma[50]) - 1
     out["ema_cross_12_26"] = _div(b.ema(12), b.ema(26)) - 1
     macd, signal, hist = b.macd()
     out["macd"], out["macd_signal"], out["macd_hist"] = _div(macd, c), _div(signal, c), _div(hist, c)
@@ -241,20 +243,22 @@ def _volatility(b: BarArrays) -> dict[str, np.ndarray]:
     for n in (7, 14, 28):
         out[f"natr_{n}"] = _div(b.atr(n), c)
     upper, middle, lower = ta.BBANDS(c, 20, 2, 2, 0)
-    out["bb_position_20"], out["bb_width_20"] = _div(c - lower, upper - lower), _div(upper - lower, middle)
+    band = upper - lower
+    out["bb_position_20"], out["bb_width_20"] = _div(c - lower, band), _div(band, middle)
     ema20, atr20 = b.ema(20), b.atr(20)
     out["keltner_position_20"] = _div(c - (ema20 - 2 * atr20), 4 * atr20)
     out["keltner_width_20"] = _div(4 * atr20, ema20)
     for n in (20, 55):
         highest, lowest = ta.MAX(h, n), ta.MIN(l, n)
-        out[f"donchian_position_{n}"] = _div(c - lowest, highest - lowest)
-        out[f"donchian_width_{n}"] = _div(highest - lowest, c)
+        channel = highest - lowest
+        out[f"donchian_position_{n}"] = _div(c - lowest, channel)
+        out[f"donchian_width_{n}"] = _div(channel, c)
     for n in (10, 30, 60, 120):
         out[f"realized_vol_{n}"] = _rolling(b.log_ret, n, "std")
-    hl = np.log(_div(h, l))
-    out["parkinson_vol_20"] = np.sqrt(_rolling(hl**2, 20, "mean") / (4 * np.log(2)))
+    hl2 = np.log(_div(h, l)) ** 2
+    out["parkinson_vol_20"] = np.sqrt(_rolling(hl2, 20, "mean") / (4 * _LN2))
     co = np.log(_div(c, b.o))
-    out["garman_klass_vol_20"] = np.sqrt(np.maximum(_rolling(0.5 * hl**2 - (2 * np.log(2) - 1) * co**2, 20, "mean"), 0))
+    out["garman_klass_vol_20"] = np.sqrt(np.maximum(_rolling(0.5 * hl2 - (2 * _LN2 - 1) * co**2, 20, "mean"), 0))
     out["vol_ratio_10_60"] = _div(out["realized_vol_10"], out["realized_vol_60"])
     out["true_range_ratio"] = _div(ta.TRANGE(h, l, c), b.atr(14))
     return out
@@ -293,7 +297,7 @@ def _candle(b: BarArrays) -> dict[str, np.ndarray]:
 
 def _patterns(b: BarArrays) -> dict[str, np.ndarray]:
     return {
-        f"pattern_{name[3:].lower()}": np.sign(getattr(ta, name)(b.o, b.h, b.l, b.c)).astype(np.float64)
+        f"pattern_{name[3:].lower()}": np.sign(getattr(ta, name)(b.o, b.h, b.l, b.c), dtype=np.float64)
         for name in PATTERNS
     }
 
@@ -304,10 +308,10 @@ def _fibonacci(b: BarArrays) -> dict[str, np.ndarray]:
     high_at, low_at = ta.MAXINDEX(b.h, n).astype(np.float64), ta.MININDEX(b.l, n).astype(np.float64)
     up = high_at >= low_at  # the swing ran up: retrace from the high
     span = high - low
-    out = {}
-    for level in FIB_LEVELS:
-        price = np.where(up, high - level * span, low + level * span)
-        out[f"fib_{str(level)[2:]}_distance"] = _div(b.c - price, span)
+    levels = np.array(FIB_LEVELS)[:, None]  # every level at once: one row each
+    prices = np.where(up, high - levels * span, low + levels * span)
+    distances = _div(b.c - prices, span)
+    out = {f"fib_{str(level)[2:]}_distance": distances[i] for i, level in enumerate(FIB_LEVELS)}
     out["swing_position"] = _div(b.c - low, span)
     out["swing_direction"] = np.where(np.isnan(span), np.nan, np.where(up, 1.0, -1.0))
     out["swing_direction"][: n - 1] = np.nan
