@@ -113,10 +113,14 @@ def _ns(ts: pl.Series) -> list[int]:
     return (ts.dt.epoch("ns")).to_list()
 
 
-def _window_ns(request: Request, key: str = "timestamp") -> tuple[int, int]:
-    low = int(request.query.get(f"{key}.gte", 0))
-    high = int(request.query.get(f"{key}.lt", 2**63 - 1))
-    return low, high
+def _in_window(frame: pl.DataFrame | None, request: Request) -> pl.DataFrame:
+    """Rows of ``frame`` in the request's ``timestamp.gte`` / ``timestamp.lt`` window (ns)."""
+    if frame is None:
+        return pl.DataFrame(schema={"ts": pl.Datetime("ms", "UTC"), "bid": pl.Float64, "ask": pl.Float64,
+                                    "price": pl.Float64, "size": pl.Float64})
+    ns = frame["ts"].dt.epoch("ns")
+    low, high = int(request.query.get("timestamp.gte", 0)), int(request.query.get("timestamp.lt", 2**63 - 1))
+    return frame.filter((ns >= low) & (ns < high))
 
 
 class PolygonStub:
@@ -162,24 +166,14 @@ class PolygonStub:
         return Reply(200, body)
 
     def _quotes(self, ticker: str, request: Request) -> list[dict]:
-        frame = self.quotes.get(ticker)
-        if frame is None:
-            return []
-        low, high = _window_ns(request)
-        ns = frame["ts"].dt.epoch("ns")
-        part = frame.filter((ns >= low) & (ns < high))
+        part = _in_window(self.quotes.get(ticker), request)
         return [
             {"ask_exchange": 48, "ask_price": a, "bid_exchange": 48, "bid_price": b, "participant_timestamp": t}
             for t, b, a in zip(_ns(part["ts"]), part["bid"].to_list(), part["ask"].to_list(), strict=True)
         ]
 
     def _trades(self, ticker: str, request: Request) -> list[dict]:
-        frame = self.trades.get(ticker)
-        if frame is None:
-            return []
-        low, high = _window_ns(request)
-        ns = frame["ts"].dt.epoch("ns")
-        part = frame.filter((ns >= low) & (ns < high))
+        part = _in_window(self.trades.get(ticker), request)
         return [
             {"conditions": [1], "exchange": 1, "id": str(i), "participant_timestamp": t, "price": p, "size": s}
             for i, (t, p, s) in enumerate(zip(_ns(part["ts"]), part["price"].to_list(), part["size"].to_list(), strict=True))

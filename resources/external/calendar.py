@@ -15,11 +15,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import polars as pl
-import requests
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from resources.vendors.base import VendorPayloadError, VendorRequestError, with_retries
+from resources.vendors.base import VendorPayloadError, VendorRequestError, http_get, with_retries
 
 UTC_MS = pl.Datetime("ms", "UTC")
 EVENT_SCHEMA: dict[str, pl.DataType] = {
@@ -30,10 +29,6 @@ EVENT_SCHEMA: dict[str, pl.DataType] = {
 }
 _IMPACTS = {"high": "high", "medium": "medium", "low": "low", "holiday": "holiday", "non-economic": "low"}
 _FILE_COLUMNS = ("ts", "currency", "impact", "title")
-
-
-class _Transient(Exception):
-    pass
 
 
 def parse_number(text: pl.Expr) -> pl.Expr:
@@ -82,8 +77,7 @@ class EconomicCalendarResource(ConfigurableResource):
         """The feed's events, each known from ``fetched_at`` (the moment we saw it)."""
         if not self.feed_url:
             return pl.DataFrame(schema=EVENT_SCHEMA)
-        body = with_retries(self._get, attempts=self.attempts, transient=(_Transient,),
-                            what=f"calendar feed {self.feed_url}", backoff_s=self.backoff_s)
+        body = with_retries(self._get, attempts=self.attempts, what=f"calendar feed {self.feed_url}", backoff_s=self.backoff_s)
         if not isinstance(body, list) or any(not isinstance(e, dict) for e in body):
             raise VendorPayloadError(f"calendar feed: expected a list of events, got {str(body)[:120]}")
         if not body:
@@ -132,12 +126,7 @@ class EconomicCalendarResource(ConfigurableResource):
         return pl.concat(frames) if frames else pl.DataFrame(schema=EVENT_SCHEMA)
 
     def _get(self) -> object:
-        try:
-            response = requests.get(self.feed_url, timeout=self.timeout_s, headers={"User-Agent": "tradeforge"})
-        except (requests.Timeout, requests.ConnectionError) as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc}") from None
-        if response.status_code == 429 or response.status_code >= 500:
-            raise _Transient(f"HTTP {response.status_code}")
+        response = http_get(self.feed_url, timeout_s=self.timeout_s)
         if response.status_code != 200:
             raise VendorRequestError(f"calendar feed answered HTTP {response.status_code}: {response.text[:200]}")
         try:

@@ -25,7 +25,7 @@ from dagster import ConfigurableResource
 from fredapi import Fred
 from pydantic import Field
 
-from resources.vendors.base import VendorPayloadError, VendorRequestError, with_retries
+from resources.vendors.base import Transient, VendorPayloadError, VendorRequestError, with_retries
 
 DEFAULT_SERIES = [
     "DFF",  # effective federal funds rate, daily
@@ -49,10 +49,6 @@ VINTAGE_SCHEMA: dict[str, pl.DataType] = {
 
 _TIMEOUT_LOCK = threading.Lock()
 _TRANSIENT_MESSAGES = ("rate limit", "too many requests", "internal server error", "service unavailable", "try again")
-
-
-class _Transient(Exception):
-    pass
 
 
 @contextmanager
@@ -88,18 +84,18 @@ class FredResource(ConfigurableResource):
                 with _socket_timeout(self.timeout_s):
                     return client.get_series_all_releases(series_id, realtime_start.isoformat(), realtime_end.isoformat())
             except (urllib.error.URLError, TimeoutError, ConnectionError, ET.ParseError) as exc:
-                raise _Transient(f"{type(exc).__name__}: {exc}") from None  # a 5xx page is HTML: ParseError
+                raise Transient(f"{type(exc).__name__}: {exc}") from None  # a 5xx page is HTML: ParseError
             except ValueError as exc:
                 message = str(exc)
                 if any(m in message.lower() for m in _TRANSIENT_MESSAGES):
-                    raise _Transient(message) from None
+                    raise Transient(message) from None
                 if "No data exists" in message:
                     return None
                 if "could not convert" in message:
                     raise VendorPayloadError(f"{what}: a value is not a number: {message}") from None
                 raise VendorRequestError(f"{what}: FRED refused: {message}") from None
 
-        frame = with_retries(call, attempts=self.attempts, transient=(_Transient,), what=what, backoff_s=self.backoff_s)
+        frame = with_retries(call, attempts=self.attempts, what=what, backoff_s=self.backoff_s)
         if frame is None or len(frame) == 0:
             return pl.DataFrame(schema=VINTAGE_SCHEMA)
         try:

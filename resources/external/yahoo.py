@@ -17,7 +17,7 @@ import requests
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from resources.vendors.base import VendorPayloadError, VendorRequestError, with_retries
+from resources.vendors.base import VendorPayloadError, VendorRequestError, http_get, with_retries
 
 DEFAULT_TICKERS = {
     "gold": "GC=F", "silver": "SI=F", "wti": "CL=F", "brent": "BZ=F", "natgas": "NG=F", "copper": "HG=F",
@@ -29,10 +29,6 @@ DAILY_SCHEMA: dict[str, pl.DataType] = {
     "open": pl.Float64(), "high": pl.Float64(), "low": pl.Float64(), "close": pl.Float64(), "volume": pl.Float64(),
     "currency": pl.String(), "known_at": pl.Datetime("ms", "UTC"),
 }
-
-
-class _Transient(Exception):
-    pass
 
 
 class YahooFinanceResource(ConfigurableResource):
@@ -58,18 +54,12 @@ class YahooFinanceResource(ConfigurableResource):
             "interval": "1d", "includePrePost": "false", "events": "div,splits",
         }
         what = f"Yahoo {ticker} {start}..{end}"
-        body = with_retries(lambda: self._get(ticker, params), attempts=self.attempts,
-                            transient=(_Transient,), what=what, backoff_s=self.backoff_s)
+        body = with_retries(lambda: self._get(ticker, params), attempts=self.attempts, what=what, backoff_s=self.backoff_s)
         return _parse_chart(body, name, ticker, start, end, what)
 
     def _get(self, ticker: str, params: dict[str, Any]) -> Any:
         url = f"{self.base_url.rstrip('/')}/v8/finance/chart/{requests.utils.quote(ticker, safe='')}"
-        try:
-            response = requests.get(url, params=params, timeout=self.timeout_s, headers={"User-Agent": "Mozilla/5.0 tradeforge"})
-        except (requests.Timeout, requests.ConnectionError) as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc}") from None
-        if response.status_code == 429 or response.status_code >= 500:
-            raise _Transient(f"HTTP {response.status_code}")
+        response = http_get(url, params=params, timeout_s=self.timeout_s, headers={"User-Agent": "Mozilla/5.0 tradeforge"})
         try:
             body = response.json()
         except ValueError:

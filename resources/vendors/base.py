@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import TypeVar
 
 import polars as pl
+import requests
 from dagster import ConfigurableResource
 
 from models.ticks import TS
@@ -76,12 +77,29 @@ class MarketDataVendor(ConfigurableResource):
 T = TypeVar("T")
 
 
+class Transient(Exception):
+    """A request that may succeed when made again (timeout, connection reset, 429, 5xx):
+    :func:`with_retries` tries again; other errors pass straight through."""
+
+
+def http_get(url: str, *, timeout_s: float, params: dict | None = None, headers: dict | None = None) -> requests.Response:
+    """GET for the vendors without a client of their own: network failures, timeouts, 429 and
+    5xx raise :class:`Transient`; any other answer is returned for the caller to judge."""
+    try:
+        response = requests.get(url, params=params, timeout=timeout_s, headers=headers or {"User-Agent": "tradeforge"})
+    except (requests.Timeout, requests.ConnectionError) as exc:
+        raise Transient(f"{type(exc).__name__}: {exc}") from None
+    if response.status_code == 429 or response.status_code >= 500:
+        raise Transient(f"HTTP {response.status_code}")
+    return response
+
+
 def with_retries(
     call: Callable[[], T],
     *,
     attempts: int,
-    transient: tuple[type[BaseException], ...],
     what: str,
+    transient: tuple[type[BaseException], ...] = (Transient,),
     backoff_s: float = 0.5,
     sleep: Callable[[float], None] | None = None,
 ) -> T:

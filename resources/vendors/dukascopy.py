@@ -19,7 +19,6 @@ from typing import Any
 import dukascopy_python as dk
 import numpy as np
 import polars as pl
-import requests
 from dukascopy_python import instruments as dk_instruments
 from pydantic import Field
 
@@ -31,6 +30,7 @@ from resources.vendors.base import (
     VendorPayloadError,
     VendorRequestError,
     empty_m1,
+    http_get,
     with_retries,
 )
 
@@ -48,10 +48,6 @@ def dukascopy_instrument(symbol: str) -> str:
     if name not in _KNOWN_INSTRUMENTS:
         raise VendorRequestError(f"Dukascopy has no instrument {name!r} for {symbol}")
     return name
-
-
-class _Transient(Exception):
-    """A page that may succeed when asked again (timeout, 429, 5xx)."""
 
 
 class DukascopyResource(MarketDataVendor):
@@ -115,18 +111,11 @@ class DukascopyResource(MarketDataVendor):
             "limit": str(self.page_limit),
         }
         what = f"Dukascopy {name} {interval} from {cursor}"
-        body = with_retries(
-            lambda: self._get(params), attempts=self.attempts, transient=(_Transient,), what=what, backoff_s=self.backoff_s
-        )
+        body = with_retries(lambda: self._get(params), attempts=self.attempts, what=what, backoff_s=self.backoff_s)
         return _parse_page(body, callback, columns, what)
 
     def _get(self, params: dict[str, str]) -> str:
-        try:
-            response = requests.get(self.base_url, params=params, timeout=self.timeout_s)
-        except (requests.Timeout, requests.ConnectionError) as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc}") from None
-        if response.status_code == 429 or response.status_code >= 500:
-            raise _Transient(f"HTTP {response.status_code}")
+        response = http_get(self.base_url, params=params, timeout_s=self.timeout_s)
         if response.status_code != 200:
             raise VendorRequestError(f"Dukascopy answered HTTP {response.status_code}: {response.text[:200]}")
         return response.text
