@@ -34,7 +34,7 @@ from resources.external.fred import FredResource
 from resources.external.yahoo import YahooFinanceResource
 from resources.vendors.base import VendorPayloadError, VendorRequestError
 from resources.warehouse import WarehouseResource
-from resources.warehouse.external import write_calendar_day, write_commodity_day, write_fred_week
+from resources.warehouse.external import latest_fred_values, write_calendar_day, write_commodity_day, write_fred_week
 
 WEEKS = WeeklyPartitionsDefinition(start_date=FIRST_DAY, timezone="UTC")  # Sunday to Sunday
 EXTERNAL_DAYS = DailyPartitionsDefinition(start_date=FIRST_DAY, timezone="UTC")
@@ -75,6 +75,10 @@ def external_fred_indicators(context: AssetExecutionContext, warehouse: Warehous
     started = time.perf_counter()
     start, end = _window(context)
     first_partition = start.date() == date.fromisoformat(FIRST_DAY)
+    # ALFRED clips each row's real-time period to the request: a value published before this
+    # window comes back dated at its start. Such a row repeats what earlier weeks stored; only
+    # new observations and changed values are news.
+    known = latest_fred_values(warehouse, list(fred.series), start.date())
     frames, per_series, stale = [], {}, {}
     for series_id in fred.series:
         try:
@@ -85,12 +89,15 @@ def external_fred_indicators(context: AssetExecutionContext, warehouse: Warehous
         published = vintages.filter(
             (pl.col("realtime_start") < end.date()) & ((pl.col("realtime_start") >= start.date()) | pl.lit(first_partition))
         )
+        before = known.filter(pl.col("series_id") == series_id)
+        published = published.join(before.select("series_id", "observation_date", "value"),
+                                   on=["series_id", "observation_date", "value"], how="anti")
         published_on = pl.max_horizontal(pl.col("realtime_start"), pl.lit(start.date()))
         week = ((published_on + pl.duration(days=1)).dt.truncate("1w") - pl.duration(days=1)).alias("week")  # Sunday
         frames.append(published.with_columns(fred_known_at(pl.col("realtime_start")).alias("known_at"), week, pl.lit("fred").alias("source")))
         per_series[series_id] = published.height
         spacing = vintages["observation_date"].unique().sort().diff().dt.total_days().median() if vintages.height > 2 else None
-        newest = vintages["realtime_start"].max() if vintages.height else None
+        newest = max(filter(None, [published["realtime_start"].max(), before["published"].max()]), default=None)
         limit = max(14, 2 * int(spacing or 0) + 7)
         age = (end.date() - newest).days if newest else None
         if age is None or age > limit:

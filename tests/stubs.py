@@ -241,7 +241,8 @@ def fred_xml(rows: list[tuple[str, str, str, str]]) -> str:
 
 class FredStub:
     """``/fred/series/observations``: the vintages of a series that overlap the requested
-    real-time window, in FRED's XML; FRED's XML errors for a bad series or a rate limit."""
+    real-time window, in FRED's XML, each real-time period clipped to the window as ALFRED
+    does; FRED's XML errors for a bad series or a rate limit."""
 
     def __init__(self, api_key: str = "fred-key") -> None:
         self.api_key = api_key
@@ -255,7 +256,7 @@ class FredStub:
         if series not in self.vintages:
             return Reply(400, '<?xml version="1.0" encoding="utf-8" ?><error code="400" message="Bad Request.  The series does not exist."/>')
         start, end = q.get("realtime_start", "1776-07-04"), q.get("realtime_end", "9999-12-31")
-        rows = [(rs, re, d, f"{v}") for rs, re, d, v in self.vintages[series] if rs <= end and re >= start]
+        rows = [(max(rs, start), min(re, end), d, f"{v}") for rs, re, d, v in self.vintages[series] if rs <= end and re >= start]
         return Reply(200, fred_xml(rows))
 
 

@@ -143,6 +143,7 @@ def test_vendor_candles_fill_minutes_without_ticks_and_a_failed_run_reruns_clean
 def test_external_data_reaches_features_only_from_when_it_was_known(warehouse, instance, tmp_path):
     fred, yahoo = FredStub(), YahooStub()
     fred.vintages["DFF"] = [
+        ("2024-02-29", "9999-12-31", "2024-02-28", 5.30),  # stored by the week before; clipped into the next
         ("2024-03-05", "9999-12-31", "2024-03-04", 5.31),
         ("2024-03-06", "2024-03-06", "2024-03-05", 5.33),
         ("2024-03-07", "9999-12-31", "2024-03-05", 5.40),  # the revision, published a day later
@@ -166,7 +167,8 @@ def test_external_data_reaches_features_only_from_when_it_was_known(warehouse, i
             calendar=EconomicCalendarResource(directory=str(tmp_path / "calendar"), feed_url=""),
         )
         res["conventions"] = MarketConventionsResource(feature_timeframes=["M5"])
-        assert materialize([external_fred_indicators], partition_key="2024-03-03", instance=instance, resources=res).success
+        for week in ("2024-02-25", "2024-03-03"):
+            assert materialize([external_fred_indicators], partition_key=week, instance=instance, resources=res).success
         commodities = materialize([external_commodity_prices], instance=instance, resources=res, tags={
             "dagster/asset_partition_range_start": "2024-03-04", "dagster/asset_partition_range_end": "2024-03-07"})
         assert commodities.success and len(y.requests) == 1  # one request for the whole range
@@ -181,6 +183,12 @@ def test_external_data_reaches_features_only_from_when_it_was_known(warehouse, i
             assert materialize([market_ticks, aggregates], partition_key=partition.key, instance=instance, resources=res).success
         for partition in btc:
             assert materialize([ml_features], partition_key=partition.key, instance=instance, resources=res).success
+    dff = warehouse.query_frame(
+        "SELECT observation_date, value, realtime_start, week FROM external_fred_indicators WHERE series_id = 'DFF' "
+        "ORDER BY observation_date, realtime_start")
+    # the repeat of Feb 28 that ALFRED dates Mar 3 is not stored again: one row per publication
+    assert dff.select("value", "week").rows() == [(5.30, date(2024, 2, 25)), (5.31, date(2024, 3, 3)),
+                                                  (5.33, date(2024, 3, 3)), (5.40, date(2024, 3, 3))]
     stored_events = warehouse.query_frame("SELECT title, known_at FROM external_economic_calendar ORDER BY ts")
     assert stored_events.height == 2 and stored_events["known_at"][0] == int(datetime(2024, 3, 1, tzinfo=UTC).timestamp())
     rows = pl.concat([read_features(warehouse, "BTCUSD", Timeframe.M5, p.start, p.end) for p in btc])

@@ -37,6 +37,19 @@ def read_fred_vintages(warehouse: Warehouse, series: list[str], known_until: dat
     return seconds_to_datetime(frame.rename({"first_known": "known_at"}), "known_at").cast(schema)  # type: ignore[arg-type]
 
 
+def latest_fred_values(warehouse: Warehouse, series: list[str], before_week: date) -> pl.DataFrame:
+    """Per (series, observation), the newest value stored by the weeks before ``before_week``
+    and when it was published: what a later week's download repeats unless it changed."""
+    frame = warehouse.query_frame(
+        "SELECT series_id, observation_date, argMax(value, realtime_start) AS value, max(realtime_start) AS published "
+        "FROM external_fred_indicators WHERE series_id IN {series:Array(String)} AND week < {week:Date} "
+        "GROUP BY series_id, observation_date",
+        {"series": series, "week": before_week},
+    )
+    schema = {"series_id": pl.String(), "observation_date": pl.Date(), "value": pl.Float64(), "published": pl.Date()}
+    return frame.cast(schema) if frame.height else pl.DataFrame(schema=schema)  # type: ignore[arg-type]
+
+
 def fred_weeks(warehouse: Warehouse) -> pl.DataFrame:
     """Rows and the newest publication per stored week and series (freshness, gaps)."""
     return warehouse.query_frame(
