@@ -177,3 +177,45 @@ def test_barrier_label_on_a_known_path():
     assert labels["barrier_4h"][149] == 1 and labels["barrier_4h"][145] == 1
     assert labels["barrier_4h"][99] is None  # no volatility estimate yet
     assert set(labels["barrier_4h"].drop_nulls().unique()) <= {-1, 0, 1}
+
+
+def test_each_recursion_reproduces_ta_lib_once_its_start_is_forgotten():
+    """The live engine's scalar recursions against TA-Lib on the same random walk."""
+    import math
+
+    import talib
+
+    from models.features.recursive import DirectionalMovement, Ema, GainLoss, ParabolicSar, StochRsi, Wilder, true_range
+
+    rng = np.random.default_rng(3)
+    n = 3000
+    c = np.cumsum(rng.normal(0, 1, n)) + 1000
+    h, l = c + rng.random(n) * 2, c - rng.random(n) * 2
+    ema, rsi, atr, dm, sar, stoch = Ema(50), GainLoss(28), Wilder(14), DirectionalMovement(14), ParabolicSar(), StochRsi()
+    rsi14 = GainLoss(14)
+    mine: dict[str, list[float]] = {k: [] for k in ("ema", "rsi", "cmo", "atr", "adx", "plus_di", "minus_di", "sar", "stoch_k", "stoch_d")}
+    previous = math.nan
+    for hi, lo, cl in zip(h, l, c, strict=True):
+        mine["ema"].append(ema.update(cl))
+        rsi.update(cl)
+        rsi14.update(cl)
+        mine["rsi"].append(rsi.rsi)
+        mine["cmo"].append(rsi14.cmo)
+        mine["atr"].append(atr.update(true_range(hi, lo, previous)))
+        dm.update(hi, lo, cl)
+        mine["adx"].append(dm.adx)
+        mine["plus_di"].append(dm.plus_di)
+        mine["minus_di"].append(dm.minus_di)
+        mine["sar"].append(sar.update(hi, lo))
+        k, d = stoch.update(rsi14.rsi)
+        mine["stoch_k"].append(k)
+        mine["stoch_d"].append(d)
+        previous = cl
+    stoch_k, stoch_d = talib.STOCHRSI(c, 14, 14, 3, 0)
+    reference = {
+        "ema": talib.EMA(c, 50), "rsi": talib.RSI(c, 28), "cmo": talib.CMO(c, 14), "atr": talib.ATR(h, l, c, 14),
+        "adx": talib.ADX(h, l, c, 14), "plus_di": talib.PLUS_DI(h, l, c, 14), "minus_di": talib.MINUS_DI(h, l, c, 14),
+        "sar": talib.SAR(h, l, 0.02, 0.2), "stoch_k": stoch_k, "stoch_d": stoch_d,
+    }
+    worst = {name: float(np.max(np.abs(np.array(mine[name])[WARMUP_BARS:] - reference[name][WARMUP_BARS:]))) for name in reference}
+    assert all(diff < 1e-9 for diff in worst.values()), worst
