@@ -4,7 +4,7 @@
 
 import time
 from collections.abc import Iterable, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import polars as pl
 from dagster import (
@@ -60,6 +60,8 @@ TICK_CHECKS: Mapping[str, tuple[str, ...]] = {
     "plausible_spreads": ("implausible_spread",),
 }
 _GAP_CHECK = "no_gaps_in_trading_hours"
+# Vendor outages and rate limits pass: retry the partition with exponential backoff.
+_VENDOR_RETRY = RetryPolicy(max_retries=3, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
 _MAX_LISTED_GAPS = 20
 
 
@@ -124,7 +126,7 @@ def _markdown_table(frame: pl.DataFrame) -> str:
     group_name="market_data",
     kinds={"clickhouse", "polars"},
     check_specs=_tick_check_specs(),
-    retry_policy=RetryPolicy(max_retries=3, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS),
+    retry_policy=_VENDOR_RETRY,
     # the daily schedule runs at 00:15 UTC: a day without a new partition by 02:00 is late
     freshness_policy=FreshnessPolicy.cron(deadline_cron="0 2 * * *", lower_bound_delta=timedelta(days=1)),
     description="Quotes and trades per symbol and UTC day, validated; bad rows go to market_ticks_quarantine.",
@@ -192,7 +194,9 @@ def _vendors_or_fail(market_data: MarketDataResource, partition: DaySymbol) -> l
         raise Failure(description=str(exc), allow_retries=False) from exc
 
 
-def _fetch(vendor: MarketDataVendor, partition: DaySymbol, start=None, end=None) -> pl.DataFrame:
+def _fetch(
+    vendor: MarketDataVendor, partition: DaySymbol, start: datetime | None = None, end: datetime | None = None
+) -> pl.DataFrame:
     """Ticks of one vendor, conformed. A payload that is not ticks, or a refused request,
     would be just as broken on a retry: fail once, clearly. Transient errors propagate to
     the RetryPolicy."""
@@ -213,7 +217,7 @@ def _gaps(ts: pl.Series, partition: DaySymbol, conventions: MarketConventionsRes
     kinds={"clickhouse", "polars"},
     deps=[AssetDep("market_ticks")],
     automation_condition=AutomationCondition.eager(),
-    retry_policy=RetryPolicy(max_retries=3, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS),
+    retry_policy=_VENDOR_RETRY,
     check_specs=[AssetCheckSpec("candles_consistent", asset="vendor_candles",
                                 description="low <= open, close <= high; one candle per minute, none where ticks exist")],
     description="Vendor one-minute candles for the open-market minutes the day's ticks leave empty (primary first, then backups).",

@@ -59,13 +59,13 @@ def market_data_from_env(env: dict[str, str] | None = None) -> MarketDataResourc
 
 def resources_from_env() -> dict[str, Any]:
     """Embedded defaults unless the environment names production services."""
-    env = os.environ
+    env = dict(os.environ)
     calendar_dir = os.path.join(env["TRADEFORGE_IMPORTS"], "calendar") if env.get("TRADEFORGE_IMPORTS") else ""
     return {
         "warehouse": warehouse_from_env(),
-        "market_data": market_data_from_env(),
+        "market_data": market_data_from_env(env),
         "conventions": MarketConventionsResource(day_boundary=env.get("TRADEFORGE_DAY_BOUNDARY", "utc")),
-        "fred": FredResource(api_key=EnvVar("FRED_API_KEY"), **_urls(dict(env), base_url="FRED_BASE_URL")),
-        "yahoo": YahooFinanceResource(**_urls(dict(env), base_url="YAHOO_BASE_URL")),
-        "calendar": EconomicCalendarResource(directory=calendar_dir, **_urls(dict(env), feed_url="CALENDAR_FEED_URL")),
+        "fred": FredResource(api_key=EnvVar("FRED_API_KEY"), **_urls(env, base_url="FRED_BASE_URL")),
+        "yahoo": YahooFinanceResource(**_urls(env, base_url="YAHOO_BASE_URL")),
+        "calendar": EconomicCalendarResource(directory=calendar_dir, **_urls(env, feed_url="CALENDAR_FEED_URL")),
     }

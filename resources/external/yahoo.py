@@ -24,13 +24,6 @@ DEFAULT_TICKERS = {
     "dxy": "DX-Y.NYB", "spx": "^GSPC", "vix": "^VIX",
 }
 
-DAILY_SCHEMA: dict[str, pl.DataType] = {
-    "name": pl.String(), "ticker": pl.String(), "date": pl.Date(),
-    "open": pl.Float64(), "high": pl.Float64(), "low": pl.Float64(), "close": pl.Float64(), "volume": pl.Float64(),
-    "currency": pl.String(), "known_at": pl.Datetime("ms", "UTC"),
-}
-
-
 class YahooFinanceResource(ConfigurableResource):
     """Daily bars from Yahoo's chart API, one request per ticker and window."""
 
@@ -47,10 +40,9 @@ class YahooFinanceResource(ConfigurableResource):
         settlement, never before.
         """
         ticker = self.tickers[name]
-        tz_guess = timezone.utc
-        params = {
-            "period1": int(datetime.combine(start - timedelta(days=1), time(), tz_guess).timestamp()),
-            "period2": int(datetime.combine(end + timedelta(days=1), time(), tz_guess).timestamp()),
+        params = {  # a day either side: exchange days are not UTC days
+            "period1": int(datetime.combine(start - timedelta(days=1), time(), timezone.utc).timestamp()),
+            "period2": int(datetime.combine(end + timedelta(days=1), time(), timezone.utc).timestamp()),
             "interval": "1d", "includePrePost": "false", "events": "div,splits",
         }
         what = f"Yahoo {ticker} {start}..{end}"

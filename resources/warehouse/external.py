@@ -6,6 +6,7 @@ from datetime import date, datetime
 
 import polars as pl
 
+from resources.external.calendar import EVENT_SCHEMA
 from resources.warehouse.client import Warehouse
 from resources.warehouse.market import seconds_to_datetime
 
@@ -50,14 +51,6 @@ def latest_fred_values(warehouse: Warehouse, series: list[str], before_week: dat
     return frame.cast(schema) if frame.height else pl.DataFrame(schema=schema)  # type: ignore[arg-type]
 
 
-def fred_weeks(warehouse: Warehouse) -> pl.DataFrame:
-    """Rows and the newest publication per stored week and series (freshness, gaps)."""
-    return warehouse.query_frame(
-        "SELECT series_id, week, count() AS rows, max(realtime_start) AS newest FROM external_fred_indicators "
-        "GROUP BY series_id, week ORDER BY series_id, week"
-    )
-
-
 def write_commodity_day(warehouse: Warehouse, day: date, rows: pl.DataFrame) -> None:
     warehouse.replace("external_commodity_prices", "date = {day:Date}", {"day": day}, rows.select(_COMMODITY_COLUMNS))
 
@@ -100,8 +93,6 @@ def read_calendar(warehouse: Warehouse, currencies: list[str] | None, start: dat
         {"start": start, "end": end, "currencies": currencies or []},
     )
     if frame.is_empty():
-        from resources.external.calendar import EVENT_SCHEMA
-
         return pl.DataFrame(schema=EVENT_SCHEMA)
     return seconds_to_datetime(frame, "ts", "known_at").with_columns(
         pl.col("ts", "known_at").cast(UTC_MS), pl.col("currency", "impact", "source").cast(pl.String)
