@@ -3,6 +3,7 @@
 import random
 import time
 from collections.abc import Iterable
+from datetime import timedelta
 
 import polars as pl
 from dagster import (
@@ -27,8 +28,10 @@ from resources.conventions import MarketConventionsResource
 from resources.warehouse import WarehouseResource
 from resources.warehouse.features import bars_around, data_horizon, read_external, write_features
 
-# Warm-up reads WARMUP_BARS bars back (62 days of H1); labels look one day ahead.
-_BARS_WINDOW = same_symbol_days(start_offset=-63, end_offset=1)
+# Warm-up reads WARMUP_BARS bars back (62 days of H1); labels look up to a day ahead.
+_DAYS_AHEAD = 1
+assert max(HORIZONS.values()) <= timedelta(days=_DAYS_AHEAD), "the label horizons outgrew the days read ahead"
+_BARS_WINDOW = same_symbol_days(start_offset=-63, end_offset=_DAYS_AHEAD)
 _NON_EXTERNAL = [name for name in FEATURE_NAMES if name not in EXTERNAL_FEATURES]
 _LOOKAHEAD_CUTS = 8
 # Each bar joins, as of its close, everything the external tables knew: all their partitions.
@@ -36,13 +39,18 @@ _EXTERNAL = ("external_fred_indicators", "external_commodity_prices", "external_
 _EXTERNAL_DEPS = [AssetDep(name, partition_mapping=AllPartitionMapping()) for name in _EXTERNAL]
 # Eager on new candles. Missing history does not block (the warm-up is best effort: rows say
 # whether they are warm, and the day's own candles are required by the asset itself), and the
-# optional, slow-moving external data neither triggers nor blocks.
+# optional, slow-moving external data neither triggers nor blocks. The window spans the days
+# the labels look ahead, so a materialized day runs again when the next day's candles land and
+# its labels fill in; an earlier day that never ran is left alone (its candles may not exist).
 _FOLLOW_CANDLES = (
-    AutomationCondition.eager()
-    .without(~AutomationCondition.any_deps_missing())
-    .ignore(AssetSelection.assets(*_EXTERNAL))
-    .with_label("eager on candles")
-)
+    (
+        AutomationCondition.eager()
+        .replace("in_latest_time_window", AutomationCondition.in_latest_time_window(timedelta(days=1 + _DAYS_AHEAD)))
+        .without(~AutomationCondition.any_deps_missing())
+        .ignore(AssetSelection.assets(*_EXTERNAL))
+    )
+    & (AutomationCondition.in_latest_time_window() | ~AutomationCondition.missing())
+).with_label("eager on candles, labels refilled")
 
 
 def _check_results(

@@ -279,3 +279,36 @@ def test_features_follow_new_candles_without_waiting_for_external_data(warehouse
     assert requested.get("ml_features") == {str(partition.key)}
     assert requested.get("vendor_candles") == {str(partition.key)}
     assert "external_fred_indicators" not in requested
+
+
+def test_a_day_runs_again_when_the_next_day_lands_and_its_labels_fill_in(warehouse):
+    """The automation condition, evaluated by Dagster: when the candles of Mar 7 land, the
+    features of Mar 7 are requested and those of Mar 6 again (their 1-day labels needed Mar 7);
+    Mar 5 is not (its labels were complete), and running what was requested fills the labels."""
+    from dagster import evaluate_automation_conditions
+
+    from assets.features import ml_features
+    from assets.market_data import vendor_candles
+    from models.timeframes import Timeframe
+    from resources.warehouse.features import read_features
+
+    res = resources(warehouse)
+    graph = Definitions(assets=[market_ticks, vendor_candles, aggregates, ml_features], resources=res)
+    previous, newest = DaySymbol("BTCUSD", date(2024, 3, 6)), DaySymbol("BTCUSD", date(2024, 3, 7))
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(SYMBOLS.name, ["BTCUSD"])
+        for day in (date(2024, 3, 5), previous.day):
+            run(DaySymbol("BTCUSD", day), instance, res, selection=[market_ticks, aggregates, ml_features])
+        labels = read_features(warehouse, "BTCUSD", Timeframe.M5, previous.start, previous.end)["fwd_ret_1d"]
+        assert labels.null_count() == 288  # Mar 7 is not in the warehouse yet
+        first = evaluate_automation_conditions(defs=graph, instance=instance, evaluation_time=datetime(2024, 3, 7, 1, tzinfo=UTC))
+        run(newest, instance, res)  # the candles of Mar 7 land
+        later = evaluate_automation_conditions(defs=graph, instance=instance, evaluation_time=datetime(2024, 3, 8, 1, tzinfo=UTC),
+                                               cursor=first.cursor)
+        requested = next(r for r in later.results if r.key.to_user_string() == "ml_features")
+        keys = {str(k) for k in requested.true_subset.expensively_compute_partition_keys()}
+        assert keys == {str(previous.key), str(newest.key)}
+        for partition in (previous, newest):
+            run(partition, instance, res, selection=[ml_features])
+    labels = read_features(warehouse, "BTCUSD", Timeframe.M5, previous.start, previous.end)["fwd_ret_1d"]
+    assert labels.null_count() == 0 and labels.len() == 288
