@@ -27,7 +27,7 @@ from dagster import (
 from assets.partitions import DAY_SYMBOL, DaySymbol, require_upstream, same_symbol_days
 from models.candles import VENDOR_CANDLE_SUFFIX, bars_for_window, carried_bar_opens, vendor_m1_bars, window_lookback_start
 from models.instruments import instrument
-from models.quality import inside_gaps, stored_violations, trading_gaps, validate_ticks
+from models.quality import inside_gaps, stored_violations, trading_gaps, validate_candles, validate_ticks
 from models.ticks import MalformedTicksError, conform_ticks
 from models.timeframes import ALL_TIMEFRAMES, bar_open_expr
 from resources.conventions import MarketConventionsResource
@@ -219,8 +219,10 @@ def _gaps(ts: pl.Series, partition: DaySymbol, conventions: MarketConventionsRes
     automation_condition=AutomationCondition.eager(),
     retry_policy=_VENDOR_RETRY,
     check_specs=[AssetCheckSpec("candles_consistent", asset="vendor_candles",
-                                description="low <= open, close <= high; one candle per minute, none where ticks exist")],
-    description="Vendor one-minute candles for the open-market minutes the day's ticks leave empty (primary first, then backups).",
+                                description="stored candles possible (finite, positive, low <= open, close <= high), one per minute, "
+                                "none where ticks exist; warns when candles had to be quarantined")],
+    description="Vendor one-minute candles for the open-market minutes the day's ticks leave empty (primary first, then "
+                "backups); impossible candles go to vendor_candles_quarantine with their reason.",
 )
 def vendor_candles(
     context: AssetExecutionContext,
@@ -233,7 +235,7 @@ def vendor_candles(
     require_upstream(context, "market_ticks", partition)
     ticks = read_ticks(warehouse, partition.symbol, partition.start, partition.end)
     tick_minutes = ticks["ts"].dt.truncate("1m").unique().implode()
-    frames, per_source = [], {}
+    frames, rejected, per_source = [], [], {}
     for vendor in _vendors_or_fail(market_data, partition):
         gaps = _gaps(pl.concat([ticks["ts"], *(f["ts"] for f in frames)]), partition, conventions)
         if gaps.is_empty():
@@ -244,24 +246,34 @@ def vendor_candles(
             raise Failure(description=f"{partition.symbol} {partition.day} candles from {vendor.source}: {exc}", allow_retries=False) from exc
         if candles is None:
             continue
+        # Impossible candles go to quarantine and fill nothing: a later vendor may cover the minute.
+        source = pl.lit(vendor.source + VENDOR_CANDLE_SUFFIX).alias("source")
+        checked = validate_candles(candles, partition.start, partition.end)
+        rejected.append(checked.quarantine.with_columns(source))
         taken = pl.concat(f["ts"] for f in frames) if frames else pl.Series("ts", [], dtype=candles.schema["ts"])
-        fresh = candles.filter(~pl.col("ts").is_in(tick_minutes) & ~pl.col("ts").is_in(taken.implode()))
+        fresh = checked.clean.filter(~pl.col("ts").is_in(tick_minutes) & ~pl.col("ts").is_in(taken.implode()))
         per_source[vendor.source] = fresh.height
-        frames.append(fresh.with_columns(pl.lit(vendor.source + VENDOR_CANDLE_SUFFIX).alias("source")))
+        frames.append(fresh.with_columns(source))
     rows = pl.concat(frames).sort("ts") if frames else pl.DataFrame(schema={**VENDOR_M1_SCHEMA, "source": pl.String()})
+    quarantine = pl.concat(rejected) if rejected else pl.DataFrame(schema={**VENDOR_M1_SCHEMA, "reason": pl.String(), "source": pl.String()})
     with warehouse.session() as session:
-        write_vendor_candles(session, partition.symbol, partition.start, partition.end, rows)
+        write_vendor_candles(session, partition.symbol, partition.start, partition.end, rows, quarantine)
         stored = read_vendor_candles(session, partition.symbol, partition.start, partition.end)
-    broken = stored.filter(~((pl.col("low") <= pl.min_horizontal("open", "close")) & (pl.col("high") >= pl.max_horizontal("open", "close")) & (pl.col("low") > 0)))
+    in_store = validate_candles(stored.drop("symbol", "source"), partition.start, partition.end).reason_counts
     overlap = stored.filter(pl.col("ts").is_in(tick_minutes)).height
-    duplicates = stored.height - stored["ts"].n_unique()
-    context.log.info(f"{partition.symbol} {partition.day}: {stored.height:,} vendor candles {per_source}")
+    reasons = dict(quarantine.group_by("reason").len().iter_rows())
+    context.log.info(f"{partition.symbol} {partition.day}: {stored.height:,} vendor candles {per_source}, "
+                     f"{quarantine.height:,} quarantined {reasons or ''}")
     return MaterializeResult(
         metadata={"dagster/row_count": stored.height, "candles_per_source": MetadataValue.json(per_source),
+                  "quarantined_rows": quarantine.height, "quarantine_reasons": MetadataValue.json(reasons),
                   "duration_seconds": round(time.perf_counter() - started, 3)},
         check_results=[AssetCheckResult(
-            check_name="candles_consistent", passed=broken.is_empty() and overlap == 0 and duplicates == 0,
-            metadata={"inconsistent": broken.height, "minutes_also_in_ticks": overlap, "duplicate_minutes": duplicates},
+            check_name="candles_consistent",
+            passed=not in_store and overlap == 0 and quarantine.is_empty(),
+            severity=AssetCheckSeverity.ERROR if in_store or overlap else AssetCheckSeverity.WARN,
+            metadata={"stored_violations": MetadataValue.json(in_store), "minutes_also_in_ticks": overlap,
+                      "quarantined_rows": quarantine.height},
         )],
     )
 

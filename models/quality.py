@@ -1,6 +1,7 @@
-"""Tick validation: every bad row gets a reason and goes to quarantine, none is dropped.
+"""Tick and vendor-candle validation: every bad row gets a reason and goes to quarantine,
+none is dropped.
 
-The same classification validates a vendor's ticks before they are written and checks the
+The same classification validates a vendor's rows before they are written and checks the
 stored partition afterwards (asset checks), so "clean" means one thing everywhere.
 """
 
@@ -123,6 +124,56 @@ def stored_violations(
         ordered = ticks.sort("seq")
         counts["unsorted"] = int((ordered["ts"].diff() < timedelta(0)).sum())
     return counts
+
+
+CANDLE_REASONS = (
+    "missing_timestamp",
+    "outside_partition",
+    "missing_price",
+    "non_finite_price",
+    "non_positive_price",
+    "inconsistent_ohlc",
+    "invalid_volume",
+    "duplicate",
+)
+_OHLC = ("open", "high", "low", "close")
+
+
+@dataclass(frozen=True)
+class CandleValidation:
+    clean: pl.DataFrame  # sorted by time, one candle per minute
+    quarantine: pl.DataFrame  # the rejected rows as received, with a `reason` column
+    reason_counts: dict[str, int] = field(default_factory=dict)
+
+
+def candle_reason_expr(start: datetime, end: datetime) -> pl.Expr:
+    """The first reason a vendor candle is impossible, or null; duplicates are found separately."""
+    prices = (*_OHLC, "vwap")  # a missing vwap is allowed (it defaults to the close), a broken one is not
+    low, high = pl.col("low"), pl.col("high")
+    return (
+        pl.when(pl.col("ts").is_null()).then(pl.lit("missing_timestamp"))
+        .when((pl.col("ts") < start) | (pl.col("ts") >= end)).then(pl.lit("outside_partition"))
+        .when(pl.any_horizontal(pl.col(c).is_null() for c in _OHLC)).then(pl.lit("missing_price"))
+        .when(pl.any_horizontal(_finite_positive(c)[0] for c in prices)).then(pl.lit("non_finite_price"))
+        .when(pl.any_horizontal(_finite_positive(c)[1] for c in prices)).then(pl.lit("non_positive_price"))
+        .when((low > pl.min_horizontal("open", "close")) | (high < pl.max_horizontal("open", "close"))).then(pl.lit("inconsistent_ohlc"))
+        .when(pl.col("volume").is_not_null() & ~(pl.col("volume").is_finite() & (pl.col("volume") >= 0))).then(pl.lit("invalid_volume"))
+        .otherwise(pl.lit(None, dtype=pl.String))
+    )
+
+
+def validate_candles(raw: pl.DataFrame, start: datetime, end: datetime) -> CandleValidation:
+    """Split a vendor's one-minute candles (VENDOR_M1_SCHEMA) opening in ``[start, end)``
+    into clean (the first good candle of each minute) and quarantined."""
+    tagged = raw.with_row_index("_arrival").with_columns(candle_reason_expr(start, end).alias("reason"))
+    good = tagged.filter(pl.col("reason").is_null())
+    repeated = good.filter(~pl.col("ts").is_first_distinct())["_arrival"]
+    tagged = tagged.with_columns(
+        pl.when(pl.col("_arrival").is_in(repeated.implode())).then(pl.lit("duplicate")).otherwise("reason").alias("reason")
+    )
+    clean = tagged.filter(pl.col("reason").is_null()).drop("reason", "_arrival").sort("ts")
+    quarantine = tagged.filter(pl.col("reason").is_not_null()).drop("_arrival")
+    return CandleValidation(clean, quarantine, dict(quarantine.group_by("reason").len().iter_rows()))
 
 
 def trading_gaps(

@@ -94,6 +94,19 @@ def test_live_refuses_bars_out_of_order(btc_m5):
         live.update(btc_m5.slice(5, 1))
 
 
+@pytest.mark.parametrize("fault", [{"close": float("nan")}, {"low": 0.0}, {"high": None}, {"high": 1.0}])
+def test_live_refuses_an_impossible_bar_and_its_state_stays_clean(btc_m5, fault):
+    live = RollingFeatures(Timeframe.M5)
+    live.seed(btc_m5.head(WARMUP_BARS - 1))
+    bad = btc_m5.slice(WARMUP_BARS - 1, 1).with_columns(pl.lit(v, dtype=pl.Float64).alias(k) for k, v in fault.items())
+    with pytest.raises(ValueError, match="refused, the window is unchanged"):
+        live.update(bad)
+    batch = compute_features(btc_m5.head(WARMUP_BARS), Timeframe.M5).row(-1, named=True)
+    row = live.update(btc_m5.slice(WARMUP_BARS - 1, 1))  # the real bar, at the same time, is taken
+    live_vector, batch_vector = (np.array([r[n] for n in FEATURE_NAMES], dtype=np.float64) for r in (row, batch))  # None: NaN
+    assert np.allclose(live_vector, batch_vector, rtol=0, atol=1e-9, equal_nan=True)
+
+
 def test_no_feature_looks_ahead(btc_m5):
     cuts = sorted(random.Random(7).sample(range(300, btc_m5.height - 1), 25))
     assert lookahead_violations(btc_m5, Timeframe.M5, cuts) == {}

@@ -26,7 +26,7 @@ from resources.market_data import MarketDataResource, SyntheticMarketResource
 from resources.vendors.dukascopy import DukascopyResource
 from resources.vendors.polygon import PolygonResource
 from resources.warehouse.features import read_features
-from resources.warehouse.market import read_bars, read_ticks, read_vendor_candles
+from resources.warehouse.market import read_bars, read_candle_quarantine, read_ticks, read_vendor_candles
 from tests.stubs import CalendarStub, DukascopyStub, FredStub, PolygonStub, StubServer, YahooStub
 
 DAY = date(2024, 3, 6)
@@ -138,6 +138,45 @@ def test_vendor_candles_fill_minutes_without_ticks_and_a_failed_run_reruns_clean
     assert hole_bar["open"] == in_hole["open"][0] and hole_bar["close"] == in_hole["close"][-1]
     assert hole_bar["high"] == in_hole["high"].max() and hole_bar["tick_count"] == in_hole["tick_count"].sum()
     assert hole_bar["bid_close"] is None and hole_bar["spread_mean"] is None  # candles carry no quotes
+
+
+def test_impossible_vendor_candles_are_quarantined_and_the_backup_fills_their_minutes(warehouse, instance):
+    full = day_ticks(1)
+    candles = candle_frame(full)
+    broken_from, broken_to = HOLE[0] + timedelta(minutes=20), HOLE[0] + timedelta(minutes=40)
+    broken = (pl.col("ts") >= broken_from) & (pl.col("ts") < broken_to)
+    polygon, dukascopy = PolygonStub(), DukascopyStub()
+    polygon.quotes["C:EURUSD"] = with_hole(full)
+    polygon.aggs["C:EURUSD"] = candles.with_columns(  # 20 impossible minutes inside the hole
+        pl.when(broken & (pl.col("ts") == broken_from)).then(None).otherwise(pl.col("open")).alias("open"),  # sent as null
+        pl.when(broken & (pl.col("ts") == broken_from + timedelta(minutes=1))).then(0.0)
+        .when(broken).then(pl.col("low") - 1e-4).otherwise(pl.col("high")).alias("high"),  # zero, or below the low
+    )
+    dukascopy.minutes["EUR/USD"] = candles
+    with StubServer(polygon) as p, StubServer(dukascopy) as d:
+        market_data = MarketDataResource(
+            polygon=PolygonResource(api_key="test-key", base_url=p.url, page_limit=5_000),
+            dukascopy=DukascopyResource(base_url=d.url + "/2.0/index.php", page_limit=5_000, backoff_s=0),
+            primary="polygon", backups=["dukascopy"],
+        )
+        result = materialize([market_ticks, vendor_candles, aggregates], partition_key=PARTITION.key, instance=instance,
+                             resources=resources(warehouse, market_data))
+    assert result.success
+    stored = read_vendor_candles(warehouse, "EURUSD", PARTITION.start, PARTITION.end)
+    hole = candles.filter((pl.col("ts") >= HOLE[0]) & (pl.col("ts") < HOLE[1]))
+    assert stored["ts"].to_list() == hole["ts"].to_list()  # every minute of the hole, once
+    from_backup = stored.filter(pl.col("source") == "dukascopy:m1")
+    assert from_backup["ts"].to_list() == hole.filter(broken)["ts"].to_list()
+    assert from_backup["high"].to_list() == hole.filter(broken)["high"].to_list()
+    quarantine = read_candle_quarantine(warehouse, "EURUSD", DAY)
+    assert quarantine.height == 20 and set(quarantine["source"]) == {"polygon:m1"}
+    assert dict(quarantine.group_by("reason").len().iter_rows()) == {"missing_price": 1, "non_positive_price": 1, "inconsistent_ohlc": 18}
+    check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "candles_consistent")
+    assert not check.passed and check.severity.value == "WARN" and check.metadata["quarantined_rows"].value == 20
+    checks = checks_of(result)
+    assert all(v for k, v in checks.items() if k.startswith("aggregates:")), checks
+    h1 = read_bars(warehouse, "EURUSD", Timeframe.H1, PARTITION.start, PARTITION.end).filter(pl.col("ts") == HOLE[0])
+    assert h1["high"][0] == hole["high"].max() and h1["low"][0] == hole["low"].min()
 
 
 def test_external_data_reaches_features_only_from_when_it_was_known(warehouse, instance, tmp_path):

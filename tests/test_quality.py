@@ -1,4 +1,5 @@
-"""Tick validation: every bad row is quarantined with its reason; good rows are kept in order."""
+"""Tick and vendor-candle validation: every bad row is quarantined with its reason; good rows
+are kept in order."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from datetime import UTC, date, datetime, timedelta
 import polars as pl
 
 from models.instruments import AssetClass
-from models.quality import REASONS, TickRules, stored_violations, trading_gaps, validate_ticks
+from models.quality import CANDLE_REASONS, REASONS, TickRules, stored_violations, trading_gaps, validate_candles, validate_ticks
 from models.synthetic import generate_ticks
 from models.ticks import conform_ticks
+from resources.vendors.base import VENDOR_M1_SCHEMA
 
 START = datetime(2024, 3, 6, tzinfo=UTC)
 END = START + timedelta(days=1)
@@ -101,3 +103,32 @@ def test_gaps_count_only_open_market_time():
     assert trading_gaps(empty, saturday, saturday + timedelta(days=1), AssetClass.FX, timedelta(minutes=5)).is_empty()
     wednesday = trading_gaps(empty, START, END, AssetClass.FX, timedelta(minutes=5))
     assert wednesday["open_minutes"].to_list() == [1440]
+
+
+def test_impossible_candles_get_their_reason_and_the_first_good_candle_of_a_minute_is_kept():
+    good = {"open": 1.10, "high": 1.12, "low": 1.09, "close": 1.11, "volume": 10.0, "vwap": 1.105, "tick_count": 7}
+    rows = [
+        {**good, "ts": at(1)},
+        {**good, "ts": at(2), "high": 1.105},  # high below the close
+        {**good, "ts": at(3), "low": 1.111},  # low above the open and the close
+        {**good, "ts": at(4), "close": float("nan")},
+        {**good, "ts": at(5), "vwap": float("inf")},
+        {**good, "ts": at(6), "low": 0.0},
+        {**good, "ts": at(7), "open": None},
+        {**good, "ts": at(8), "volume": -1.0},
+        {**good, "ts": at(9), "volume": float("nan")},
+        {**good, "ts": at(1), "close": 1.095},  # a second candle for minute 1
+        {**good, "ts": END},
+        {**good, "ts": None},
+        {**good, "ts": at(10), "vwap": None, "volume": None},  # optional fields missing: fine
+    ]
+    raw = pl.DataFrame(rows, schema=VENDOR_M1_SCHEMA)
+    checked = validate_candles(raw, START, END)
+    assert checked.clean["ts"].to_list() == [at(1), at(10)]
+    assert checked.clean["close"].to_list() == [1.11, 1.11]  # the first of minute 1, not the repeat
+    assert checked.quarantine["reason"].to_list() == [
+        "inconsistent_ohlc", "inconsistent_ohlc", "non_finite_price", "non_finite_price", "non_positive_price",
+        "missing_price", "invalid_volume", "invalid_volume", "duplicate", "outside_partition", "missing_timestamp",
+    ]
+    assert checked.clean.height + checked.quarantine.height == raw.height
+    assert set(checked.reason_counts) <= set(CANDLE_REASONS)

@@ -244,6 +244,16 @@ class _Ring:
         return {name: column[start : self.end] for name, column in self.data.items()}
 
 
+def _impossible(values: dict[str, float]) -> str | None:
+    """Why a bar cannot be real (the rules the candles' ``ohlc_consistent`` check holds), or None."""
+    o, h, l, c = values["open"], values["high"], values["low"], values["close"]
+    if not all(math.isfinite(x) and x > 0 for x in (o, h, l, c)):
+        return f"prices must be finite and positive (open {o}, high {h}, low {l}, close {c})"
+    if l > min(o, c) or h < max(o, c):
+        return f"low <= open, close <= high does not hold (open {o}, high {h}, low {l}, close {c})"
+    return None
+
+
 class RollingFeatures:
     """Feed closed bars in order with :meth:`update`; get each bar's feature row back."""
 
@@ -280,6 +290,9 @@ class RollingFeatures:
         row = bar.row(0, named=True)
         opened: datetime = row["ts"]
         values = {name: math.nan if row[name] is None else float(row[name]) for name in _COLUMNS}
+        problem = _impossible(values)
+        if problem:  # refused before any state moves: one bad bar must not poison every recursion
+            raise ValueError(f"{row['symbol']} bar at {opened} refused, the window is unchanged: {problem}")
         self._append(opened, values, row["symbol"])
         arrays = _LiveArrays(self._ring.tail(TAIL))
         self._advance(opened, values, float(arrays.ad_step[-1]))  # the batch code's per-bar input

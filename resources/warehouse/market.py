@@ -131,10 +131,27 @@ _CANDLE_COLUMNS = ["symbol", "ts", "open", "high", "low", "close", "volume", "vw
 _CANDLE_WINDOW = "symbol = {symbol:String} AND ts >= {start:DateTime('UTC')} AND ts < {end:DateTime('UTC')}"
 
 
-def write_vendor_candles(warehouse: Warehouse, symbol: str, start: datetime, end: datetime, candles: pl.DataFrame) -> None:
-    """Replace the vendor candles of ``symbol`` opening in ``[start, end)``."""
+_CANDLE_QUARANTINE_COLUMNS = ["symbol", "day", *_CANDLE_COLUMNS[1:], "reason"]
+
+
+def write_vendor_candles(
+    warehouse: Warehouse, symbol: str, start: datetime, end: datetime, candles: pl.DataFrame, quarantine: pl.DataFrame
+) -> None:
+    """Replace the vendor candles of ``symbol`` opening in ``[start, end)`` and that day's quarantine."""
+    params = {"symbol": symbol, "start": start, "end": end, "day": start.date()}
     rows = candles.with_columns(pl.lit(symbol).alias("symbol")).select(_CANDLE_COLUMNS)
-    warehouse.replace("vendor_candles", _CANDLE_WINDOW, {"symbol": symbol, "start": start, "end": end}, rows)
+    warehouse.replace("vendor_candles", _CANDLE_WINDOW, params, rows)
+    rejected = quarantine.with_columns(pl.lit(symbol).alias("symbol"), pl.lit(start.date()).alias("day"))
+    warehouse.replace("vendor_candles_quarantine", "symbol = {symbol:String} AND day = {day:Date}", params,
+                      rejected.select(_CANDLE_QUARANTINE_COLUMNS))
+
+
+def read_candle_quarantine(warehouse: Warehouse, symbol: str, day: date) -> pl.DataFrame:
+    return warehouse.query_frame(
+        f"SELECT {', '.join(_CANDLE_QUARANTINE_COLUMNS)} FROM vendor_candles_quarantine "
+        "WHERE symbol = {symbol:String} AND day = {day:Date} ORDER BY ts",
+        {"symbol": symbol, "day": day},
+    )
 
 
 def read_vendor_candles(warehouse: Warehouse, symbol: str, start: datetime, end: datetime) -> pl.DataFrame:

@@ -195,6 +195,31 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        6,
+        "vendor_candles_quarantine (impossible vendor candles, kept with their reason)",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS vendor_candles_quarantine (
+                symbol LowCardinality(String),
+                day Date COMMENT 'the partition that received the row',
+                ts Nullable(DateTime('UTC')),
+                open Nullable(Float64),
+                high Nullable(Float64),
+                low Nullable(Float64),
+                close Nullable(Float64),
+                volume Nullable(Float64),
+                vwap Nullable(Float64),
+                tick_count Nullable(UInt32),
+                source LowCardinality(String),
+                reason LowCardinality(String),
+                quarantined_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = MergeTree
+            PARTITION BY toYYYYMM(day)
+            ORDER BY (symbol, day, reason)
+            """,
+        ),
+    ),
 )
 
 
