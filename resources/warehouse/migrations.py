@@ -203,7 +203,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             CREATE TABLE IF NOT EXISTS vendor_candles_quarantine (
                 symbol LowCardinality(String),
                 day Date COMMENT 'the partition that received the row',
-                ts Nullable(DateTime('UTC')),
+                ts Nullable(DateTime64(3, 'UTC')) COMMENT 'as received, sub-minute stamps included',
                 open Nullable(Float64),
                 high Nullable(Float64),
                 low Nullable(Float64),
