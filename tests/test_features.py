@@ -57,14 +57,16 @@ def test_catalog_is_generated_from_the_registry():
     )
 
 
-def _live_against_batch(bars: pl.DataFrame, tf: Timeframe, boundary: DayBoundary) -> tuple[int, dict[str, float]]:
-    batch = compute_features(bars, tf, boundary).select(FEATURE_NAMES).to_numpy().astype(np.float64)
+def _live_against_batch(
+    bars: pl.DataFrame, tf: Timeframe, boundary: DayBoundary, external: ExternalData | None = None
+) -> tuple[int, dict[str, float]]:
+    batch = compute_features(bars, tf, boundary, external).select(FEATURE_NAMES).to_numpy().astype(np.float64)
     live = RollingFeatures(tf, boundary)
     live.seed(bars.head(WARMUP_BARS - 1))  # the runner starts from the warehouse's newest bars
     worst = np.zeros(len(FEATURE_NAMES))
     compared = 0
     for i in range(WARMUP_BARS - 1, bars.height):
-        row = live.update(bars.slice(i, 1))
+        row = live.update(bars.slice(i, 1), external)
         assert live.warm and row["ts"] == bars["ts"][i]
         vector = np.array([row[name] for name in FEATURE_NAMES], dtype=np.float64)
         assert np.array_equal(np.isnan(vector), np.isnan(batch[i])), (i, [n for n, a, b in zip(FEATURE_NAMES, np.isnan(vector), np.isnan(batch[i]), strict=True) if a != b])
@@ -85,6 +87,31 @@ def test_live_vector_equals_the_batch_row_across_a_weekend_under_the_new_york_bo
     bars = history("EURUSD", date(2024, 2, 27), 9)  # a closed weekend inside; H4 context on the 17:00 day
     compared, offenders = _live_against_batch(bars, Timeframe.M5, DayBoundary.NEW_YORK_17)
     assert compared > 500 and not offenders
+
+
+def test_live_vector_equals_the_batch_row_with_external_data(btc_m5):
+    """Values revised while the bars run (some known exactly at a bar's close), events
+    announced early or late, some without a surprise: live and batch see the same."""
+    rng = np.random.default_rng(3)
+    closes = btc_m5["ts"].dt.offset_by("5m")
+    first, last = closes[WARMUP_BARS - 1], closes[-1]
+    span = (last - first).total_seconds()
+    moments = [first + timedelta(seconds=float(x)) for x in rng.uniform(-86_400, span, 40)] + list(closes.gather([1600, 1700]))
+    names = ["fred_fedfunds", "fred_dgs10_change", "commodity_gold_ret_1d"]
+    values = pl.DataFrame({"known_at": moments, "name": [names[i % 3] for i in range(len(moments))],
+                           "value": rng.normal(size=len(moments))}).with_columns(pl.col("known_at").dt.cast_time_unit("ms"))
+    releases = [first + timedelta(hours=float(h)) for h in np.sort(rng.uniform(-24, span / 3600, 30))]
+    events = pl.DataFrame({
+        "ts": releases,
+        "known_at": [t - timedelta(hours=float(h)) for t, h in zip(releases, rng.choice([-1.0, 2.0, 48.0], 30), strict=True)],
+        "surprise": [None if i % 4 == 0 else float(x) for i, x in enumerate(rng.normal(size=30))],
+    }).with_columns(pl.col("ts", "known_at").dt.cast_time_unit("ms"))
+    external = ExternalData(values=values, events=events)
+    compared, offenders = _live_against_batch(btc_m5, Timeframe.M5, DayBoundary.UTC, external)
+    assert compared > 500 and not offenders
+    batch = compute_features(btc_m5, Timeframe.M5, external=external).slice(WARMUP_BARS - 1)
+    assert batch["fred_fedfunds"].n_unique() > 3 and batch["event_hours_to_next"].null_count() < batch.height
+    assert batch["event_last_surprise"].n_unique() > 3
 
 
 def test_live_refuses_bars_out_of_order(btc_m5):

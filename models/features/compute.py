@@ -57,18 +57,18 @@ _LN2 = float(np.log(2))
 """numpy error state the families run under (``np.errstate(**QUIET)``): _div handles 0 and NaN."""
 
 
-def _div(a: np.ndarray, b: np.ndarray | float) -> np.ndarray:
+def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a / b with 0 where b is 0 (a flat bar has no range to be a fraction of); NaN stays NaN."""
-    out = np.true_divide(a, b)
-    if np.count_nonzero(b) != np.size(b):  # the cheap test: it runs ~60 times per live bar
+    out = a / b
+    if np.count_nonzero(b) != b.size:  # the cheap test (``b.size``, not ``np.size``): ~60 calls per live bar
         out = np.where(np.equal(b, 0) & (a == a), 0.0, out)
     return out
 
 
 def _shift(x: np.ndarray, k: int) -> np.ndarray:
-    out = np.full(len(x), np.nan)
-    if k < len(x):
-        out[k:] = x[: len(x) - k]
+    out = np.empty(len(x))
+    out[:k] = np.nan
+    out[k:] = x[: max(len(x) - k, 0)]
     return out
 
 
@@ -81,10 +81,13 @@ def _decayed_sum(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def _windows(x: np.ndarray, n: int, start: int, stop: int) -> np.ndarray:
-    """Rows ``start..stop-1`` of the length-``n`` trailing windows of ``x`` (a read-only view;
-    ``as_strided`` because ``sliding_window_view`` costs ~15 us of checks per call)."""
+    """Rows ``start..stop-1`` of the length-``n`` trailing windows of ``x``: a read-only view,
+    made directly (``as_strided`` costs ~3 us per call, ``sliding_window_view`` ~8)."""
+    x = np.ascontiguousarray(x)
     step = x.strides[0]
-    return np.lib.stride_tricks.as_strided(x[start - n + 1 :], shape=(stop - start, n), strides=(step, step), writeable=False)
+    view = np.ndarray((stop - start, n), dtype=x.dtype, buffer=x, offset=(start - n + 1) * step, strides=(step, step))
+    view.flags.writeable = False
+    return view
 
 
 def _rolling_shape(x: np.ndarray, n: int, first: int = 0, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
@@ -95,9 +98,10 @@ def _rolling_shape(x: np.ndarray, n: int, first: int = 0, chunk: int = 65_536) -
     for start in range(max(n - 1, first), len(x), chunk):
         stop = min(start + chunk, len(x))
         windows = _windows(x, n, start, stop)
-        centred = windows - (windows.sum(axis=1) / n)[:, None]
+        total = np.add.reduce  # ndarray.sum without its Python layer
+        centred = windows - (total(windows, axis=1) / n)[:, None]
         squared = centred * centred
-        m2, m3, m4 = squared.sum(axis=1) / n, (squared * centred).sum(axis=1) / n, (squared * squared).sum(axis=1) / n
+        m2, m3, m4 = total(squared, axis=1) / n, total(squared * centred, axis=1) / n, total(squared * squared, axis=1) / n
         skew[start:stop], kurt[start:stop] = m3 / m2**1.5, m4 / m2**2 - 3.0
     return skew, kurt
 
@@ -296,10 +300,8 @@ def _candle(b: BarArrays) -> dict[str, np.ndarray]:
 
 
 def _patterns(b: BarArrays) -> dict[str, np.ndarray]:
-    return {
-        f"pattern_{name[3:].lower()}": np.sign(getattr(ta, name)(b.o, b.h, b.l, b.c), dtype=np.float64)
-        for name in PATTERNS
-    }
+    signs = np.sign([getattr(ta, name)(b.o, b.h, b.l, b.c) for name in PATTERNS], dtype=np.float64)  # a row each
+    return {f"pattern_{name[3:].lower()}": row for name, row in zip(PATTERNS, signs, strict=True)}
 
 
 def _fibonacci(b: BarArrays) -> dict[str, np.ndarray]:
@@ -406,27 +408,19 @@ def _context(bars: pl.DataFrame, frame: pl.DataFrame, tf: Timeframe, boundary: D
     return out
 
 
-def external_features(frame: pl.DataFrame, external: ExternalData | None) -> dict[str, np.ndarray]:
-    """External features known at each bar's close; null where nothing was known yet.
+def external_features(close_ms: np.ndarray, external: ExternalData | None) -> dict[str, np.ndarray]:
+    """External features known at each bar's close (epoch ms); null where nothing was known yet.
 
     ``external.values`` holds long rows ``(known_at, name, value)`` named after registered
-    features (latest value wins); ``external.events`` the symbol's high-impact events.
+    features (the latest known value wins); ``external.events`` the symbol's high-impact events.
     """
-    out = {name: np.full(frame.height, np.nan) for name in EXTERNAL_FEATURES}
+    out = {name: np.full(len(close_ms), np.nan) for name in EXTERNAL_FEATURES}
     if external is None:
         return out
-    out |= event_features(frame["close_ts"], external.events)
-    values = external.values
-    if values is None or values.is_empty():
-        return out
-    unknown = set(values["name"].unique()) - set(EXTERNAL_FEATURES)
+    unknown = set(external.names) - set(EXTERNAL_FEATURES)
     if unknown:
         raise ValueError(f"external rows for unregistered features {sorted(unknown)}; registered: {EXTERNAL_FEATURES}")
-    for name, rows in values.sort("known_at").partition_by("name", as_dict=True).items():
-        series = rows.select(pl.col("known_at").cast(TS), pl.col("value").cast(pl.Float64))
-        joined = frame.select("close_ts").join_asof(series, left_on="close_ts", right_on="known_at", strategy="backward")
-        out[name[0]] = joined["value"].fill_null(np.nan).to_numpy()
-    return out
+    return out | event_features(close_ms, external.event_arrays) | external.values_at(close_ms)
 
 
 def interactions(values: dict) -> dict:
@@ -468,7 +462,7 @@ def compute_features(
             values |= {name: column[keep] for name, column in family(b).items()}
     values |= clock_features(rows)
     values |= _context(bars, rows, tf, boundary)
-    values |= external_features(rows, external)
+    values |= external_features(rows["close_ts"].dt.epoch("ms").to_numpy(), external)
     values |= interactions(values)
     return rows.with_columns(
         pl.Series(name, values[name], dtype=pl.Float64, nan_to_null=True) for name in FEATURE_NAMES

@@ -11,7 +11,7 @@ its ``known_at``. These functions turn them into what :func:`compute_features` j
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
@@ -28,10 +28,69 @@ COMMODITY_FEATURE_NAMES = ("gold", "wti", "dxy")
 _MAX_UNKNOWN_AHEAD = 8  # events scheduled next but not yet announced, skipped per bar
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ExternalData:
+    """What the features may join, prepared once as sorted arrays, so that looking up a
+    partition's bar closes or the live runner's newest close is a binary search (the same
+    code for both; the live vector cannot afford a polars join per bar)."""
+
     values: pl.DataFrame | None = None  # (known_at, name, value)
     events: pl.DataFrame | None = None  # (ts, known_at, surprise)
+    names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    value_arrays: tuple[np.ndarray, np.ndarray] = field(init=False, repr=False, compare=False)
+    event_arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names, keys, values = _value_arrays(self.values)
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "value_arrays", (keys, values))
+        object.__setattr__(self, "event_arrays", _event_arrays(self.events))
+
+    def values_at(self, close_ms: np.ndarray) -> dict[str, np.ndarray]:
+        """Per name, the value known last at or before each close (epoch ms); NaN before any.
+
+        One binary search for every name at once: the rows are sorted by the key
+        ``name index * 2**42 + known_at ms``, so a close's key for a name finds that name's
+        last row known by then, or a row of an earlier name (nothing known yet)."""
+        keys, values = self.value_arrays
+        index = np.arange(len(self.names))[:, None]
+        last = np.searchsorted(keys, (index << _NAME_SHIFT) + close_ms[None, :], side="right") - 1
+        found = (last >= 0) & ((keys[np.maximum(last, 0)] >> _NAME_SHIFT) == index)
+        picked = np.where(found, values[np.maximum(last, 0)], np.nan)
+        return dict(zip(self.names, picked, strict=True))
+
+
+_NAME_SHIFT = 42  # epoch milliseconds stay below 2**42 until the year 2109
+
+
+def _value_arrays(values: pl.DataFrame | None) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """Names, sorted lookup keys (see :meth:`ExternalData.values_at`) and values. Rows known
+    at the same moment keep their order, so the one given last is the one a lookup finds."""
+    if values is None or values.is_empty():
+        return (), np.empty(0, dtype=np.int64), np.empty(0)
+    names = tuple(sorted(values["name"].cast(pl.String).unique()))
+    rows = values.select(
+        (pl.col("name").cast(pl.String).replace_strict(names, range(len(names)), return_dtype=pl.Int64) * 2**_NAME_SHIFT
+         + pl.col("known_at").cast(UTC_MS).dt.epoch("ms")).alias("key"),
+        pl.col("value").cast(pl.Float64).fill_null(np.nan),
+    ).drop_nulls("key").sort("key", maintain_order=True)  # a value never known joins no bar
+    return names, rows["key"].to_numpy(), rows["value"].to_numpy()
+
+
+def _event_arrays(events: pl.DataFrame | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """By release time: release times and when each was known (epoch ms), surprises, and
+    the index of the latest event up to each one that has a surprise (-1: none yet)."""
+    if events is None or events.is_empty():
+        return None
+    ordered = events.sort("ts", maintain_order=True)
+    surprise = ordered["surprise"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+    latest_with = np.maximum.accumulate(np.where(np.isnan(surprise), -1, np.arange(len(surprise))))
+    return (
+        ordered["ts"].cast(UTC_MS).dt.epoch("ms").to_numpy(),
+        ordered["known_at"].cast(UTC_MS).dt.epoch("ms").to_numpy(),
+        surprise,
+        latest_with,
+    )
 
 
 def fred_values(vintages: pl.DataFrame) -> pl.DataFrame:
@@ -97,34 +156,28 @@ def symbol_events(events: pl.DataFrame, currencies: tuple[str, ...]) -> pl.DataF
     return high.select(pl.col("ts").cast(UTC_MS), pl.col("known_at").cast(UTC_MS), surprise.alias("surprise")).sort("ts")
 
 
-def event_features(close_ts: pl.Series, events: pl.DataFrame | None) -> dict[str, np.ndarray]:
-    """Hours to the next event known at each close, hours since the last, its surprise."""
-    n = close_ts.len()
+def event_features(close_ms: np.ndarray, events: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """Hours to the next event known at each close (epoch ms), hours since the last, its surprise."""
+    n = len(close_ms)
     out = {name: np.full(n, np.nan) for name in ("event_hours_to_next", "event_hours_since_last", "event_last_surprise")}
-    if events is None or events.is_empty() or n == 0:
+    if events is None or n == 0:
         return out
-    t = close_ts.cast(UTC_MS).dt.epoch("ms").to_numpy()
-    ts = events["ts"].cast(UTC_MS).dt.epoch("ms").to_numpy()
-    known = events["known_at"].cast(UTC_MS).dt.epoch("ms").to_numpy()
-    surprise = events["surprise"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+    t = close_ms
+    ts, known, surprise, latest_with = events
     hour = 3_600_000.0
     last = np.searchsorted(ts, t, side="right") - 1  # events at or before the close have happened
     happened = last >= 0
     out["event_hours_since_last"] = np.where(happened, (t - ts[np.clip(last, 0, None)]) / hour, np.nan)
     # the last surprise: latest event at or before the close that has one
-    has = ~np.isnan(surprise)
-    latest_with = np.maximum.accumulate(np.where(has, np.arange(len(ts)), -1))
     pick = np.where(happened, latest_with[np.clip(last, 0, None)], -1)
     out["event_last_surprise"] = np.where(pick >= 0, surprise[np.clip(pick, 0, None)], np.nan)
-    # the next event that was already announced at the close
-    nxt = np.full(n, np.nan)
-    for k in range(_MAX_UNKNOWN_AHEAD):
-        index = last + 1 + k
-        valid = (index < len(ts)) & np.isnan(nxt)
-        safe = np.clip(index, 0, len(ts) - 1)
-        usable = valid & (known[safe] <= t)
-        nxt = np.where(usable, (ts[safe] - t) / hour, nxt)
-    out["event_hours_to_next"] = nxt
+    # the next event that was already announced at the close, among the next few scheduled
+    ahead = (last + 1)[:, None] + np.arange(_MAX_UNKNOWN_AHEAD)
+    safe = np.minimum(ahead, len(ts) - 1)
+    usable = (ahead < len(ts)) & (known[safe] <= t[:, None])
+    first = usable.argmax(axis=1)
+    rows = np.arange(n)
+    out["event_hours_to_next"] = np.where(usable[rows, first], (ts[safe[rows, first]] - t) / hour, np.nan)
     return out
 
 

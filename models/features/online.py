@@ -306,8 +306,8 @@ class RollingFeatures:
         for higher in self._higher:
             out |= higher.values
         if external is not None:
-            one = pl.DataFrame({"close_ts": [closed]}, schema={"close_ts": TS})
-            out |= {name: float(column[0]) for name, column in external_features(one, external).items()}
+            close_ms = np.array((int(closed.timestamp() * 1000),))
+            out |= {name: float(column[0]) for name, column in external_features(close_ms, external).items()}
         else:
             out |= {name: math.nan for name in EXTERNAL_FEATURES}
         out |= interactions(out)
