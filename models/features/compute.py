@@ -414,13 +414,13 @@ def external_features(close_ms: np.ndarray, external: ExternalData | None) -> di
     ``external.values`` holds long rows ``(known_at, name, value)`` named after registered
     features (the latest known value wins); ``external.events`` the symbol's high-impact events.
     """
-    out = {name: np.full(len(close_ms), np.nan) for name in EXTERNAL_FEATURES}
-    if external is None:
-        return out
-    unknown = set(external.names) - set(EXTERNAL_FEATURES)
+    unknown = set(external.names) - set(EXTERNAL_FEATURES) if external is not None else ()
     if unknown:
         raise ValueError(f"external rows for unregistered features {sorted(unknown)}; registered: {EXTERNAL_FEATURES}")
-    return out | event_features(close_ms, external.event_arrays) | external.values_at(close_ms)
+    known = event_features(close_ms, external.event_arrays) | external.values_at(close_ms) if external is not None else {}
+    nothing = np.full(len(close_ms), np.nan)
+    nothing.flags.writeable = False  # shared by every feature without data
+    return {name: known.get(name, nothing) for name in EXTERNAL_FEATURES}
 
 
 def interactions(values: dict) -> dict:

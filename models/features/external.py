@@ -159,18 +159,18 @@ def symbol_events(events: pl.DataFrame, currencies: tuple[str, ...]) -> pl.DataF
 def event_features(close_ms: np.ndarray, events: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None) -> dict[str, np.ndarray]:
     """Hours to the next event known at each close (epoch ms), hours since the last, its surprise."""
     n = len(close_ms)
-    out = {name: np.full(n, np.nan) for name in ("event_hours_to_next", "event_hours_since_last", "event_last_surprise")}
     if events is None or n == 0:
-        return out
+        return {name: np.full(n, np.nan) for name in ("event_hours_to_next", "event_hours_since_last", "event_last_surprise")}
     t = close_ms
     ts, known, surprise, latest_with = events
     hour = 3_600_000.0
     last = np.searchsorted(ts, t, side="right") - 1  # events at or before the close have happened
     happened = last >= 0
-    out["event_hours_since_last"] = np.where(happened, (t - ts[np.clip(last, 0, None)]) / hour, np.nan)
+    last_or_first = np.maximum(last, 0)  # a valid index where none happened (masked below)
+    out = {"event_hours_since_last": np.where(happened, (t - ts[last_or_first]) / hour, np.nan)}
     # the last surprise: latest event at or before the close that has one
-    pick = np.where(happened, latest_with[np.clip(last, 0, None)], -1)
-    out["event_last_surprise"] = np.where(pick >= 0, surprise[np.clip(pick, 0, None)], np.nan)
+    pick = np.where(happened, latest_with[last_or_first], -1)
+    out["event_last_surprise"] = np.where(pick >= 0, surprise[np.maximum(pick, 0)], np.nan)
     # the next event that was already announced at the close, among the next few scheduled
     ahead = (last + 1)[:, None] + np.arange(_MAX_UNKNOWN_AHEAD)
     safe = np.minimum(ahead, len(ts) - 1)
