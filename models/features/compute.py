@@ -22,7 +22,6 @@ from models.candles import rollup_bars
 from models.features.external import ExternalData, event_features
 from models.features.registry import FEATURE_NAMES, FEATURES, FIB_LEVELS, PATTERNS
 from models.sessions import london_session, minutes_after_rollover, new_york_session, tokyo_session
-from models.ticks import TS
 from models.timeframes import DayBoundary, Timeframe, bar_close_expr
 
 # Higher timeframes for context, chosen so 16 completed bars fit in the warm-up window.
