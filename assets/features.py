@@ -21,6 +21,7 @@ from dagster import (
 
 from assets.partitions import DAY_SYMBOL, DaySymbol, require_upstream, same_symbol_days
 from models.features.compute import EXTERNAL_FEATURES, compute_features
+from models.features.external import ExternalData
 from models.features.labels import HORIZONS, LABEL_NAMES, compute_labels
 from models.features.lookahead import lookahead_violations
 from models.features.registry import FEATURE_NAMES, WARMUP_BARS, feature_set_version
@@ -54,7 +55,8 @@ _FOLLOW_CANDLES = (
 
 
 def _check_results(
-    rows: pl.DataFrame, bars_by_tf: dict, partition: DaySymbol, conventions: MarketConventionsResource, horizon
+    rows: pl.DataFrame, bars_by_tf: dict, partition: DaySymbol, conventions: MarketConventionsResource, horizon,
+    external: ExternalData,
 ) -> Iterable[AssetCheckResult]:
     warm = rows.filter(pl.col("warm") == 1)
     missing = (
@@ -75,7 +77,7 @@ def _check_results(
         cuts = sorted(rng.sample(in_day, min(_LOOKAHEAD_CUTS, len(in_day))))
         cuts_done += len(cuts)
         # The reference saw the label look-ahead bars too: a stricter comparison, for free.
-        for name, diff in lookahead_violations(bars, tf, cuts, conventions.day_boundary, full=features).items():
+        for name, diff in lookahead_violations(bars, tf, cuts, conventions.day_boundary, full=features, external=external).items():
             offenders[f"{tf.value}:{name}"] = diff
     yield AssetCheckResult(
         check_name="no_lookahead",
@@ -154,5 +156,5 @@ def ml_features(
             "calendar_events": external.events.height if external.events is not None else 0,
             "duration_seconds": round(time.perf_counter() - started, 3),
         },
-        check_results=list(_check_results(all_rows, bars_by_tf, partition, conventions, horizon)),
+        check_results=list(_check_results(all_rows, bars_by_tf, partition, conventions, horizon, external)),
     )

@@ -89,9 +89,10 @@ def test_live_vector_equals_the_batch_row_across_a_weekend_under_the_new_york_bo
     assert compared > 500 and not offenders
 
 
-def test_live_vector_equals_the_batch_row_with_external_data(btc_m5):
-    """Values revised while the bars run (some known exactly at a bar's close), events
-    announced early or late, some without a surprise: live and batch see the same."""
+@pytest.fixture(scope="module")
+def btc_external(btc_m5) -> ExternalData:
+    """Values revised while the bars run (two known exactly at a bar's close), events
+    announced early or late, some without a surprise."""
     rng = np.random.default_rng(3)
     closes = btc_m5["ts"].dt.offset_by("5m")
     first, last = closes[WARMUP_BARS - 1], closes[-1]
@@ -106,10 +107,13 @@ def test_live_vector_equals_the_batch_row_with_external_data(btc_m5):
         "known_at": [t - timedelta(hours=float(h)) for t, h in zip(releases, rng.choice([-1.0, 2.0, 48.0], 30), strict=True)],
         "surprise": [None if i % 4 == 0 else float(x) for i, x in enumerate(rng.normal(size=30))],
     }).with_columns(pl.col("ts", "known_at").dt.cast_time_unit("ms"))
-    external = ExternalData(values=values, events=events)
-    compared, offenders = _live_against_batch(btc_m5, Timeframe.M5, DayBoundary.UTC, external)
+    return ExternalData(values=values, events=events)
+
+
+def test_live_vector_equals_the_batch_row_with_external_data(btc_m5, btc_external):
+    compared, offenders = _live_against_batch(btc_m5, Timeframe.M5, DayBoundary.UTC, btc_external)
     assert compared > 500 and not offenders
-    batch = compute_features(btc_m5, Timeframe.M5, external=external).slice(WARMUP_BARS - 1)
+    batch = compute_features(btc_m5, Timeframe.M5, external=btc_external).slice(WARMUP_BARS - 1)
     assert batch["fred_fedfunds"].n_unique() > 3 and batch["event_hours_to_next"].null_count() < batch.height
     assert batch["event_last_surprise"].n_unique() > 3
 
@@ -132,6 +136,15 @@ def test_live_refuses_an_impossible_bar_and_its_state_stays_clean(btc_m5, fault)
     row = live.update(btc_m5.slice(WARMUP_BARS - 1, 1))  # the real bar, at the same time, is taken
     live_vector, batch_vector = (np.array([r[n] for n in FEATURE_NAMES], dtype=np.float64) for r in (row, batch))  # None: NaN
     assert np.allclose(live_vector, batch_vector, rtol=0, atol=1e-9, equal_nan=True)
+
+
+def test_no_feature_looks_ahead_with_external_data_cut_to_what_was_known(btc_m5, btc_external):
+    """The check cuts the external data too (values known by the cut's close, events announced
+    or past): the as-of joins give the same values, so nothing is flagged."""
+    cuts = sorted(random.Random(11).sample(range(WARMUP_BARS, btc_m5.height - 1), 12))
+    full = compute_features(btc_m5, Timeframe.M5, external=btc_external)
+    assert full["fred_fedfunds"].gather(cuts).null_count() < len(cuts)  # the cuts do see external values
+    assert lookahead_violations(btc_m5, Timeframe.M5, cuts, full=full, external=btc_external) == {}
 
 
 def test_no_feature_looks_ahead(btc_m5):

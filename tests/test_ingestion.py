@@ -221,7 +221,8 @@ def test_external_data_reaches_features_only_from_when_it_was_known(warehouse, i
         for partition in btc:
             assert materialize([market_ticks, aggregates], partition_key=partition.key, instance=instance, resources=res).success
         for partition in btc:
-            assert materialize([ml_features], partition_key=partition.key, instance=instance, resources=res).success
+            features = materialize([ml_features], partition_key=partition.key, instance=instance, resources=res)
+            assert features.success and all(checks_of(features).values()), checks_of(features)
     dff = warehouse.query_frame(
         "SELECT observation_date, value, realtime_start, week FROM external_fred_indicators WHERE series_id = 'DFF' "
         "ORDER BY observation_date, realtime_start")

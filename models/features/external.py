@@ -12,6 +12,7 @@ its ``known_at``. These functions turn them into what :func:`compute_features` j
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import numpy as np
 import polars as pl
@@ -45,6 +46,12 @@ class ExternalData:
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "value_arrays", (keys, values))
         object.__setattr__(self, "event_arrays", _event_arrays(self.events))
+
+    def known_by(self, moment: datetime) -> ExternalData:
+        """What could be known at ``moment``: values known by then, events announced or past."""
+        values = None if self.values is None else self.values.filter(pl.col("known_at") <= moment)
+        events = None if self.events is None else self.events.filter((pl.col("known_at") <= moment) | (pl.col("ts") <= moment))
+        return ExternalData(values, events)
 
     def values_at(self, close_ms: np.ndarray) -> dict[str, np.ndarray]:
         """Per name, the value known last at or before each close (epoch ms); NaN before any.
