@@ -262,7 +262,9 @@ class RollingFeatures:
         self._ring = _Ring(window)
         self._state = _Recursions()
         self._higher = [_HigherBars(k, higher, boundary) for k, higher in enumerate(CONTEXT_TIMEFRAMES[tf], start=1)]
-        self._clock: dict[datetime, dict[str, float]] = {}
+        self._clock_row: dict[datetime, int] = {}  # bar close -> row of _clock_values
+        self._clock_names: tuple[str, ...] = ()
+        self._clock_values: list[list[float]] = []
         self._seen = 0
         self._last_ts: datetime | None = None
         self._symbol = ""
@@ -332,15 +334,17 @@ class RollingFeatures:
 
     def _clock_at(self, closed: datetime) -> dict[str, float]:
         """Clock features by the batch code, computed for the next bar closes in one call."""
-        if closed not in self._clock:
+        if closed not in self._clock_row:
             closes, at = [], closed
             for _ in range(_CLOCK_CHUNK):
                 closes.append(at)
                 at = bar_close_at(at, self.tf, self.boundary)
             frame = pl.DataFrame({"close_ts": closes}, schema={"close_ts": TS})
             columns = clock_features(frame)
-            self._clock = {t: {name: float(column[i]) for name, column in columns.items()} for i, t in enumerate(closes)}
-        return self._clock[closed]
+            self._clock_row = {t: i for i, t in enumerate(closes)}
+            self._clock_names = tuple(columns)
+            self._clock_values = np.column_stack(list(columns.values())).tolist()
+        return dict(zip(self._clock_names, self._clock_values[self._clock_row[closed]], strict=True))
 
     @property
     def warm(self) -> bool:
