@@ -83,6 +83,13 @@ def test_live_vector_equals_the_batch_row_for_every_bar(btc_m5):
     assert not offenders
 
 
+def test_live_vector_equals_the_batch_row_on_m1_bars_with_daily_breaks():
+    """A longer run on M1 (M15 and H1 context) through the metal's daily maintenance breaks."""
+    bars = history("XAUUSD", date(2024, 3, 5), 3, Timeframe.M1)
+    compared, offenders = _live_against_batch(bars, Timeframe.M1, DayBoundary.UTC)
+    assert compared > 2_000 and not offenders
+
+
 def test_live_vector_equals_the_batch_row_across_a_weekend_under_the_new_york_boundary():
     bars = history("EURUSD", date(2024, 2, 27), 9)  # a closed weekend inside; H4 context on the 17:00 day
     compared, offenders = _live_against_batch(bars, Timeframe.M5, DayBoundary.NEW_YORK_17)
