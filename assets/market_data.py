@@ -27,7 +27,7 @@ from dagster import (
 from assets.partitions import DAY_SYMBOL, DaySymbol, require_upstream, same_symbol_days
 from models.candles import VENDOR_CANDLE_SUFFIX, bars_for_window, carried_bar_opens, vendor_m1_bars, window_lookback_start
 from models.instruments import instrument
-from models.quality import inside_gaps, stored_violations, trading_gaps, validate_candles, validate_ticks
+from models.quality import inconsistent_ohlc, inside_gaps, stored_violations, trading_gaps, validate_candles, validate_ticks
 from models.ticks import MalformedTicksError, conform_ticks
 from models.timeframes import ALL_TIMEFRAMES, bar_open_expr
 from resources.conventions import MarketConventionsResource
@@ -291,8 +291,7 @@ def _bar_check_results(
     conventions: MarketConventionsResource,
 ) -> Iterable[AssetCheckResult]:
     price_ok = (
-        (pl.col("low") <= pl.min_horizontal("open", "close"))
-        & (pl.col("high") >= pl.max_horizontal("open", "close"))
+        ~inconsistent_ohlc()
         & (pl.col("low") > 0)
         & (pl.col("tick_count") > 0)
         & (pl.col("spread_mean").fill_null(0) >= 0)

@@ -146,17 +146,21 @@ class CandleValidation:
     reason_counts: dict[str, int] = field(default_factory=dict)
 
 
+def inconsistent_ohlc() -> pl.Expr:
+    """A candle whose low is above its open or close, or whose high is below them."""
+    return (pl.col("low") > pl.min_horizontal("open", "close")) | (pl.col("high") < pl.max_horizontal("open", "close"))
+
+
 def candle_reason_expr(start: datetime, end: datetime) -> pl.Expr:
     """The first reason a vendor candle is impossible, or null; duplicates are found separately."""
     prices = (*_OHLC, "vwap")  # a missing vwap is allowed (it defaults to the close), a broken one is not
-    low, high = pl.col("low"), pl.col("high")
     return (
         pl.when(pl.col("ts").is_null()).then(pl.lit("missing_timestamp"))
         .when((pl.col("ts") < start) | (pl.col("ts") >= end)).then(pl.lit("outside_partition"))
         .when(pl.any_horizontal(pl.col(c).is_null() for c in _OHLC)).then(pl.lit("missing_price"))
         .when(pl.any_horizontal(_finite_positive(c)[0] for c in prices)).then(pl.lit("non_finite_price"))
         .when(pl.any_horizontal(_finite_positive(c)[1] for c in prices)).then(pl.lit("non_positive_price"))
-        .when((low > pl.min_horizontal("open", "close")) | (high < pl.max_horizontal("open", "close"))).then(pl.lit("inconsistent_ohlc"))
+        .when(inconsistent_ohlc()).then(pl.lit("inconsistent_ohlc"))
         .when(pl.col("volume").is_not_null() & ~(pl.col("volume").is_finite() & (pl.col("volume") >= 0))).then(pl.lit("invalid_volume"))
         .otherwise(pl.lit(None, dtype=pl.String))
     )

@@ -245,7 +245,9 @@ class _Ring:
 
 
 def _impossible(values: dict[str, float]) -> str | None:
-    """Why a bar cannot be real (the rules the candles' ``ohlc_consistent`` check holds), or None."""
+    """Why a bar cannot be real, or None: the price rules of ``models.quality`` (finite,
+    positive, :func:`~models.quality.inconsistent_ohlc`) on one bar's floats, since a polars
+    expression per bar would cost more than the whole vector."""
     o, h, l, c = values["open"], values["high"], values["low"], values["close"]
     if not all(math.isfinite(x) and x > 0 for x in (o, h, l, c)):
         return f"prices must be finite and positive (open {o}, high {h}, low {l}, close {c})"
