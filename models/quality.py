@@ -96,22 +96,26 @@ def validate_ticks(
     raw: pl.DataFrame, symbol: str, start: datetime, end: datetime, rules: TickRules = TickRules()
 ) -> TickValidation:
     """Split ``raw`` ticks (TICK_SCHEMA) of ``symbol`` in ``[start, end)`` into clean and quarantined."""
-    tagged = raw.with_row_index("_arrival").with_columns(
-        reason_expr(symbol, start, end, _median_spread(raw), rules).alias("reason")
-    )
-    # Duplicates are judged among otherwise-good rows only, so a bad first copy cannot
-    # make a good second copy look duplicated.
-    good = tagged.filter(pl.col("reason").is_null())
-    dup_rows = good.filter(~pl.struct(raw.columns).is_first_distinct())["_arrival"]
-    tagged = tagged.with_columns(
-        pl.when(pl.col("_arrival").is_in(dup_rows.implode())).then(pl.lit("duplicate")).otherwise("reason").alias("reason")
-    )
-    clean = tagged.filter(pl.col("reason").is_null())
+    reasons = reason_expr(symbol, start, end, _median_spread(raw), rules)
+    clean, quarantine, counts = _split(raw, reasons, duplicate_of=pl.struct(raw.columns))  # an exact copy
     out_of_order = int((clean["ts"].diff() < timedelta(0)).sum())
-    clean = sort_ticks(clean.drop("reason", "_arrival")).with_row_index("seq").with_columns(pl.col("seq").cast(pl.UInt32))
-    quarantine = tagged.filter(pl.col("reason").is_not_null()).drop("_arrival")
-    counts = dict(quarantine.group_by("reason").len().iter_rows())
+    clean = sort_ticks(clean).with_row_index("seq").with_columns(pl.col("seq").cast(pl.UInt32))
     return TickValidation(clean=clean, quarantine=quarantine, out_of_order=out_of_order, reason_counts=counts)
+
+
+def _split(raw: pl.DataFrame, reasons: pl.Expr, duplicate_of: pl.Expr) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int]]:
+    """Rows without a reason (in arrival order), the others with their ``reason``, and the
+    count per reason. A good row that repeats an earlier good row by ``duplicate_of`` is a
+    ``duplicate``: judged among good rows only, so a bad first copy cannot make a good second
+    copy look duplicated."""
+    tagged = raw.with_row_index("_arrival").with_columns(reasons.alias("reason"))
+    repeated = tagged.filter(pl.col("reason").is_null()).filter(~duplicate_of.is_first_distinct())["_arrival"]
+    tagged = tagged.with_columns(
+        pl.when(pl.col("_arrival").is_in(repeated.implode())).then(pl.lit("duplicate")).otherwise("reason").alias("reason")
+    )
+    clean = tagged.filter(pl.col("reason").is_null()).drop("reason", "_arrival")
+    quarantine = tagged.filter(pl.col("reason").is_not_null()).drop("_arrival")
+    return clean, quarantine, dict(quarantine.group_by("reason").len().iter_rows())
 
 
 def stored_violations(
@@ -169,15 +173,8 @@ def candle_reason_expr(start: datetime, end: datetime) -> pl.Expr:
 def validate_candles(raw: pl.DataFrame, start: datetime, end: datetime) -> CandleValidation:
     """Split a vendor's one-minute candles (VENDOR_M1_SCHEMA) opening in ``[start, end)``
     into clean (the first good candle of each minute) and quarantined."""
-    tagged = raw.with_row_index("_arrival").with_columns(candle_reason_expr(start, end).alias("reason"))
-    good = tagged.filter(pl.col("reason").is_null())
-    repeated = good.filter(~pl.col("ts").is_first_distinct())["_arrival"]
-    tagged = tagged.with_columns(
-        pl.when(pl.col("_arrival").is_in(repeated.implode())).then(pl.lit("duplicate")).otherwise("reason").alias("reason")
-    )
-    clean = tagged.filter(pl.col("reason").is_null()).drop("reason", "_arrival").sort("ts")
-    quarantine = tagged.filter(pl.col("reason").is_not_null()).drop("_arrival")
-    return CandleValidation(clean, quarantine, dict(quarantine.group_by("reason").len().iter_rows()))
+    clean, quarantine, counts = _split(raw, candle_reason_expr(start, end), duplicate_of=pl.col("ts"))  # a second candle
+    return CandleValidation(clean.sort("ts"), quarantine, counts)
 
 
 def trading_gaps(
