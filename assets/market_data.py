@@ -25,11 +25,11 @@ from dagster import (
 )
 
 from assets.partitions import DAY_SYMBOL, DaySymbol, require_upstream, same_symbol_days
-from models.candles import VENDOR_CANDLE_SUFFIX, bars_for_window, carried_bar_opens, vendor_m1_bars, window_lookback_start
-from models.instruments import instrument
-from models.quality import inconsistent_ohlc, inside_gaps, stored_violations, trading_gaps, validate_candles, validate_ticks
-from models.ticks import MalformedTicksError, conform_ticks
-from models.timeframes import ALL_TIMEFRAMES, bar_open_expr
+from models.market.candles import VENDOR_CANDLE_SUFFIX, bars_for_window, carried_bar_opens, vendor_m1_bars, window_lookback_start
+from models.market.instruments import instrument
+from models.market.quality import inconsistent_ohlc, inside_gaps, stored_violations, trading_gaps, validate_candles, validate_ticks
+from models.market.ticks import MalformedTicksError, conform_ticks
+from models.market.timeframes import ALL_TIMEFRAMES, bar_open_expr
 from resources.conventions import MarketConventionsResource
 from resources.market_data import MarketDataResource
 from resources.vendors.base import (

@@ -12,8 +12,8 @@ import pandas as pd
 import polars as pl
 
 from benchmarks.common import best_of, synthetic_ticks
-from models.candles import aggregate_ticks
-from models.timeframes import ALL_TIMEFRAMES, DayBoundary
+from models.market.candles import aggregate_ticks
+from models.market.timeframes import ALL_TIMEFRAMES, DayBoundary
 
 _PANDAS_RULES = {"M1": "1min", "M5": "5min", "M15": "15min", "M30": "30min", "H1": "1h", "H4": "4h", "D1": "1D", "W1": "7D"}
 

@@ -8,7 +8,7 @@ from datetime import date, timedelta
 
 import polars as pl
 
-from models.synthetic import SyntheticMarketConfig, generate_ticks
+from models.market.synthetic import SyntheticMarketConfig, generate_ticks
 
 
 def best_of(fn: Callable[[], object], repeat: int = 3) -> float:

@@ -11,12 +11,12 @@ import pandas as pd
 import polars as pl
 
 from benchmarks.common import best_of
-from models.candles import BAR_SCHEMA
+from models.market.candles import BAR_SCHEMA
 from models.features import compute as engine
 from models.features.external import UTC_MS, ExternalData
 from models.features.online import RollingFeatures
 from models.features.registry import FEATURE_NAMES, WARMUP_BARS
-from models.timeframes import Timeframe
+from models.market.timeframes import Timeframe
 
 
 def synthetic_bars(n: int, seed: int = 1) -> pl.DataFrame:

@@ -37,7 +37,7 @@ def cmd_symbols(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
     from assets.partitions import SYMBOLS
-    from models.instruments import instrument
+    from models.market.instruments import instrument
     from orchestration.instance import ensure_dagster_home
 
     ensure_dagster_home()
@@ -67,7 +67,7 @@ def _summary_tables(warehouse, symbols: Sequence[str]) -> str:
         "WHERE symbol IN {symbols:Array(String)} GROUP BY symbol, timeframe",
         {"symbols": list(symbols)},
     )
-    from models.timeframes import ALL_TIMEFRAMES
+    from models.market.timeframes import ALL_TIMEFRAMES
 
     lines = ["market_ticks", f"  {'symbol':<8} {'ticks':>10}  first .. last"]
     for symbol, n, first, last in ticks.iter_rows():
@@ -127,7 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from assets.features import ml_features
     from assets.market_data import aggregates, market_ticks
     from assets.partitions import SYMBOLS, DaySymbol
-    from models.instruments import instrument
+    from models.market.instruments import instrument
     from orchestration.instance import dagster_home, ensure_dagster_home
     from orchestration.resources import resources_from_env
 
@@ -191,7 +191,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     from assets.market_data import aggregates, market_ticks, vendor_candles
     from assets.partitions import SYMBOLS, DaySymbol
-    from models.instruments import instrument
+    from models.market.instruments import instrument
     from orchestration.instance import ensure_dagster_home
     from orchestration.resources import resources_from_env
     from resources.market_data import MarketDataResource

@@ -7,8 +7,8 @@ from datetime import timedelta
 from dagster import ConfigurableResource
 from pydantic import Field, field_validator
 
-from models.quality import TickRules
-from models.timeframes import DayBoundary, Timeframe
+from models.market.quality import TickRules
+from models.market.timeframes import DayBoundary, Timeframe
 
 
 class MarketConventionsResource(ConfigurableResource):

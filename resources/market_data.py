@@ -16,8 +16,8 @@ import polars as pl
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from models.synthetic import SyntheticMarketConfig, generate_ticks
-from models.ticks import empty_ticks
+from models.market.synthetic import SyntheticMarketConfig, generate_ticks
+from models.market.ticks import empty_ticks
 from resources.vendors.base import MarketDataVendor, VendorRequestError
 from resources.vendors.dukascopy import DukascopyResource
 from resources.vendors.files import FileImportResource

@@ -18,9 +18,9 @@ from dagster import (
 
 from assets.market_data import aggregates, market_ticks
 from assets.partitions import SYMBOLS, DaySymbol
-from models.candles import aggregate_ticks
-from models.synthetic import SyntheticMarketConfig, generate_ticks
-from models.timeframes import DayBoundary
+from models.market.candles import aggregate_ticks
+from models.market.synthetic import SyntheticMarketConfig, generate_ticks
+from models.market.timeframes import DayBoundary
 from resources.conventions import MarketConventionsResource
 from resources.market_data import MarketDataResource, SyntheticMarketResource
 from resources.warehouse import WarehouseResource
@@ -203,7 +203,7 @@ def test_definitions_load_and_the_schedule_covers_every_symbol():
 def test_ml_features_partitions_with_checks_and_labels_that_fill_in(warehouse, instance):
     from assets.features import ml_features
     from models.features.registry import feature_set_version
-    from models.timeframes import Timeframe
+    from models.market.timeframes import Timeframe
     from resources.warehouse.features import read_features
 
     res = resources(warehouse)
@@ -289,7 +289,7 @@ def test_a_day_runs_again_when_the_next_day_lands_and_its_labels_fill_in(warehou
 
     from assets.features import ml_features
     from assets.market_data import vendor_candles
-    from models.timeframes import Timeframe
+    from models.market.timeframes import Timeframe
     from resources.warehouse.features import read_features
 
     res = resources(warehouse)

@@ -10,10 +10,10 @@ from zoneinfo import ZoneInfo
 import polars as pl
 import pytest
 
-from models.candles import aggregate_ticks, bars_for_window, window_lookback_start
-from models.synthetic import generate_ticks
-from models.ticks import TICK_SCHEMA, conform_ticks
-from models.timeframes import ALL_TIMEFRAMES, DayBoundary, Timeframe, bar_close_at, bar_open_at, bar_open_expr
+from models.market.candles import aggregate_ticks, bars_for_window, window_lookback_start
+from models.market.synthetic import generate_ticks
+from models.market.ticks import TICK_SCHEMA, conform_ticks
+from models.market.timeframes import ALL_TIMEFRAMES, DayBoundary, Timeframe, bar_close_at, bar_open_at, bar_open_expr
 
 # -- the reference: plain Python, datetime and zoneinfo, one tick at a time ------------------
 

@@ -11,15 +11,15 @@ import numpy as np
 import polars as pl
 import pytest
 
-from models.candles import aggregate_ticks
+from models.market.candles import aggregate_ticks
 from models.features.compute import compute_features
 from models.features.external import ExternalData
 from models.features.labels import LABEL_NAMES, compute_labels
 from models.features.lookahead import lookahead_violations
 from models.features.online import RollingFeatures
 from models.features.registry import FAMILIES, FEATURE_NAMES, FEATURES, WARMUP_BARS, catalog_markdown, feature_set_version
-from models.synthetic import generate_ticks
-from models.timeframes import DayBoundary, Timeframe
+from models.market.synthetic import generate_ticks
+from models.market.timeframes import DayBoundary, Timeframe
 
 EXTERNAL = {s.name for s in FEATURES if s.family == "external"}
 

@@ -14,10 +14,10 @@ from assets.external import external_commodity_prices, external_economic_calenda
 from assets.features import ml_features
 from assets.market_data import aggregates, market_ticks, vendor_candles
 from assets.partitions import SYMBOLS, DaySymbol
-from models.quality import trading_gaps
-from models.instruments import AssetClass
-from models.synthetic import SyntheticMarketConfig, generate_ticks
-from models.timeframes import Timeframe
+from models.market.quality import trading_gaps
+from models.market.instruments import AssetClass
+from models.market.synthetic import SyntheticMarketConfig, generate_ticks
+from models.market.timeframes import Timeframe
 from resources.conventions import MarketConventionsResource
 from resources.external.calendar import EconomicCalendarResource
 from resources.external.fred import FredResource

@@ -7,10 +7,10 @@ from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
 
-from models.instruments import AssetClass
-from models.quality import CANDLE_REASONS, REASONS, TickRules, stored_violations, trading_gaps, validate_candles, validate_ticks
-from models.synthetic import generate_ticks
-from models.ticks import conform_ticks
+from models.market.instruments import AssetClass
+from models.market.quality import CANDLE_REASONS, REASONS, TickRules, stored_violations, trading_gaps, validate_candles, validate_ticks
+from models.market.synthetic import generate_ticks
+from models.market.ticks import conform_ticks
 from resources.vendors.base import VENDOR_M1_SCHEMA
 
 START = datetime(2024, 3, 6, tzinfo=UTC)

@@ -8,9 +8,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from models.instruments import AssetClass, instrument
-from models.sessions import trading_open
-from models.synthetic import SyntheticMarketConfig, anchor_price, generate_ticks
+from models.market.instruments import AssetClass, instrument
+from models.market.sessions import trading_open
+from models.market.synthetic import SyntheticMarketConfig, anchor_price, generate_ticks
 
 NY = "America/New_York"
 

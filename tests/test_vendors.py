@@ -11,8 +11,8 @@ from datetime import UTC, date, datetime, timedelta
 import polars as pl
 import pytest
 
-from models.synthetic import SyntheticMarketConfig, generate_ticks
-from models.ticks import conform_ticks
+from models.market.synthetic import SyntheticMarketConfig, generate_ticks
+from models.market.ticks import conform_ticks
 from resources.external.calendar import EconomicCalendarResource
 from resources.external.fred import FredResource
 from resources.external.yahoo import YahooFinanceResource

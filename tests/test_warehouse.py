@@ -9,9 +9,9 @@ from datetime import UTC, date, datetime, timedelta
 import polars as pl
 import pytest
 
-from models.candles import aggregate_ticks
-from models.quality import validate_ticks
-from models.synthetic import generate_ticks
+from models.market.candles import aggregate_ticks
+from models.market.quality import validate_ticks
+from models.market.synthetic import generate_ticks
 from resources.warehouse import WarehouseBusyError, WarehouseResource
 from resources.warehouse.migrations import MIGRATIONS, applied_versions
 from resources.warehouse.market import read_bars, read_ticks, write_bars, write_ticks

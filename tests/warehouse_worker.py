@@ -10,8 +10,8 @@ import sys
 import time
 from datetime import UTC, date, datetime, timedelta
 
-from models.quality import validate_ticks
-from models.synthetic import generate_ticks
+from models.market.quality import validate_ticks
+from models.market.synthetic import generate_ticks
 from resources.warehouse import WarehouseResource
 from resources.warehouse.market import write_ticks
 

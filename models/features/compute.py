@@ -18,11 +18,11 @@ import numpy as np
 import polars as pl
 import talib
 
-from models.candles import rollup_bars
+from models.market.candles import rollup_bars
 from models.features.external import ExternalData, event_features
 from models.features.registry import FEATURE_NAMES, FEATURES, FIB_LEVELS, PATTERNS
-from models.sessions import london_session, minutes_after_rollover, new_york_session, tokyo_session
-from models.timeframes import DayBoundary, Timeframe, bar_close_expr
+from models.market.sessions import london_session, minutes_after_rollover, new_york_session, tokyo_session
+from models.market.timeframes import DayBoundary, Timeframe, bar_close_expr
 
 # Higher timeframes for context, chosen so 16 completed bars fit in the warm-up window.
 CONTEXT_TIMEFRAMES: dict[Timeframe, tuple[Timeframe, Timeframe]] = {

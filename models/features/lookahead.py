@@ -12,7 +12,7 @@ import polars as pl
 from models.features.compute import compute_features
 from models.features.external import ExternalData
 from models.features.registry import FEATURE_NAMES
-from models.timeframes import DayBoundary, Timeframe
+from models.market.timeframes import DayBoundary, Timeframe
 
 
 def lookahead_violations(

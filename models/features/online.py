@@ -25,7 +25,7 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 
-from models.candles import BAR_SCHEMA
+from models.market.candles import BAR_SCHEMA
 from models.features.compute import (
     CONTEXT_TIMEFRAMES,
     EXTERNAL_FEATURES,
@@ -49,8 +49,8 @@ from models.features.recursive import (
     true_range,
 )
 from models.features.registry import FEATURE_NAMES, WARMUP_BARS
-from models.ticks import TS
-from models.timeframes import DayBoundary, Timeframe, bar_close_at, bar_open_at
+from models.market.ticks import TS
+from models.market.timeframes import DayBoundary, Timeframe, bar_close_at, bar_open_at
 
 TAIL = 208  # bars the finite-window families see: the longest window (SMA 200) and a margin
 _CLOCK_CHUNK = 512  # bar closes whose clock features are computed per batch call
@@ -245,8 +245,8 @@ class _Ring:
 
 
 def _impossible(values: dict[str, float]) -> str | None:
-    """Why a bar cannot be real, or None: the price rules of ``models.quality`` (finite,
-    positive, :func:`~models.quality.inconsistent_ohlc`) on one bar's floats, since a polars
+    """Why a bar cannot be real, or None: the price rules of ``models.market.quality`` (finite,
+    positive, :func:`~models.market.quality.inconsistent_ohlc`) on one bar's floats, since a polars
     expression per bar would cost more than the whole vector."""
     o, h, l, c = values["open"], values["high"], values["low"], values["close"]
     if not all(math.isfinite(x) and x > 0 for x in (o, h, l, c)):

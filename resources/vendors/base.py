@@ -1,6 +1,6 @@
 """The one interface every market-data vendor implements, and the errors it may raise.
 
-A vendor returns ticks (columns of :data:`models.ticks.TICK_SCHEMA`, optional ones may be
+A vendor returns ticks (columns of :data:`models.market.ticks.TICK_SCHEMA`, optional ones may be
 missing) and, where it has them, one-minute candles (:data:`VENDOR_M1_SCHEMA`). Rows may be
 bad; validation and quarantine happen downstream, the same for every vendor. What a vendor
 must not do is hide a failure: an error is raised as one of three kinds, which decide
@@ -18,7 +18,7 @@ import polars as pl
 import requests
 from dagster import ConfigurableResource
 
-from models.ticks import TS
+from models.market.ticks import TS
 
 
 class VendorError(Exception):

@@ -22,8 +22,8 @@ import polars as pl
 from dukascopy_python import instruments as dk_instruments
 from pydantic import Field
 
-from models.instruments import instrument
-from models.ticks import TS
+from models.market.instruments import instrument
+from models.market.ticks import TS
 from resources.vendors.base import (
     VENDOR_M1_SCHEMA,
     MarketDataVendor,

@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 from pydantic import Field
 
-from models.ticks import TS
+from models.market.ticks import TS
 from resources.vendors.base import VENDOR_M1_SCHEMA, MarketDataVendor, VendorPayloadError, VendorRequestError, empty_m1
 
 

@@ -21,8 +21,8 @@ from massive import RESTClient
 from massive.exceptions import BadResponse
 from pydantic import Field
 
-from models.instruments import AssetClass, instrument
-from models.ticks import TS
+from models.market.instruments import AssetClass, instrument
+from models.market.ticks import TS
 from resources.vendors.base import (
     VENDOR_M1_SCHEMA,
     MarketDataVendor,

@@ -16,8 +16,8 @@ from models.features.external import (
 )
 from models.features.labels import LABEL_SCHEMA
 from models.features.registry import FEATURE_NAMES
-from models.instruments import instrument
-from models.timeframes import Timeframe
+from models.market.instruments import instrument
+from models.market.timeframes import Timeframe
 from resources.warehouse.client import Warehouse
 from resources.warehouse.external import read_calendar, read_commodities, read_fred_vintages
 from resources.warehouse.market import read_bars, seconds_to_datetime

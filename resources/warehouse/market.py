@@ -7,9 +7,9 @@ from datetime import date, datetime
 
 import polars as pl
 
-from models.candles import BAR_SCHEMA
-from models.ticks import TICK_SCHEMA, TS
-from models.timeframes import Timeframe
+from models.market.candles import BAR_SCHEMA
+from models.market.ticks import TICK_SCHEMA, TS
+from models.market.timeframes import Timeframe
 from resources.warehouse.client import Warehouse
 
 TICK_COLUMNS = ["symbol", "ts", "seq", "bid", "ask", "bid_size", "ask_size", "price", "size", "source"]

@@ -24,16 +24,16 @@ from functools import lru_cache
 import numpy as np
 import polars as pl
 
-from models.instruments import AssetClass, Instrument, instrument
-from models.sessions import (
+from models.market.instruments import AssetClass, Instrument, instrument
+from models.market.sessions import (
     london_session,
     minutes_after_rollover,
     new_york_session,
     tokyo_session,
     trading_open,
 )
-from models.ticks import TICK_SCHEMA, TS, empty_ticks
-from models.timeframes import NEW_YORK
+from models.market.ticks import TICK_SCHEMA, TS, empty_ticks
+from models.market.timeframes import NEW_YORK
 
 SOURCE = "synthetic"
 _EPOCH = date(2000, 1, 1)

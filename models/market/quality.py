@@ -13,10 +13,10 @@ from datetime import datetime, timedelta
 import numpy as np
 import polars as pl
 
-from models.candles import sort_ticks
-from models.instruments import AssetClass
-from models.sessions import trading_open
-from models.ticks import TS
+from models.market.candles import sort_ticks
+from models.market.instruments import AssetClass
+from models.market.sessions import trading_open
+from models.market.ticks import TS
 
 REASONS = (
     "wrong_symbol",

@@ -14,7 +14,7 @@ Columns: OHLC of the reference price (quote mid, or trade price for trades), the
 ask, traded ``volume`` (0 for quote-only data), ``tick_count`` (all ticks), ``quote_count``
 (ticks with a two-sided quote), spread mean/max over quotes, ``vwap`` (volume-weighted over
 trades; the tick-weighted mean price where nothing traded, as for FX quotes) and ``source``.
-Input ticks are expected clean (see :mod:`models.quality`): null marks a missing side.
+Input ticks are expected clean (see :mod:`models.market.quality`): null marks a missing side.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 
-from models.ticks import TS
-from models.timeframes import ALL_TIMEFRAMES, DayBoundary, Timeframe, bar_open_at, bar_open_expr
+from models.market.ticks import TS
+from models.market.timeframes import ALL_TIMEFRAMES, DayBoundary, Timeframe, bar_open_at, bar_open_expr
 
 BAR_SCHEMA: dict[str, pl.DataType] = {
     "symbol": pl.String(),
@@ -218,7 +218,7 @@ def _stack(frames: list[pl.DataFrame]) -> pl.DataFrame:
 
 
 def ticks_to_m1(ticks: pl.DataFrame) -> pl.DataFrame:
-    """M1 bars of ticks in :data:`models.ticks.TICK_SCHEMA` (any symbols, any order)."""
+    """M1 bars of ticks in :data:`models.market.ticks.TICK_SCHEMA` (any symbols, any order)."""
     return _stack([_minute_runs(part).finish(Timeframe.M1) for part in _by_symbol(ticks)])
 
 

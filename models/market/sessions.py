@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from models.instruments import AssetClass
-from models.timeframes import NEW_YORK
+from models.market.instruments import AssetClass
+from models.market.timeframes import NEW_YORK
 
 _FRIDAY, _SATURDAY, _SUNDAY = 5, 6, 7
 _17H, _18H = 17 * 60, 18 * 60

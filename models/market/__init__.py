@@ -1,0 +1,1 @@
+"""Market data concepts: timeframes, sessions, instruments, ticks, candles, quality, the synthetic market."""
