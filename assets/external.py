@@ -74,7 +74,7 @@ def fred_known_at(realtime_start: pl.Expr) -> pl.Expr:
 def external_fred_indicators(context: AssetExecutionContext, warehouse: WarehouseResource, fred: FredResource) -> MaterializeResult:
     started = time.perf_counter()
     start, end = _window(context)
-    first_partition = start.date() == date.fromisoformat(FIRST_DAY)
+    first_partition = start.date().isoformat() == WEEKS.get_first_partition_key()
     # ALFRED clips each row's real-time period to the request: a value published before this
     # window comes back dated at its start. Such a row repeats what earlier weeks stored; only
     # new observations and changed values are news.

@@ -1,4 +1,8 @@
-"""The ``tradeforge`` command line."""
+"""The ``tradeforge`` command line.
+
+Every failure is one line on stderr (what, where, what to do) and a non-zero exit, never a
+traceback (``TRADEFORGE_DEBUG=1`` shows it); commands that use local state say where it is.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,29 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import date, timedelta
+from pathlib import Path
 
 DEMO_SYMBOLS = ("EURUSD", "XAUUSD", "BTCUSD")
 # Ten days with a closed FX weekend and the US switch to daylight saving time (2024-03-10).
 DEMO_START = date(2024, 3, 4)
 DEMO_DAYS = 10
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
-def _print(message: str) -> None:
+def _print(message: str = "") -> None:
     print(message, flush=True)
+
+
+class CommandError(Exception):
+    """A failure the user can act on: printed as one line."""
+
+
+def _state_line() -> None:
+    from resources.warehouse import default_home
+
+    where = default_home()
+    how = "TRADEFORGE_HOME" if os.environ.get("TRADEFORGE_HOME") else "the current directory's .tradeforge; set TRADEFORGE_HOME to move it"
+    _print(f"state: {where} ({how})")
 
 
 def _warehouse():
@@ -27,21 +45,28 @@ def _warehouse():
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
+    _state_line()
     warehouse = _warehouse()
     applied = warehouse.migrate()
     _print(f"{warehouse.describe()}: " + (f"applied migrations {applied}" if applied else "schema is current"))
     return 0
 
 
-def cmd_symbols(args: argparse.Namespace) -> int:
+def _instance():
     from dagster import DagsterInstance
 
-    from assets.partitions import SYMBOLS
-    from models.market.instruments import instrument
     from orchestration.instance import ensure_dagster_home
 
     ensure_dagster_home()
-    instance = DagsterInstance.get()
+    return DagsterInstance.get()
+
+
+def cmd_symbols(args: argparse.Namespace) -> int:
+    from assets.partitions import SYMBOLS
+    from models.market.instruments import instrument
+
+    _state_line()
+    instance = _instance()
     if args.action == "add":
         symbols = [s.upper() for s in args.symbols]
         for symbol in symbols:
@@ -53,32 +78,28 @@ def cmd_symbols(args: argparse.Namespace) -> int:
 
 
 def _summary_tables(warehouse, symbols: Sequence[str]) -> str:
+    from models.market.timeframes import ALL_TIMEFRAMES
+    from resources.warehouse.commits import visible
+
+    params = {"symbols": list(symbols)}
     ticks = warehouse.query_frame(
         "SELECT symbol, count() AS ticks, min(ts) AS first, max(ts) AS last FROM market_ticks "
-        "WHERE symbol IN {symbols:Array(String)} GROUP BY symbol ORDER BY symbol",
-        {"symbols": list(symbols)},
-    )
+        f"WHERE symbol IN {{symbols:Array(String)}} AND {visible('market_ticks')} GROUP BY symbol ORDER BY symbol", params)
     quarantined = warehouse.query_frame(
-        "SELECT count() AS n FROM market_ticks_quarantine WHERE symbol IN {symbols:Array(String)}",
-        {"symbols": list(symbols)},
-    )["n"][0]
+        "SELECT count() AS n FROM market_ticks_quarantine WHERE symbol IN {symbols:Array(String)} "
+        f"AND {visible('market_ticks_quarantine')}", params)["n"][0]
     bars = warehouse.query_frame(
-        "SELECT symbol, timeframe, count() AS bars FROM aggregates FINAL "
-        "WHERE symbol IN {symbols:Array(String)} GROUP BY symbol, timeframe",
-        {"symbols": list(symbols)},
-    )
-    from models.market.timeframes import ALL_TIMEFRAMES
-
+        "SELECT symbol, timeframe, count() AS bars FROM (SELECT DISTINCT symbol, timeframe, ts FROM aggregates "
+        f"WHERE symbol IN {{symbols:Array(String)}} AND {visible('aggregates')}) GROUP BY symbol, timeframe", params)
+    features = warehouse.query_frame(
+        "SELECT symbol, timeframe, count() AS n, sum(warm) AS warm, any(feature_set) AS fs FROM ml_features "
+        f"WHERE symbol IN {{symbols:Array(String)}} AND {visible('ml_features')} GROUP BY symbol, timeframe "
+        "ORDER BY symbol, timeframe", params)
     lines = ["market_ticks", f"  {'symbol':<8} {'ticks':>10}  first .. last"]
     for symbol, n, first, last in ticks.iter_rows():
         lines.append(f"  {symbol:<8} {n:>10,}  {first:%Y-%m-%d %H:%M} .. {last:%Y-%m-%d %H:%M} UTC")
     lines.append(f"  quarantined rows: {quarantined:,}")
     counts = {(s, tf): n for s, tf, n in bars.iter_rows()}
-    features = warehouse.query_frame(
-        "SELECT symbol, timeframe, count() AS n, sum(warm) AS warm, any(feature_set) AS fs FROM ml_features FINAL "
-        "WHERE symbol IN {symbols:Array(String)} GROUP BY symbol, timeframe ORDER BY symbol, timeframe",
-        {"symbols": list(symbols)},
-    )
     lines.append("aggregates (bars)")
     lines.append(f"  {'symbol':<8}" + "".join(f"{tf.value:>8}" for tf in ALL_TIMEFRAMES))
     for symbol in symbols:
@@ -89,161 +110,256 @@ def _summary_tables(warehouse, symbols: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _materialize_partitions(instance, resources, assets, partitions, describe) -> list[str] | None:
-    """One run per partition, a progress line each; the checks that did not pass, or None
-    when a run failed."""
-    from dagster import materialize
+def _checks_line(report) -> str:
+    failed, warned = report.failed_checks, report.warnings
+    parts = []
+    if failed:
+        parts.append("FAILED " + ", ".join(c.label for c in failed))
+    if warned:
+        parts.append("warnings " + ", ".join(c.label for c in warned))
+    return "checks " + ("; ".join(parts) if parts else f"ok ({len(report.checks)})")
 
-    failed_checks: list[str] = []
-    for index, partition in enumerate(partitions, start=1):
-        t0 = time.perf_counter()
-        result = materialize(
-            assets,
-            partition_key=partition.key,
-            instance=instance,
-            resources=resources,
-            tags={"tradeforge/source": "cli"},
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-            raise_on_error=False,
-        )
-        prefix = f"[{index:>2}/{len(partitions)}] {partition.symbol:<7} {partition.day}"
-        if not result.success:
-            _print(f"{prefix}  run {result.run_id} FAILED: see it in the Dagster UI")
-            return None
-        meta = {
-            e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
-            for e in result.get_asset_materialization_events()
-        }
-        failed = [f"{e.asset_key.to_user_string()}:{e.check_name}" for e in result.get_asset_check_evaluations() if not e.passed]
-        failed_checks += [f"{partition.symbol} {partition.day} {name}" for name in failed]
-        status = "ok" if not failed else "FAILED " + ", ".join(failed)
-        _print(f"{prefix}  {describe(meta)}  checks {status}  {time.perf_counter() - t0:5.1f}s")
-    return failed_checks
+
+def _accounting(report) -> list[str]:
+    """What each asset read and kept: every row stored or quarantined."""
+    lines = []
+    ticks = report.metadata.get("market_ticks")
+    if ticks:
+        lines.append(f"ticks: read {ticks['received_rows']:,} = stored {ticks['dagster/row_count']:,} "
+                     f"+ quarantined {ticks['quarantined_rows']:,} {ticks['quarantine_reasons'] or ''}".rstrip())
+    candles = report.metadata.get("vendor_candles")
+    if candles and candles["received_rows"]:
+        lines.append(f"vendor bars: read {candles['received_rows']:,} = used {candles['dagster/row_count']:,} "
+                     f"+ quarantined {candles['quarantined_rows']:,} {candles['quarantine_reasons'] or ''}".rstrip())
+    bars = report.metadata.get("aggregates")
+    if bars:
+        per_tf = ", ".join(f"{k[5:]} {v:,}" for k, v in bars.items() if k.startswith("bars_") and v)
+        lines.append(f"bars: {bars['dagster/row_count']:,} ({per_tf or 'none'})")
+    features = report.metadata.get("ml_features")
+    if features:
+        lines.append(f"features: {features['dagster/row_count']:,} rows, {features['warm_rows']:,} warm, "
+                     f"feature set {features['feature_set']}")
+    return lines
+
+
+def _print_report(report, indent: str = "  ") -> None:
+    for line in _accounting(report):
+        _print(f"{indent}{line}")
+    _print(f"{indent}{_checks_line(report)}")
+    for check in report.warnings + report.failed_checks:
+        detail = ", ".join(f"{k}={v}" for k, v in check.metadata.items()
+                           if not isinstance(v, str) or len(v) < 80)
+        _print(f"{indent}  {'warning' if check.severity == 'WARN' else 'FAILED'}: {check.label} ({detail})")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dagster import DagsterInstance
-
     from assets.features import ml_features
-    from assets.market_data import aggregates, market_ticks
-    from assets.partitions import SYMBOLS, DaySymbol
+    from assets.market_data import aggregates, market_ticks, vendor_candles
+    from assets.partitions import SYMBOLS, check_days
     from models.market.instruments import instrument
-    from orchestration.instance import dagster_home, ensure_dagster_home
+    from orchestration.instance import dagster_home
     from orchestration.resources import resources_from_env
+    from orchestration.runs import run_days, show_progress
 
     started = time.perf_counter()
-    symbols = [s.upper() for s in args.symbols]
-    for symbol in symbols:
-        instrument(symbol)
-    days = [args.start + timedelta(days=i) for i in range(args.days)]
-    ensure_dagster_home()
-    instance = DagsterInstance.get()
+    symbols = [instrument(s).symbol for s in args.symbols]
+    first, last = args.start, args.start + timedelta(days=args.days - 1)
+    check_days(first, last)
+    _state_line()
+    instance = _instance()
     resources = resources_from_env()
     warehouse = resources["warehouse"].process_config_and_initialize()
-    _print(f"tradeforge demo: {len(symbols)} symbols x {len(days)} days ({days[0]} .. {days[-1]})")
+    _print(f"tradeforge demo: {len(symbols)} symbols x {args.days} days ({first} .. {last})")
     _print(f"  warehouse : {warehouse.describe()}")
     _print(f"  dagster   : {dagster_home()} ({type(instance.run_storage).__name__})")
     applied = warehouse.migrate()
     _print(f"  schema    : {'applied migrations ' + str(applied) if applied else 'current'}")
     instance.add_dynamic_partitions(SYMBOLS.name, symbols)
-    partitions = [DaySymbol(symbol, day) for day in days for symbol in symbols]
-
-    _print("market_ticks + aggregates:")
-    ingested = _materialize_partitions(
-        instance, resources, [market_ticks, aggregates], partitions,
-        lambda m: f"{m['market_ticks']['dagster/row_count'].value:>8,} ticks  "
-        f"{m['aggregates']['dagster/row_count'].value:>6,} bars  "
-        f"{m['market_ticks']['quarantined_rows'].value} quarantined",
-    )
-    if ingested is None:
-        return 1
-    # Features after all candles: their labels look a day ahead.
-    _print("ml_features:")
-    featured = _materialize_partitions(
-        instance, resources, [ml_features], partitions,
-        lambda m: f"{m['ml_features']['dagster/row_count'].value:>6,} rows  "
-        f"{m['ml_features']['warm_rows'].value:>6,} warm  {m['ml_features']['feature_set'].value}",
-    )
-    if featured is None:
-        return 1
-
+    show_progress()
+    warnings = 0
+    for symbol in symbols:
+        _print(f"{symbol} {first} .. {last}: market_ticks, vendor_candles, aggregates, ml_features (one run)")
+        t0 = time.perf_counter()
+        report = run_days(instance, resources, [market_ticks, vendor_candles, aggregates, ml_features], symbol, first, last)
+        if not report.success:
+            raise CommandError(f"run {report.run_id} of {symbol} failed at {report.failure}")
+        _print_report(report)
+        _print(f"  {time.perf_counter() - t0:.1f}s")
+        warnings += len(report.warnings)
+        if report.failed_checks:
+            raise CommandError(f"{symbol}: checks failed: {', '.join(c.label for c in report.failed_checks)}")
     _print("")
     with warehouse.session() as session:
         _print(_summary_tables(session, symbols))
-    failed_checks = ingested + featured
-    if failed_checks:
-        _print(f"asset checks that did not pass ({len(failed_checks)}):")
-        for line in failed_checks:
-            _print(f"  {line}")
-    _print(f"done in {time.perf_counter() - started:.1f}s: {len(partitions)} partitions of market_ticks, aggregates, ml_features")
+    _print(f"done in {time.perf_counter() - started:.1f}s: {len(symbols) * args.days} partitions of market_ticks, "
+           f"vendor_candles, aggregates, ml_features" + (f" ({warnings} check warnings above)" if warnings else ""))
     _print("")
     _print("Open the Dagster UI on the same data:")
     _print("  make ui        (or: .venv/bin/tradeforge ui)  ->  http://127.0.0.1:3000")
     return 0
 
 
+def _parse_columns(text: str) -> dict[str, str]:
+    from resources.vendors.files import KNOWN_NAMES
+
+    mapping = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        ours, sep, theirs = part.partition("=")
+        if not sep or not theirs.strip():
+            raise CommandError(f"--columns entry {part!r} is not NAME=COLUMN (e.g. ts=Time,bid=Bid,ask=Ask)")
+        if ours.strip() not in KNOWN_NAMES:
+            raise CommandError(f"--columns: {ours.strip()!r} is no tradeforge column; use {', '.join(KNOWN_NAMES)}")
+        mapping[ours.strip()] = theirs.strip()
+    if "ts" not in mapping and not {"date", "time"} <= set(mapping):
+        raise CommandError("--columns needs the time: ts=COLUMN, or date=COLUMN,time=COLUMN")
+    return mapping
+
+
+def _mapping_of(args: argparse.Namespace):
+    """The custom layout of --columns/--mapping, or None for recognised layouts."""
+    import yaml
+
+    from resources.vendors.files import ISO, FileLayout
+
+    spec: dict = {}
+    if args.mapping:
+        path = Path(args.mapping)
+        if not path.is_file():
+            raise CommandError(f"--mapping {path}: no such file")
+        try:
+            spec = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise CommandError(f"--mapping {path}: not YAML/JSON ({str(exc).splitlines()[0]})") from None
+        if not isinstance(spec, dict) or not isinstance(spec.get("columns"), dict):
+            raise CommandError(f"--mapping {path}: expected 'columns: {{ts: ..., bid: ..., ...}}' "
+                               "(optional kind, ts_format, separator, timezone, has_header)")
+        spec = dict(spec)
+        spec["columns"] = _parse_columns(",".join(f"{k}={v}" for k, v in spec["columns"].items()))
+    if args.columns:
+        spec["columns"] = _parse_columns(args.columns)
+    if not spec:
+        return None
+    columns = spec["columns"]
+    kind = args.kind or spec.get("kind") or ("bars" if {"open", "close"} <= set(columns) else "ticks")
+    return FileLayout(kind, columns, args.ts_format or spec.get("ts_format", ISO), args.separator or spec.get("separator", ","),
+                      bool(spec.get("has_header", True)), args.timezone or spec.get("timezone", "UTC"))
+
+
+def _validated(path: Path, symbol: str, custom, timezone: str, boundary):
+    """Read a whole file as it will be ingested; one clear error naming it if it cannot be.
+    Returns (layout name, layout, rows, bar timeframe or None)."""
+    from dataclasses import replace
+
+    from assets.partitions import FIRST_DAY, FIRST_DAY_SETTING
+    from models.market.timeframes import Timeframe, bar_open_expr
+    from resources.vendors.base import VendorPayloadError
+    from resources.vendors.files import LAYOUTS, SUFFIXES, bar_timeframe, detect_layout, read_file
+
+    if not path.is_file():
+        raise CommandError(f"{path}: no such file")
+    if path.suffix.lower() not in SUFFIXES:
+        raise CommandError(f"{path}: not a .csv, .txt or .parquet file")
+    try:
+        if custom is not None:
+            name, layout = "custom", custom
+        else:
+            name = detect_layout(path)
+            layout = replace(LAYOUTS[name], timezone=timezone) if timezone else LAYOUTS[name]
+        rows = read_file(path, layout)
+        if rows.is_empty():
+            raise CommandError(f"{path}: no rows (an empty file, or a header only)")
+        timeframe = None
+        if layout.kind == "bars" and "timeframe" not in rows.columns:
+            timeframe = Timeframe(layout.timeframe) if layout.timeframe else bar_timeframe(rows["ts"], str(path))
+    except VendorPayloadError as exc:
+        raise CommandError(str(exc)) from None
+    first, last = rows["ts"].min().date(), rows["ts"].max().date()
+    start, today = date.fromisoformat(FIRST_DAY), date.today()
+    early = rows.filter(rows["ts"].dt.date() < start).height
+    if early:
+        raise CommandError(f"{path}: {early:,} rows are dated before {start}, the first partition day (the file starts "
+                           f"{first}); set {FIRST_DAY_SETTING}={first} to keep them")
+    late = rows.filter(rows["ts"].dt.date() >= today).height
+    if late:
+        raise CommandError(f"{path}: {late:,} rows are dated today or later (up to {last}): only past days are "
+                           f"partitioned; check the file's time zone (--timezone)")
+    if timeframe is not None:
+        import polars as pl
+
+        opens = rows.select(bar_open_expr(pl.col("ts"), timeframe, boundary).alias("open"), "ts")
+        misaligned = opens.filter(pl.col("open") != pl.col("ts")).height
+        if misaligned:
+            sample = opens.filter(pl.col("open") != pl.col("ts"))["ts"][0]
+            raise CommandError(
+                f"{path}: {misaligned:,} of {rows.height:,} {timeframe.value} bars do not open on a {timeframe.value} "
+                f"boundary (e.g. {sample:%Y-%m-%d %H:%M} UTC under the {boundary.value} day boundary); pass the file's "
+                f"--timezone, or set TRADEFORGE_DAY_BOUNDARY=new_york_17 for broker (New York close) daily bars")
+        rows = rows.with_columns(pl.lit(timeframe.value).alias("timeframe"))
+    return name, layout, rows, timeframe
+
+
 def cmd_import(args: argparse.Namespace) -> int:
-    """Copy files into the import folder, show what they hold, and ingest the days they cover
-    through the file vendor: the same validation, quarantine, candles and checks as any vendor."""
-    from datetime import UTC, datetime
-
-    from dagster import DagsterInstance
-
+    """Validate files completely, store them normalised in the import folder, show what they
+    hold, and ingest their days through the file vendor as one run per symbol: the same
+    validation, quarantine, candles, features and checks as any vendor."""
+    from assets.features import ml_features
     from assets.market_data import aggregates, market_ticks, vendor_candles
-    from assets.partitions import SYMBOLS, DaySymbol
+    from assets.partitions import SYMBOLS, check_days
     from models.market.instruments import instrument
-    from orchestration.instance import ensure_dagster_home
     from orchestration.resources import resources_from_env
+    from orchestration.runs import run_days, show_progress
+    from resources.conventions import MarketConventionsResource
     from resources.market_data import MarketDataResource
-    from resources.vendors.files import LAYOUTS, FileImportResource, detect_layout, read_file
+    from resources.vendors.files import FileImportResource
 
     symbol = instrument(args.symbol).symbol
-    files = FileImportResource(directory=args.directory or "", layout=args.layout, timezone=args.timezone or "")
+    _state_line()
+    custom = _mapping_of(args)
+    if custom is None and args.layout != "auto":
+        raise CommandError("--layout is recognised from each file; give --columns or --mapping for other layouts")
+    boundary = MarketConventionsResource(day_boundary=os.environ.get("TRADEFORGE_DAY_BOUNDARY", "utc")).day_boundary
+    files = FileImportResource(directory=args.directory or "")
     target = files.root() / symbol
+    checked = []
+    for source in args.files:
+        path = Path(source)
+        name, layout, rows, timeframe = _validated(path, symbol, custom, args.timezone, boundary)
+        what = f"{layout.kind}, {timeframe.value} bars" if timeframe else layout.kind
+        _print(f"{path.name}: layout {name} ({what}, times in {layout.timezone}), {rows.height:,} rows, "
+               f"{rows['ts'].min():%Y-%m-%d %H:%M:%S} .. {rows['ts'].max():%Y-%m-%d %H:%M:%S} UTC")
+        if name.startswith("mt5") and not args.timezone:
+            _print("  note: MetaTrader exports are in the broker's server time; pass --timezone (e.g. EET) if it is not UTC")
+        checked.append((path, rows))
     target.mkdir(parents=True, exist_ok=True)
     days: set[date] = set()
-    everything = (datetime(1970, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
-    for source in args.files:
-        from pathlib import Path
-
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"{path}: no such file")
-        copy = target / path.name
-        if copy.resolve() != path.resolve():
-            shutil.copy2(path, copy)
-        name = detect_layout(copy) if args.layout == "auto" else args.layout
-        layout = files.layout_of(copy)
-        rows = read_file(copy, layout, *everything)
-        if rows.is_empty():
-            _print(f"{path.name}: layout {name} ({layout.kind}), no rows")
-            continue
-        first, last = rows["ts"].min(), rows["ts"].max()
+    for path, rows in checked:  # only now, every file being good, do they join the folder
+        normalised = target / f"{path.name}.parquet"
+        scratch = normalised.with_suffix(".parquet.tmp")
+        rows.write_parquet(scratch, statistics=True, row_group_size=100_000)
+        scratch.replace(normalised)
         days |= set(rows["ts"].dt.date().unique().to_list())
-        _print(f"{path.name}: layout {name} ({layout.kind}, times in {layout.timezone}), {rows.height:,} rows, "
-               f"{first:%Y-%m-%d %H:%M:%S} .. {last:%Y-%m-%d %H:%M:%S} UTC -> {copy}")
-    if not days or args.no_ingest:
-        _print("nothing ingested" if not days else f"copied; {len(days)} day(s) to ingest with the file vendor")
+        _print(f"  -> {normalised}")
+    if args.no_ingest:
+        _print(f"stored; {len(days)} day(s) to ingest (run without --no-ingest, or backfill {symbol} in the Dagster UI)")
         return 0
-    ensure_dagster_home()
-    instance = DagsterInstance.get()
+    first, last = min(days), max(days)
+    check_days(first, last)
+    instance = _instance()
     instance.add_dynamic_partitions(SYMBOLS.name, [symbol])
     resources = resources_from_env()
     resources["market_data"] = MarketDataResource(files=files, primary="files")
     resources["warehouse"].process_config_and_initialize().migrate()
-    partitions = [DaySymbol(symbol, day) for day in sorted(days)]
-    _print(f"ingesting {len(partitions)} day(s) of {symbol} from {files.root()}:")
-    failed = _materialize_partitions(
-        instance, resources, [market_ticks, vendor_candles, aggregates], partitions,
-        lambda m: f"{m['market_ticks']['dagster/row_count'].value:>8,} ticks  "
-        f"{m['vendor_candles']['dagster/row_count'].value:>6,} candles  "
-        f"{m['aggregates']['dagster/row_count'].value:>6,} bars  {m['market_ticks']['quarantined_rows'].value} quarantined",
-    )
-    if failed is None:
-        return 1
-    for line in failed:
-        _print(f"  check did not pass: {line}")
-    _print(f"layouts known: {', '.join(sorted(LAYOUTS))}")
+    selection = [market_ticks, vendor_candles, aggregates] + ([] if args.no_features else [ml_features])
+    _print(f"ingesting {symbol} {first} .. {last} ({(last - first).days + 1} days) from {files.root()} as one run:")
+    show_progress()
+    started = time.perf_counter()
+    report = run_days(instance, resources, selection, symbol, first, last)
+    if not report.success:
+        raise CommandError(f"run {report.run_id} failed at {report.failure}")
+    _print_report(report)
+    _print(f"done in {time.perf_counter() - started:.1f}s")
+    if report.failed_checks:
+        raise CommandError(f"checks failed: {', '.join(c.label for c in report.failed_checks)}")
     return 0
 
 
@@ -260,13 +376,16 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from orchestration.instance import ensure_dagster_home
 
+    _state_line()
     home = ensure_dagster_home()
     dagster = shutil.which("dagster", path=os.path.dirname(sys.executable)) or shutil.which("dagster")
     if dagster is None:
-        _print("dagster is not installed in this environment; run `make demo` first")
-        return 1
+        raise CommandError("dagster is not installed in this environment; run `make demo` first")
     _print(f"DAGSTER_HOME={home}")
-    os.execv(dagster, [dagster, "dev", "-w", "workspace.yaml", "-h", args.host, "-p", str(args.port)])
+    workspace = REPOSITORY / "workspace.yaml"
+    target = ["-w", str(workspace)] if workspace.is_file() else ["-m", "orchestration.definitions"]
+    os.chdir(REPOSITORY if workspace.is_file() else os.getcwd())
+    os.execv(dagster, [dagster, "dev", *target, "-h", args.host, "-p", str(args.port)])
     return 0  # not reached
 
 
@@ -277,13 +396,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tradeforge", description="tradeforge: from market ticks to live orders")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="ingest synthetic ticks and build candles on the embedded engines")
+    demo = commands.add_parser("demo", help="ingest synthetic ticks, build candles and features on the embedded engines")
     demo.add_argument("--symbols", nargs="+", default=list(DEMO_SYMBOLS))
-    demo.add_argument("--start", type=date.fromisoformat, default=DEMO_START, help="first UTC day (YYYY-MM-DD)")
+    demo.add_argument("--start", type=_day, default=DEMO_START, help="first UTC day (YYYY-MM-DD)")
     demo.add_argument("--days", type=_positive_int, default=DEMO_DAYS)
     demo.set_defaults(func=cmd_demo)
 
@@ -296,13 +422,22 @@ def build_parser() -> argparse.ArgumentParser:
     symbols.add_argument("symbols", nargs="*", default=[])
     symbols.set_defaults(func=cmd_symbols)
 
-    imports = commands.add_parser("import", help="load CSV/Parquet ticks or M1 bars you already have (MT5, HistData, Dukascopy, ...)")
+    imports = commands.add_parser(
+        "import", help="load CSV/Parquet ticks or bars you already have (MT5, HistData, Dukascopy, any columns)")
     imports.add_argument("files", nargs="+", help="files of one symbol")
     imports.add_argument("--symbol", required=True)
-    imports.add_argument("--layout", default="auto", help="'auto' (recognised from the first line) or a layout name")
-    imports.add_argument("--timezone", default="", help="time zone of the files' times (MT5 exports use the broker's server time)")
+    imports.add_argument("--layout", default="auto", help="'auto': recognised from each file's first line")
+    imports.add_argument("--columns", default="", help="your columns: ts=Time,bid=Bid,ask=Ask (or date=..,time=..; "
+                         "open/high/low/close/volume for bars)")
+    imports.add_argument("--mapping", default="", help="a YAML file: columns: {ts: Time, ...}, kind, ts_format, separator, timezone")
+    imports.add_argument("--kind", choices=["ticks", "bars"], default="", help="with --columns: what the rows are")
+    imports.add_argument("--ts-format", default="", help="with --columns: strftime pattern, 'iso' (default) or 'epoch_ms'")
+    imports.add_argument("--separator", default="", help="with --columns: field separator (default ',')")
+    imports.add_argument("--timezone", default="", help="time zone of the files' times when they carry none "
+                         "(MT5 exports use the broker's server time, e.g. EET)")
     imports.add_argument("--directory", default="", help="import folder (default $TRADEFORGE_HOME/imports)")
-    imports.add_argument("--no-ingest", action="store_true", help="only copy and inspect")
+    imports.add_argument("--no-ingest", action="store_true", help="only validate and store the files")
+    imports.add_argument("--no-features", action="store_true", help="ingest ticks and candles, not ml_features")
     imports.set_defaults(func=cmd_import)
 
     features = commands.add_parser("features", help="the feature registry: version, catalog")
@@ -316,12 +451,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for any failure: the message, without Dagster's or pydantic's wrapping."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        errors = exc.errors()
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']} (got {e.get('input')!r})"
+                         for e in errors[:3])
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (CommandError, ValueError, RuntimeError, OSError)):
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError) as exc:
-        print(f"tradeforge: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("tradeforge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # every failure is one line; TRADEFORGE_DEBUG=1 shows the traceback
+        if os.environ.get("TRADEFORGE_DEBUG"):
+            raise
+        print(f"tradeforge: {describe_error(exc)}", file=sys.stderr)
         return 1
 
 

@@ -22,11 +22,13 @@ from assets.features import ml_features
 from assets.market_data import aggregates, market_ticks, vendor_candles
 from assets.partitions import SYMBOLS, day_symbol_key
 from orchestration.resources import resources_from_env
+from sensors.labels import labels_follow_candles
 
 ingest_market_data = define_asset_job(
     "ingest_market_data",
     selection=AssetSelection.assets(market_ticks, vendor_candles, aggregates),
-    description="Ticks of one symbol-day from its vendors (gaps filled from backups), vendor candles where ticks lack, then candles.",
+    description="Ticks of symbol-days from their vendors (gaps filled from backups), vendor bars where ticks lack, then "
+                "candles; a range of days runs as one run.",
 )
 ingest_fred = define_asset_job("ingest_fred", selection=AssetSelection.assets(external_fred_indicators))
 ingest_commodities = define_asset_job("ingest_commodities", selection=AssetSelection.assets(external_commodity_prices))
@@ -75,5 +77,6 @@ defs = Definitions(
             external_fred_indicators, external_commodity_prices, external_economic_calendar],
     jobs=[ingest_market_data, ingest_fred, ingest_commodities, ingest_calendar],
     schedules=[daily_market_data, weekly_fred, daily_commodities, daily_calendar],
+    sensors=[labels_follow_candles],
     resources=resources_from_env(),
 )

@@ -64,8 +64,16 @@ class MarketDataResource(ConfigurableResource):
         return {name: vendor for name, vendor in configured.items() if vendor is not None}
 
     def route(self, symbol: str) -> list[MarketDataVendor]:
-        """The vendors of ``symbol``, primary first; an unconfigured name is a clear error."""
-        names = self.routes.get(symbol) or [self.primary, *self.backups]
+        """The vendors of ``symbol``, primary first; an unconfigured name is a clear error.
+
+        An explicit route wins; a symbol with imported files (``tradeforge import``) reads
+        them as its primary (then the backups), so a backfill from the UI finds the history
+        the user imported, never the default vendor's (the synthetic market, say); every other
+        symbol uses ``primary`` then ``backups``."""
+        names = self.routes.get(symbol)
+        if not names:
+            imported = self.files is not None and self.files.has_files(symbol)
+            names = ["files", *self.backups] if imported else [self.primary, *self.backups]
         available = self.vendors()
         unknown = [name for name in names if name not in available]
         if unknown:

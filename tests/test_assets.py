@@ -30,20 +30,22 @@ SCALE = 0.25  # fewer ticks per day keeps the suite quick; the logic is the same
 
 
 class DamagedFeed(SyntheticMarketResource):
-    """A vendor whose payloads carry the faults real feeds have: synthetic ticks, then
-    crossed, NaN, negative, duplicated, misdated and shuffled rows, and a silent hour."""
+    """A vendor whose payloads carry the faults real feeds have: synthetic ticks with the
+    vendor's sequence numbers, then crossed, NaN, negative, twice-sent (same sequence number),
+    misdated and shuffled rows, and a silent hour."""
 
     seed: int = 7
 
     def fetch_ticks(self, symbol: str, start: datetime, end: datetime) -> pl.DataFrame:
         ticks = generate_ticks(symbol, start.date(), SyntheticMarketConfig(self.seed, SCALE))
+        ticks = ticks.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("vendor_seq"))
         hole = (pl.col("ts") >= start + timedelta(hours=10)) & (pl.col("ts") < start + timedelta(hours=11))
         ticks = ticks.filter(~hole)
         bad = pl.concat([
             ticks.slice(100, 1).with_columns(ask=pl.col("bid") * 0.999),  # crossed
             ticks.slice(200, 1).with_columns(bid=pl.lit(float("nan"))),
             ticks.slice(300, 1).with_columns(ask=pl.lit(-1.0)),
-            ticks.slice(400, 2),  # duplicates of rows 400-401
+            ticks.slice(400, 2),  # rows 400-401 sent again: their sequence numbers repeat
             ticks.slice(500, 1).with_columns(pl.col("ts") + timedelta(days=1)),  # belongs to tomorrow
         ])
         return pl.concat([ticks, bad]).sample(fraction=1.0, shuffle=True, seed=1)
@@ -97,12 +99,13 @@ def test_rematerializing_replaces_and_never_duplicates(warehouse, instance):
         run(partition, instance, res)
     counts = warehouse.query_frame(
         "SELECT (SELECT count() FROM market_ticks) AS ticks, (SELECT count() FROM market_ticks_quarantine) AS bad, "
-        "(SELECT count() FROM aggregates) AS bars, (SELECT count() FROM aggregates FINAL) AS final_bars"
+        "(SELECT count() FROM aggregates) AS bars, (SELECT uniqExact(timeframe, ts) FROM aggregates) AS distinct_bars"
     ).row(0, named=True)
     clean = expected_ticks("XAUUSD", partition.day)
+    # raw counts, hidden rows included: the superseded batches are gone, nothing is doubled
     assert counts["ticks"] == clean.filter(~pl.col("ts").dt.hour().is_in([10])).height
     assert counts["bad"] == 6
-    assert counts["bars"] == counts["final_bars"] > 0
+    assert counts["bars"] == counts["distinct_bars"] > 0
 
 
 def test_bad_vendor_rows_are_quarantined_with_reasons_and_checks_warn(warehouse, instance):
@@ -282,33 +285,48 @@ def test_features_follow_new_candles_without_waiting_for_external_data(warehouse
 
 
 def test_a_day_runs_again_when_the_next_day_lands_and_its_labels_fill_in(warehouse):
-    """The automation condition, evaluated by Dagster: when the candles of Mar 7 land, the
-    features of Mar 7 are requested and those of Mar 6 again (their 1-day labels needed Mar 7);
-    Mar 5 is not (its labels were complete), and running what was requested fills the labels."""
-    from dagster import evaluate_automation_conditions
+    """When the candles of Mar 7 land, automation requests the features of Mar 7 and the
+    labels sensor those of Mar 6 again (their 1-day labels needed Mar 7); a day that never had
+    features is not requested, nor is one requested twice. Running what was requested fills
+    the labels."""
+    from dagster import build_sensor_context, evaluate_automation_conditions
 
     from assets.features import ml_features
     from assets.market_data import vendor_candles
+    from assets.partitions import parse_key
     from models.market.timeframes import Timeframe
+    from orchestration.runs import run_days
     from resources.warehouse.features import read_features
+    from sensors.labels import labels_follow_candles
 
     res = resources(warehouse)
     graph = Definitions(assets=[market_ticks, vendor_candles, aggregates, ml_features], resources=res)
     previous, newest = DaySymbol("BTCUSD", date(2024, 3, 6)), DaySymbol("BTCUSD", date(2024, 3, 7))
     with instance_for_test() as instance:
-        instance.add_dynamic_partitions(SYMBOLS.name, ["BTCUSD"])
+        instance.add_dynamic_partitions(SYMBOLS.name, ["BTCUSD", "EURUSD"])
+        run(DaySymbol("EURUSD", date(2024, 3, 6)), instance, res)  # candles, never features: left alone
         for day in (date(2024, 3, 5), previous.day):
             run(DaySymbol("BTCUSD", day), instance, res, selection=[market_ticks, aggregates, ml_features])
         labels = read_features(warehouse, "BTCUSD", Timeframe.M5, previous.start, previous.end)["fwd_ret_1d"]
         assert labels.null_count() == 288  # Mar 7 is not in the warehouse yet
         first = evaluate_automation_conditions(defs=graph, instance=instance, evaluation_time=datetime(2024, 3, 7, 1, tzinfo=UTC))
-        run(newest, instance, res)  # the candles of Mar 7 land
+        quiet = labels_follow_candles.evaluate_tick(build_sensor_context(instance=instance))
+        # Mar 5 ran before Mar 6's candles existed: it is stale already (Mar 6 is not: nothing after it yet)
+        assert [parse_key(r.tags["dagster/asset_partition_range_start"]) for r in quiet.run_requests] == [
+            DaySymbol("BTCUSD", date(2024, 3, 5))]
+        run(newest, instance, res)  # the candles of Mar 7 land (and of EURUSD Mar 7, whose Mar 6 has no features)
+        run(DaySymbol("EURUSD", date(2024, 3, 7)), instance, res)
         later = evaluate_automation_conditions(defs=graph, instance=instance, evaluation_time=datetime(2024, 3, 8, 1, tzinfo=UTC),
                                                cursor=first.cursor)
-        requested = next(r for r in later.results if r.key.to_user_string() == "ml_features")
-        keys = {str(k) for k in requested.true_subset.expensively_compute_partition_keys()}
-        assert keys == {str(previous.key), str(newest.key)}
-        for partition in (previous, newest):
-            run(partition, instance, res, selection=[ml_features])
+        automated = next(r for r in later.results if r.key.to_user_string() == "ml_features")
+        assert {str(k) for k in automated.true_subset.expensively_compute_partition_keys()} == {
+            str(newest.key), str(DaySymbol("EURUSD", date(2024, 3, 7)).key)}
+        sensed = labels_follow_candles.evaluate_tick(build_sensor_context(instance=instance, cursor=quiet.cursor))
+        (request,) = sensed.run_requests
+        ranged = {tag: parse_key(request.tags[f"dagster/asset_partition_range_{tag}"]) for tag in ("start", "end")}
+        assert ranged["start"] == ranged["end"] == previous
+        again = labels_follow_candles.evaluate_tick(build_sensor_context(instance=instance, cursor=sensed.cursor))
+        assert not again.run_requests  # the cursor moved on: asked once
+        assert run_days(instance, res, [ml_features], "BTCUSD", previous.day, newest.day).success
     labels = read_features(warehouse, "BTCUSD", Timeframe.M5, previous.start, previous.end)["fwd_ret_1d"]
     assert labels.null_count() == 0 and labels.len() == 288

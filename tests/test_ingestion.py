@@ -169,10 +169,22 @@ def test_impossible_vendor_candles_are_quarantined_and_the_backup_fills_their_mi
     assert from_backup["ts"].to_list() == hole.filter(broken)["ts"].to_list()
     assert from_backup["high"].to_list() == hole.filter(broken)["high"].to_list()
     quarantine = read_candle_quarantine(warehouse, "EURUSD", DAY)
-    assert quarantine.height == 20 and set(quarantine["source"]) == {"polygon:m1"}
-    assert dict(quarantine.group_by("reason").len().iter_rows()) == {"missing_price": 1, "non_positive_price": 1, "inconsistent_ohlc": 18}
+    impossible = quarantine.filter(~pl.col("reason").str.starts_with("covered_by"))
+    assert impossible.height == 20 and set(impossible["source"]) == {"polygon:m1"}
+    assert dict(impossible.group_by("reason").len().iter_rows()) == {"missing_price": 1, "non_positive_price": 1, "inconsistent_ohlc": 18}
+    # every candle read is used or quarantined: Polygon's minutes that have ticks, Dukascopy's
+    # minutes Polygon already filled (Dukascopy is asked for the day, like Polygon)
+    covered = dict(quarantine.filter(pl.col("reason").str.starts_with("covered_by")).group_by("source", "reason").len()
+                   .select(pl.concat_str("source", pl.lit("/"), "reason"), "len").iter_rows())
+    assert covered["polygon:m1/covered_by_ticks"] == candles.height - hole.height
+    assert covered["dukascopy:m1/covered_by_ticks"] == candles.height - hole.height
+    assert covered["dukascopy:m1/covered_by_earlier_vendor"] == hole.height - 20
+    meta = next(e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == "vendor_candles")
+    received = meta.materialization.metadata["received_rows"].value
+    assert received == 2 * candles.height == stored.height + quarantine.height
     check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "candles_consistent")
-    assert not check.passed and check.severity.value == "WARN" and check.metadata["quarantined_rows"].value == 20
+    assert not check.passed and check.severity.value == "WARN"
+    assert check.metadata["quarantined_impossible"].value == {"missing_price": 1, "non_positive_price": 1, "inconsistent_ohlc": 18}
     checks = checks_of(result)
     assert all(v for k, v in checks.items() if k.startswith("aggregates:")), checks
     h1 = read_bars(warehouse, "EURUSD", Timeframe.H1, PARTITION.start, PARTITION.end).filter(pl.col("ts") == HOLE[0])

@@ -43,19 +43,20 @@ def test_each_bad_row_gets_its_reason_and_nothing_is_lost():
         {"ts": at(10), "bid": 1.1, "ask": 1.2},  # a 10% spread
         {"ts": at(11), "bid_size": -5.0},  # negative size
         {"ts": at(12), "symbol": "GBPUSD"},  # another symbol's tick
-        {"ts": at(1)},  # exact duplicate of the first
+        {"ts": at(13), "bid": 2150.1, "ask": 2150.4},  # XAUUSD's level under EURUSD
+        {"ts": at(1)},  # identical to the first, no id to say it is a copy: a second update, kept
         {"ts": at(1), "bid": 1.1000, "ask": 1.1002},  # same time, other prices: legitimate
     ]
-    result = validate_ticks(frame(rows), "EURUSD", START, END)
+    result = validate_ticks(frame(rows), "EURUSD", START, END, band=(0.108, 10.8))
     assert result.reason_counts == {
         "crossed_quote": 1, "locked_quote": 1, "non_finite_price": 2, "non_positive_price": 2, "no_price": 2,
         "outside_partition": 2, "missing_timestamp": 1, "implausible_spread": 1, "negative_size": 1,
-        "wrong_symbol": 1, "duplicate": 1,
+        "wrong_symbol": 1, "implausible_price": 1,
     }
     assert set(result.reason_counts) <= set(REASONS)
     assert result.clean.height + result.quarantine.height == len(rows)
-    assert result.clean["ask"].to_list() == [1.1001, 1.1002]
-    assert result.clean["seq"].to_list() == [0, 1]
+    assert result.clean["ask"].to_list() == [1.1001, 1.1001, 1.1002]
+    assert result.clean["seq"].to_list() == [0, 1, 2]
     assert result.quarantine.filter(pl.col("reason") == "wrong_symbol")["symbol"].to_list() == ["GBPUSD"]
 
 
@@ -132,3 +133,29 @@ def test_impossible_candles_get_their_reason_and_the_first_good_candle_of_a_minu
     ]
     assert checked.clean.height + checked.quarantine.height == raw.height
     assert set(checked.reason_counts) <= set(CANDLE_REASONS)
+
+
+def test_identical_prints_are_separate_fills_and_only_a_repeated_vendor_id_is_a_duplicate():
+    """A futures tape prints the same price and size at the same millisecond many times:
+    every print is a fill. Only the source saying it sent a row twice (its own id again) makes
+    a duplicate, and ids are the source's own (another vendor's id 7 is another row)."""
+    tape = [{"ts": at(1), "bid": None, "ask": None, "price": 1.1, "size": 2.0, "vendor_seq": n} for n in range(5)]
+    tape += [{"ts": at(1), "bid": None, "ask": None, "price": 1.1, "size": 2.0, "vendor_seq": None}] * 3  # no ids: kept
+    tape += [{"ts": at(1), "bid": None, "ask": None, "price": 1.1, "size": 2.0, "vendor_seq": 3}]  # id 3 again: a copy
+    tape += [{"ts": at(1), "bid": None, "ask": None, "price": 1.1, "size": 2.0, "vendor_seq": 3, "source": "backup"}]
+    result = validate_ticks(frame(tape), "EURUSD", START, END)
+    assert result.reason_counts == {"duplicate": 1}
+    assert result.clean.height == 9 and result.clean["size"].sum() == 18.0
+    assert result.quarantine["vendor_seq"].to_list() == [3]
+
+
+def test_a_price_level_of_another_symbol_is_quarantined():
+    from models.market.instruments import instrument
+
+    low, high = instrument("XAUUSD").plausible_prices()
+    assert low <= 250 and high >= 4_500  # gold since 2000
+    euro = [{"ts": at(1), "bid": 1.0851, "ask": 1.0852}]
+    assert validate_ticks(frame(euro).with_columns(pl.lit("XAUUSD").alias("symbol")), "XAUUSD", START, END,
+                          band=(low, high)).reason_counts == {"implausible_price": 1}
+    e_low, e_high = instrument("EURUSD").plausible_prices()
+    assert e_low < 0.82 and e_high > 1.60 and e_high < 150  # EURUSD's history; USDJPY levels are out

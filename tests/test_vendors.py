@@ -202,8 +202,9 @@ def test_file_layouts_are_recognised_and_times_land_in_utc(tmp_path):
     got = conform_ticks(vendor.fetch_ticks("EURUSD", START, END))
     assert got["ts"].dt.strftime("%H:%M:%S%.3f").to_list() == ["10:00:00.250", "10:00:01.000", "10:00:02.000", "10:00:03.500"]
     assert got["bid"].to_list() == [1.085, 1.08505, 1.0851, 1.0852] and got["ask_size"][-1] == 1.2
-    bars = vendor.fetch_m1_bars("EURUSD", START, END)
+    bars = vendor.fetch_bars("EURUSD", START, END)
     assert bars["ts"].to_list() == [datetime(2024, 3, 6, 10, 5, tzinfo=UTC)] and bars["close"][0] == 1.0855
+    assert bars["timeframe"].to_list() == ["M1"]  # HistData's M1 format says so
     assert vendor.fetch_ticks("EURUSD", END, END + timedelta(days=1)).is_empty()  # the window filters
 
 

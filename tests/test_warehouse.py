@@ -30,13 +30,17 @@ def test_migrations_apply_once_and_are_safe_to_repeat(warehouse: WarehouseResour
         # Re-running every statement of an applied migration changes nothing.
         for migration in MIGRATIONS:
             for statement in migration.statements:
-                client.command(statement)
+                statement(client) if callable(statement) else client.command(statement)
     assert {"market_ticks", "market_ticks_quarantine", "aggregates", "ml_features", "schema_migrations"} <= tables
+
+
+def quarantined(checked) -> pl.DataFrame:
+    return checked.quarantine.with_columns(pl.lit(DAY).alias("day"))
 
 
 def test_ticks_round_trip_exactly(warehouse: WarehouseResource):
     checked = validate_ticks(generate_ticks("EURUSD", DAY), "EURUSD", START, END)
-    write_ticks(warehouse, "EURUSD", START, END, checked.clean, checked.quarantine)
+    write_ticks(warehouse, "EURUSD", [DAY], checked.clean, quarantined(checked))
     back = read_ticks(warehouse, "EURUSD", START, END)
     assert back.equals(checked.clean.select(back.columns))
     assert back["ts"].dtype == pl.Datetime("ms", "UTC")
@@ -46,12 +50,12 @@ def test_rewriting_a_partition_replaces_it(warehouse: WarehouseResource):
     checked = validate_ticks(generate_ticks("EURUSD", DAY), "EURUSD", START, END)
     neighbour = START + timedelta(days=1)
     nxt = validate_ticks(generate_ticks("EURUSD", DAY + timedelta(days=1)), "EURUSD", neighbour, neighbour + timedelta(days=1))
-    write_ticks(warehouse, "EURUSD", neighbour, neighbour + timedelta(days=1), nxt.clean, nxt.quarantine)
+    write_ticks(warehouse, "EURUSD", [DAY + timedelta(days=1)], nxt.clean, nxt.quarantine.with_columns(pl.lit(DAY).alias("day")))
     for _ in range(2):
-        write_ticks(warehouse, "EURUSD", START, END, checked.clean, checked.quarantine)
+        write_ticks(warehouse, "EURUSD", [DAY], checked.clean, quarantined(checked))
     assert read_ticks(warehouse, "EURUSD", START, END).height == checked.clean.height
     # A smaller rewrite leaves nothing of the larger one behind, and the next day untouched.
-    write_ticks(warehouse, "EURUSD", START, END, checked.clean.head(100), checked.quarantine)
+    write_ticks(warehouse, "EURUSD", [DAY], checked.clean.head(100), quarantined(checked))
     assert read_ticks(warehouse, "EURUSD", START, END).height == 100
     assert read_ticks(warehouse, "EURUSD", neighbour, neighbour + timedelta(days=1)).height == nxt.clean.height
 
@@ -59,7 +63,8 @@ def test_rewriting_a_partition_replaces_it(warehouse: WarehouseResource):
 def test_bars_round_trip(warehouse: WarehouseResource):
     ticks = generate_ticks("XAUUSD", DAY)
     bars = aggregate_ticks(ticks)
-    write_bars(warehouse, "XAUUSD", bars.filter(pl.col("timeframe") != "W1"), START, END, {})
+    write_bars(warehouse, "XAUUSD", [DAY], bars.filter(pl.col("timeframe") != "W1").with_columns(
+        pl.lit(END).cast(pl.Datetime("ms", "UTC")).alias("covered_until")))
     back = read_bars(warehouse, "XAUUSD")
     expected = bars.filter(pl.col("timeframe") != "W1").sort("symbol", "timeframe", "ts")
     assert back.drop("covered_until").equals(expected)

@@ -10,6 +10,8 @@ import sys
 import time
 from datetime import UTC, date, datetime, timedelta
 
+import polars as pl
+
 from models.market.quality import validate_ticks
 from models.market.synthetic import generate_ticks
 from resources.warehouse import WarehouseResource
@@ -30,7 +32,7 @@ def main(argv: list[str]) -> int:
         day = first + timedelta(days=offset)
         start = datetime(day.year, day.month, day.day, tzinfo=UTC)
         checked = validate_ticks(generate_ticks(symbol, day), symbol, start, start + timedelta(days=1))
-        write_ticks(warehouse, symbol, start, start + timedelta(days=1), checked.clean, checked.quarantine)
+        write_ticks(warehouse, symbol, [day], checked.clean, checked.quarantine.with_columns(pl.lit(day).alias("day")))
         print(f"{symbol} {day} {checked.clean.height}", flush=True)
     return 0
 

@@ -17,6 +17,7 @@ class FeatureSpec:
     family: str
     lookback: int  # bars of history the value needs (0: this bar only)
     description: str
+    needs: tuple[str, ...] = ()  # data beyond OHLC bars: "quotes" (bid/ask spreads), "external"
 
 
 FAMILIES = (
@@ -27,9 +28,9 @@ FAMILIES = (
 _SPECS: list[FeatureSpec] = []
 
 
-def _add(family: str, lookback: int, **described: str) -> None:
+def _add(family: str, lookback: int, needs: tuple[str, ...] = (), **described: str) -> None:
     for name, description in described.items():
-        _SPECS.append(FeatureSpec(name, family, lookback, description))
+        _SPECS.append(FeatureSpec(name, family, lookback, description, needs or (("external",) if family == "external" else ())))
 
 
 # -- trend ---------------------------------------------------------------------------------
@@ -84,9 +85,10 @@ _add("volume", 21, obv_change_20="change of on-balance volume over 20 bars / act
 for n in (20, 100):
     _add("volume", n, **{f"tick_count_ratio_{n}": f"tick count / its {n}-bar mean"})
 _add("volume", 50, activity_zscore_50="z-score of activity (volume, or ticks without volume), 50 bars")
-_add("volume", 100, spread_zscore_100="z-score of the mean spread, 100 bars")
-_add("volume", 56, spread_to_atr="mean spread / ATR(14)")
-_add("volume", 0, spread_max_ratio="max spread / mean spread in the bar", vwap_distance="(close - vwap) / close")
+_add("volume", 100, ("quotes",), spread_zscore_100="z-score of the mean spread, 100 bars")
+_add("volume", 56, ("quotes",), spread_to_atr="mean spread / ATR(14)")
+_add("volume", 0, ("quotes",), spread_max_ratio="max spread / mean spread in the bar")
+_add("volume", 0, vwap_distance="(close - vwap) / close")
 _add("volume", 40, adosc_3_10="Chaikin A/D oscillator(3, 10) / 10-bar activity")
 # -- candle structure ----------------------------------------------------------------------
 _add("candle", 0, body="(close - open) / (high - low)", upper_wick="(high - max(open, close)) / (high - low)",
@@ -146,21 +148,28 @@ _add("external", 0, event_hours_to_next="hours to the next high-impact event in 
 # -- interactions ----------------------------------------------------------------------------
 _add("interaction", 56, rsi_x_natr="(rsi_14 - 0.5) * natr_14", adx_x_macd_hist="adx_14 * macd_hist")
 _add("interaction", 200, trend_x_vol="sma_ratio_50 * realized_vol_30")
-_add("interaction", 100, london_x_spread="session_london * spread_zscore_100")
+_add("interaction", 100, ("quotes",), london_x_spread="session_london * spread_zscore_100")
 
 FEATURES: tuple[FeatureSpec, ...] = tuple(_SPECS)
 FEATURE_NAMES: tuple[str, ...] = tuple(spec.name for spec in FEATURES)
 WARMUP_BARS = 1500  # bars of history read before the first bar; covers every look-back and EMA memory
 
 
+QUOTE_FEATURES: tuple[str, ...] = tuple(spec.name for spec in FEATURES if "quotes" in spec.needs)
+"""Features of bid/ask spreads: null where the bars have no quotes (bars imported from files)."""
+
+
 def feature_set_version(specs: tuple[FeatureSpec, ...] = FEATURES) -> str:
-    """A short hash of every declaration and of the code that computes them."""
-    from models.features import compute, external  # the code is part of the definition
+    """A short hash of every declaration and of all the code a feature or label value depends
+    on: the families, external joins, labels, sessions, instruments (pips, points, currencies)
+    and bar boundaries. Any edit there makes a new feature set, so two never mix."""
+    from models.features import compute, external, labels  # the code is part of the definition
+    from models.market import instruments, sessions, timeframes
 
     digest = hashlib.sha256()
     for spec in specs:
-        digest.update(repr((spec.name, spec.family, spec.lookback, spec.description)).encode())
-    for module in (compute, external):
+        digest.update(repr((spec.name, spec.family, spec.lookback, spec.description, spec.needs)).encode())
+    for module in (compute, external, labels, sessions, instruments, timeframes):
         digest.update(inspect.getsource(module).encode())
     return f"fs-{digest.hexdigest()[:12]}"
 
@@ -176,7 +185,7 @@ def catalog_markdown() -> str:
     ]
     for family in FAMILIES:
         specs = [s for s in FEATURES if s.family == family]
-        lines += [f"## {family} ({len(specs)})", "", "| feature | look-back (bars) | definition |", "|---|---|---|"]
-        lines += [f"| `{s.name}` | {s.lookback} | {s.description} |" for s in specs]
+        lines += [f"## {family} ({len(specs)})", "", "| feature | look-back (bars) | needs | definition |", "|---|---|---|---|"]
+        lines += [f"| `{s.name}` | {s.lookback} | {', '.join(s.needs) or 'bars'} | {s.description} |" for s in specs]
         lines.append("")
     return "\n".join(lines)

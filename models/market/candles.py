@@ -233,41 +233,88 @@ def aggregate_ticks(
     boundary: DayBoundary = DayBoundary.UTC,
 ) -> pl.DataFrame:
     """Bars at each requested timeframe, stacked, ordered by timeframe, symbol and ts."""
-    return _cascade([_minute_runs(part) for part in _by_symbol(ticks)], timeframes, boundary)
+    return aggregate(ticks, None, timeframes, boundary)
 
 
-def aggregate_m1(
-    m1: pl.DataFrame,
+def aggregate(
+    ticks: pl.DataFrame | None,
+    vendor: pl.DataFrame | None,
     timeframes: Iterable[Timeframe] = ALL_TIMEFRAMES,
     boundary: DayBoundary = DayBoundary.UTC,
 ) -> pl.DataFrame:
-    """As :func:`aggregate_ticks`, from finished M1 bars sorted by symbol and ts (vendor
-    candles merged with candles built from ticks)."""
-    return _cascade([_bar_runs(part) for part in _by_symbol(m1)], timeframes, boundary)
+    """Bars at each requested timeframe from ticks and from finished bars a vendor served at
+    their own timeframes (rows of :data:`BAR_SCHEMA`, ``timeframe`` saying which; see
+    :func:`vendor_bars`), stacked and ordered by timeframe, symbol and ts.
 
-
-def _cascade(minute_runs: list[_Runs], timeframes: Iterable[Timeframe], boundary: DayBoundary) -> pl.DataFrame:
+    M1 is built from the ticks, and from vendor M1 bars for minutes without ticks; every
+    longer timeframe rolls up the one below it, and takes a vendor bar of its own timeframe
+    only for an interval the finer data left entirely empty. So a vendor's H1 bars make H1
+    and longer bars, never M1..M30 ones: a finer timeframe is never invented.
+    """
     wanted = set(timeframes)
+    last = max((ALL_TIMEFRAMES.index(tf) for tf in wanted), default=-1)
+    tick_parts = {part["symbol"][0]: part for part in (_by_symbol(ticks) if ticks is not None else [])}
+    vendor_parts = {part["symbol"][0]: part for part in (_by_symbol(vendor) if vendor is not None else [])}
     frames: dict[Timeframe, list[pl.DataFrame]] = {tf: [] for tf in ALL_TIMEFRAMES}
-    for runs in minute_runs if wanted else []:
-        for tf in ALL_TIMEFRAMES[: max(ALL_TIMEFRAMES.index(tf) for tf in wanted) + 1]:
-            if tf is not Timeframe.M1:
+    for symbol in dict.fromkeys([*tick_parts, *vendor_parts]):
+        served = _vendor_levels(vendor_parts.get(symbol))
+        runs = _minute_runs(tick_parts[symbol]) if symbol in tick_parts else None
+        for tf in ALL_TIMEFRAMES[: last + 1]:
+            if tf is not Timeframe.M1 and runs is not None:
                 runs = runs.rollup(tf, boundary)
-            if tf in wanted:
+            if tf in served:
+                runs = _fill_empty(runs, served[tf])
+            if tf in wanted and runs is not None:
                 frames[tf].append(runs.finish(tf))
     return _stack([frame for tf in ALL_TIMEFRAMES for frame in frames[tf]])
 
 
-VENDOR_CANDLE_SUFFIX = ":m1"
-"""Appended to a vendor's name in ``source`` for bars made from its candles, not its ticks."""
+def _vendor_levels(bars: pl.DataFrame | None) -> dict[Timeframe, pl.DataFrame]:
+    if bars is None or bars.is_empty():
+        return {}
+    return {Timeframe(tf): part.sort("ts") for (tf,), part in bars.partition_by("timeframe", as_dict=True).items()}
 
 
-def vendor_m1_bars(candles: pl.DataFrame, symbol: str) -> pl.DataFrame:
-    """A vendor's one-minute candles (ts, open, high, low, close, volume, vwap, tick_count,
-    source) as M1 rows of :data:`BAR_SCHEMA`: no quotes behind them, so no bid/ask or spread."""
+def _fill_empty(runs: _Runs | None, served: pl.DataFrame) -> _Runs | None:
+    """``runs`` plus the served bars whose interval ``runs`` has no bar in (same open)."""
+    if runs is not None:
+        served = served.filter(~pl.col("ts").dt.epoch("ms").is_in(pl.Series(runs.ts_ms).implode()))
+    if served.is_empty():
+        return runs
+    added = _bar_runs(served)
+    if runs is None:
+        return added
+    order = np.argsort(np.r_[runs.ts_ms, added.ts_ms], kind="stable")
+    columns = {
+        name: None if runs.columns[name] is None and added.columns[name] is None
+        else np.r_[_spelt_out(runs, name), _spelt_out(added, name)][order]
+        for name in runs.columns
+    }
+    return _Runs(runs.symbol, np.r_[runs.ts_ms, added.ts_ms][order], columns, pl.concat([runs.source, added.source])[order])
+
+
+def _spelt_out(runs: _Runs, name: str) -> np.ndarray:
+    """A column of ``runs`` with its implicit value written out (None: zero sums, one count)."""
+    values = runs.columns[name]
+    if values is not None:
+        return values
+    return np.ones(len(runs.ts_ms), dtype=np.int64) if name in _COUNTS else np.zeros(len(runs.ts_ms))
+
+
+def vendor_source(vendor: str, timeframe: pl.Expr) -> pl.Expr:
+    """``source`` of bars a vendor served rather than built from its ticks: ``polygon:m1``,
+    ``file:h1``."""
+    return pl.concat_str(pl.lit(vendor + ":"), timeframe.str.to_lowercase())
+
+
+def vendor_bars(candles: pl.DataFrame, symbol: str) -> pl.DataFrame:
+    """A vendor's bars (ts, timeframe, open, high, low, close, volume, vwap, tick_count,
+    source) as rows of :data:`BAR_SCHEMA` at their own timeframe: no quotes behind them, so
+    no bid/ask or spread."""
+    timeframe = pl.col("timeframe") if "timeframe" in candles.columns else pl.lit(Timeframe.M1.value)
     return candles.sort("ts").select(
         pl.lit(symbol).alias("symbol"),
-        pl.lit(Timeframe.M1.value).alias("timeframe"),
+        timeframe.alias("timeframe"),
         "ts", "open", "high", "low", "close",
         pl.lit(None, pl.Float64).alias("bid_close"),
         pl.lit(None, pl.Float64).alias("ask_close"),
@@ -279,13 +326,6 @@ def vendor_m1_bars(candles: pl.DataFrame, symbol: str) -> pl.DataFrame:
         pl.col("vwap").fill_null(pl.col("close")),
         pl.col("source"),
     ).cast(BAR_SCHEMA)  # type: ignore[arg-type]
-
-
-def merge_m1(from_ticks: pl.DataFrame, from_vendor: pl.DataFrame) -> pl.DataFrame:
-    """M1 bars of one symbol: every bar built from ticks, and vendor bars only for minutes
-    without one, so a minute is never counted twice."""
-    missing = from_vendor.filter(~pl.col("ts").is_in(from_ticks["ts"].implode()))
-    return pl.concat([from_ticks, missing]).sort("ts")
 
 
 def carried_bar_opens(
@@ -306,21 +346,18 @@ def bars_for_window(
     start: datetime,
     timeframes: Iterable[Timeframe] = ALL_TIMEFRAMES,
     boundary: DayBoundary = DayBoundary.UTC,
-    vendor_m1: pl.DataFrame | None = None,
+    vendor: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Bars overlapping a window that starts at ``start``, built from ticks since
-    :func:`window_lookback_start` up to the window's end, and from ``vendor_m1`` (M1 rows of
-    :data:`BAR_SCHEMA`, see :func:`vendor_m1_bars`) for minutes without ticks.
+    :func:`window_lookback_start` up to the window's end, and from ``vendor`` bars (rows of
+    :data:`BAR_SCHEMA`, see :func:`vendor_bars`) where the ticks leave intervals empty.
 
     A bar that runs past the window end holds the data up to it, as a live feed would; the
     window that contains the bar's end completes it. Bars that ended before ``start`` are
     left out: earlier windows own them.
     """
     timeframes = tuple(timeframes)
-    if vendor_m1 is None or vendor_m1.is_empty():
-        bars = aggregate_ticks(ticks, timeframes, boundary)
-    else:
-        bars = aggregate_m1(merge_m1(ticks_to_m1(ticks), vendor_m1), timeframes, boundary)
+    bars = aggregate(ticks if ticks.height else None, vendor, timeframes, boundary)
     carried = carried_bar_opens(start, timeframes, boundary)
     is_carried = pl.any_horizontal(
         pl.lit(False), *((pl.col("timeframe") == tf.value) & (pl.col("ts") == opened) for tf, opened in carried.items())

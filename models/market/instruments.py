@@ -27,6 +27,14 @@ class Instrument:
     annual_vol: float  # annualised volatility of log returns
     ticks_per_day: int  # mean quote updates on a full trading day
 
+    def plausible_prices(self) -> tuple[float, float]:
+        """The price range a quote of this instrument can plausibly have, wide enough for its
+        whole history (EURUSD 0.82-1.60 since 1999, gold 250-4,500 since 2000, bitcoin from
+        cents) and narrow enough to catch another symbol's prices (EURUSD levels under
+        XAUUSD, JPY crosses under EURUSD). Override per symbol in the conventions resource."""
+        low, high = _PLAUSIBLE[self.asset_class]
+        return self.base_price * low, self.base_price * high
+
     @property
     def point(self) -> float:
         return 10.0 ** -self.digits
@@ -39,6 +47,12 @@ class Instrument:
             return coin, self.symbol[len(coin):]
         return self.symbol[:3], self.symbol[3:]
 
+
+_PLAUSIBLE = {  # multiples of base_price
+    AssetClass.FX: (0.1, 10.0),
+    AssetClass.METAL: (0.1, 5.0),
+    AssetClass.CRYPTO: (1e-6, 100.0),
+}
 
 _USD_PER_UNIT = {  # rough levels used to infer cross rates
     "USD": 1.0, "EUR": 1.08, "GBP": 1.27, "AUD": 0.66, "NZD": 0.61, "CAD": 0.74,

@@ -195,5 +195,6 @@ def generate_ticks(symbol: str, day: date, config: SyntheticMarketConfig = Synth
         "ask_size",
         pl.lit(None, dtype=pl.Float64).alias("price"),
         pl.lit(None, dtype=pl.Float64).alias("size"),
+        pl.lit(None, dtype=pl.Int64).alias("vendor_seq"),
         pl.lit(SOURCE).alias("source"),
     ).cast(TICK_SCHEMA)

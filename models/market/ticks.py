@@ -2,7 +2,9 @@
 
 A tick is a quote (``bid``/``ask`` with optional sizes) or a trade (``price``/``size``), or
 both at once (a trade printed with the prevailing quote). Its reference price is the trade
-price where there is one, else the quote mid.
+price where there is one, else the quote mid. ``vendor_seq`` is the vendor's own id or
+sequence number of the row where it has one: the only thing that makes two rows duplicates
+(identical prints at one timestamp are separate fills).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ TICK_SCHEMA: dict[str, pl.DataType] = {
     "ask_size": pl.Float64(),
     "price": pl.Float64(),
     "size": pl.Float64(),
+    "vendor_seq": pl.Int64(),
     "source": pl.String(),
 }
 

@@ -73,6 +73,24 @@ class MarketDataVendor(ConfigurableResource):
         """One-minute candles opening in ``[start, end)``; ``None`` if the vendor has none."""
         return None
 
+    def fetch_bars(self, symbol: str, start: datetime, end: datetime) -> pl.DataFrame | None:
+        """Bars opening in ``[start, end)`` at the vendor's own timeframe (a ``timeframe``
+        column, then :data:`VENDOR_M1_SCHEMA`'s); ``None`` if the vendor has none. Network
+        vendors serve their one-minute candles; files serve whatever interval they hold."""
+        bars = self.fetch_m1_bars(symbol, start, end)
+        return None if bars is None else bars.with_columns(pl.lit("M1").alias("timeframe"))
+
+    def serves_ticks(self, symbol: str) -> bool:
+        """Whether this vendor has ticks of ``symbol`` at all (a bars-only file import has
+        none: a day without ticks is then no gap)."""
+        return True
+
+    @property
+    def max_fetch_days(self) -> int:
+        """How many days one fetch may span in a range run: one for network vendors (a day of
+        quotes is pages enough), more for local files."""
+        return 1
+
 
 T = TypeVar("T")
 

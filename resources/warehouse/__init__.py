@@ -1,6 +1,7 @@
 """The ClickHouse warehouse: connection resource, schema migrations, market-data tables."""
 
 from resources.warehouse.client import (
+    TableWrite,
     Warehouse,
     WarehouseBusyError,
     WarehouseError,
@@ -11,6 +12,7 @@ from resources.warehouse.client import (
 )
 
 __all__ = [
+    "TableWrite",
     "Warehouse",
     "WarehouseBusyError",
     "WarehouseError",

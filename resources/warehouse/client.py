@@ -13,8 +13,9 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from clickhouse_connect.driver.client import Client
 from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
+from resources.warehouse.commits import COMMITS_TABLE, new_batch
 from resources.warehouse.migrations import apply_migrations
 
 log = logging.getLogger(__name__)
@@ -172,9 +174,9 @@ class WarehouseResource(ConfigurableResource):
         with self.session() as session:
             return session.insert_frame(table, frame)
 
-    def replace(self, table: str, where: str, parameters: Mapping[str, Any], frame: pl.DataFrame) -> int:
+    def replace(self, *writes: TableWrite) -> int:
         with self.session() as session:
-            return session.replace(table, where, parameters, frame)
+            return session.replace(*writes)
 
 
 class WarehouseSession:
@@ -194,14 +196,55 @@ class WarehouseSession:
             self.client.insert_arrow(table, frame.to_arrow())
         return frame.height
 
-    def replace(self, table: str, where: str, parameters: Mapping[str, Any], frame: pl.DataFrame) -> int:
-        """Delete the rows matching ``where``, then insert ``frame``: how a re-materialized
-        partition replaces its rows instead of duplicating them. The delete is skipped when
-        nothing matches (a first load), which the primary key answers cheaply."""
-        matching = self.client.query(f"SELECT count() FROM {table} WHERE {where}", parameters=parameters)
-        if matching.result_rows[0][0]:
-            self.client.command(f"DELETE FROM {table} WHERE {where}", parameters=parameters)
-        return self.insert_frame(table, frame)
+    def replace(self, *writes: TableWrite) -> int:
+        """Replace the partition scopes of every write, all or nothing (see
+        :mod:`resources.warehouse.commits`): insert the rows under a new batch, check that
+        each landed in a scope it replaces, commit every scope of every write in one INSERT,
+        then delete the superseded rows (only where some exist: a first load deletes
+        nothing). Returns the rows written."""
+        if not writes:
+            return 0
+        pairs = [(w.table, scope) for w in writes for scope in w.scopes]
+        newest = self.client.query(
+            f"SELECT max(batch) FROM {COMMITS_TABLE} WHERE (table_name, scope) IN {{pairs:Array(Tuple(String, String))}}",
+            parameters={"pairs": pairs},
+        ).result_rows
+        batch = new_batch(int(newest[0][0] or 0) if newest else 0)
+        for write in writes:
+            if write.frame.height:
+                self.insert_frame(write.table, write.frame.with_columns(pl.lit(batch, dtype=pl.UInt64).alias("_batch")))
+        for write in writes:  # a row outside its write's scopes would never become visible: refuse before committing
+            landed = self.client.query(
+                f"SELECT count(), countIf(_scope NOT IN {{scopes:Array(String)}}) FROM {write.table} "
+                f"WHERE _batch = {{batch:UInt64}} AND ({write.where})",
+                parameters={**write.parameters, "scopes": list(write.scopes), "batch": batch},
+            ).result_rows[0]
+            if landed[0] != write.frame.height or landed[1]:
+                raise WarehouseError(
+                    f"{write.table}: {write.frame.height} rows written but {landed[0]} found in the write's range and "
+                    f"{landed[1]} outside its partitions {list(write.scopes)[:3]}...; nothing was committed"
+                )
+        self.client.insert(COMMITS_TABLE, [[table, scope, batch] for table, scope in pairs],
+                           column_names=["table_name", "scope", "batch"])
+        for write in writes:
+            stale = f"({write.where}) AND _scope IN {{scopes:Array(String)}} AND _batch < {{batch:UInt64}}"
+            params = {**write.parameters, "scopes": list(write.scopes), "batch": batch}
+            if self.client.query(f"SELECT count() FROM {write.table} WHERE {stale}", parameters=params).result_rows[0][0]:
+                self.client.command(f"DELETE FROM {write.table} WHERE {stale}", parameters=params)
+        return sum(w.frame.height for w in writes)
+
+
+@dataclass(frozen=True)
+class TableWrite:
+    """Rows replacing the partition ``scopes`` of ``table``. ``where`` (with ``parameters``)
+    bounds those partitions by the table's key columns, so finding the superseded rows reads
+    only them; it may be wider than the scopes, never narrower."""
+
+    table: str
+    where: str
+    parameters: Mapping[str, Any]
+    frame: pl.DataFrame
+    scopes: Sequence[str]
 
 
 Warehouse = WarehouseResource | WarehouseSession

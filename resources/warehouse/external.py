@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 
 import polars as pl
 
 from resources.external.calendar import EVENT_SCHEMA
-from resources.warehouse.client import Warehouse
+from resources.warehouse.client import TableWrite, Warehouse
+from resources.warehouse.commits import PARTITIONED, visible
 from resources.warehouse.market import seconds_to_datetime
 
 UTC_MS = pl.Datetime("ms", "UTC")
@@ -20,7 +21,8 @@ _EVENT_COLUMNS = ["event_id", "ts", "currency", "impact", "title", "actual", "fo
 def write_fred_week(warehouse: Warehouse, week: date, rows: pl.DataFrame) -> None:
     """Replace what the publication week ``week`` wrote."""
     frame = rows.with_columns(pl.lit(week).alias("week")).select(_FRED_COLUMNS)
-    warehouse.replace("external_fred_indicators", "week = {week:Date}", {"week": week}, frame)
+    warehouse.replace(TableWrite("external_fred_indicators", "week = {week:Date}", {"week": week}, frame,
+                                 [PARTITIONED["external_fred_indicators"].scope(week)]))
 
 
 def read_fred_vintages(warehouse: Warehouse, series: list[str], known_until: datetime) -> pl.DataFrame:
@@ -28,6 +30,7 @@ def read_fred_vintages(warehouse: Warehouse, series: list[str], known_until: dat
     frame = warehouse.query_frame(
         "SELECT series_id, observation_date, any(value) AS value, realtime_start, min(known_at) AS first_known "
         "FROM external_fred_indicators WHERE series_id IN {series:Array(String)} AND known_at <= {until:DateTime('UTC')} "
+        f"AND {visible('external_fred_indicators')} "
         "GROUP BY series_id, observation_date, realtime_start ORDER BY series_id, observation_date, realtime_start",
         {"series": series, "until": known_until},
     )
@@ -44,6 +47,7 @@ def latest_fred_values(warehouse: Warehouse, series: list[str], before_week: dat
     frame = warehouse.query_frame(
         "SELECT series_id, observation_date, argMax(value, realtime_start) AS value, max(realtime_start) AS published "
         "FROM external_fred_indicators WHERE series_id IN {series:Array(String)} AND week < {week:Date} "
+        f"AND {visible('external_fred_indicators')} "
         "GROUP BY series_id, observation_date",
         {"series": series, "week": before_week},
     )
@@ -52,13 +56,15 @@ def latest_fred_values(warehouse: Warehouse, series: list[str], before_week: dat
 
 
 def write_commodity_day(warehouse: Warehouse, day: date, rows: pl.DataFrame) -> None:
-    warehouse.replace("external_commodity_prices", "date = {day:Date}", {"day": day}, rows.select(_COMMODITY_COLUMNS))
+    warehouse.replace(TableWrite("external_commodity_prices", "date = {day:Date}", {"day": day},
+                                 rows.select(_COMMODITY_COLUMNS), [PARTITIONED["external_commodity_prices"].scope(day)]))
 
 
 def read_commodities(warehouse: Warehouse, names: list[str], start: date, known_until: datetime) -> pl.DataFrame:
     frame = warehouse.query_frame(
         f"SELECT {', '.join(_COMMODITY_COLUMNS)} FROM external_commodity_prices "
-        "WHERE name IN {names:Array(String)} AND date >= {start:Date} AND known_at <= {until:DateTime('UTC')} ORDER BY name, date",
+        "WHERE name IN {names:Array(String)} AND date >= {start:Date} AND known_at <= {until:DateTime('UTC')} "
+        f"AND {visible('external_commodity_prices')} ORDER BY name, date",
         {"names": names, "start": start, "until": known_until},
     )
     if frame.is_empty():
@@ -67,12 +73,13 @@ def read_commodities(warehouse: Warehouse, names: list[str], start: date, known_
 
 
 def write_calendar_day(warehouse: Warehouse, start: datetime, end: datetime, events: pl.DataFrame) -> pl.DataFrame:
-    """Replace the events scheduled in ``[start, end)``; an event keeps the earliest
+    """Replace the events scheduled in ``[start, end)`` (whole UTC days); an event keeps the earliest
     ``known_at`` ever stored for it, so re-fetching a past day never makes its events look
     announced later than they were. Returns what was written."""
     params = {"start": start, "end": end}
     where = "ts >= {start:DateTime('UTC')} AND ts < {end:DateTime('UTC')}"
-    stored = warehouse.query_frame(f"SELECT event_id, min(known_at) AS first_known FROM external_economic_calendar WHERE {where} GROUP BY event_id", params)
+    stored = warehouse.query_frame(f"SELECT event_id, min(known_at) AS first_known FROM external_economic_calendar WHERE {where} "
+                                   f"AND {visible('external_economic_calendar')} GROUP BY event_id", params)
     rows = events.with_columns(pl.col("known_at").min().over("event_id")).unique("event_id", keep="last", maintain_order=True)
     if not stored.is_empty():
         first = seconds_to_datetime(stored, "first_known").with_columns(pl.col("event_id").cast(pl.String), pl.col("first_known").cast(UTC_MS))
@@ -80,7 +87,9 @@ def write_calendar_day(warehouse: Warehouse, start: datetime, end: datetime, eve
             pl.min_horizontal("known_at", "first_known").alias("known_at")
         ).drop("first_known")
     rows = rows.select(_EVENT_COLUMNS)
-    warehouse.replace("external_economic_calendar", where, params, rows)
+    days = [start.date() + timedelta(days=i) for i in range((end - start).days)]
+    warehouse.replace(TableWrite("external_economic_calendar", where, params, rows,
+                                 [PARTITIONED["external_economic_calendar"].scope(day) for day in days]))
     return rows
 
 
@@ -89,7 +98,8 @@ def read_calendar(warehouse: Warehouse, currencies: list[str] | None, start: dat
     clause = " AND currency IN {currencies:Array(String)}" if currencies else ""
     frame = warehouse.query_frame(
         f"SELECT {', '.join(_EVENT_COLUMNS)} FROM external_economic_calendar "
-        f"WHERE ts >= {{start:DateTime('UTC')}} AND ts < {{end:DateTime('UTC')}}{clause} ORDER BY ts",
+        f"WHERE ts >= {{start:DateTime('UTC')}} AND ts < {{end:DateTime('UTC')}}{clause} "
+        f"AND {visible('external_economic_calendar')} ORDER BY ts",
         {"start": start, "end": end, "currencies": currencies or []},
     )
     if frame.is_empty():

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
 
@@ -15,10 +16,11 @@ from models.features.external import (
     symbol_events,
 )
 from models.features.labels import LABEL_SCHEMA
-from models.features.registry import FEATURE_NAMES
+from models.features.registry import FEATURE_NAMES, feature_set_version
 from models.market.instruments import instrument
 from models.market.timeframes import Timeframe
-from resources.warehouse.client import Warehouse
+from resources.warehouse.client import TableWrite, Warehouse
+from resources.warehouse.commits import PARTITIONED, visible
 from resources.warehouse.external import read_calendar, read_commodities, read_fred_vintages
 from resources.warehouse.market import read_bars, seconds_to_datetime
 
@@ -33,8 +35,9 @@ def bars_around(
     Returns the bars and how many of them came before ``start``.
     """
     before = warehouse.query_frame(
-        "SELECT min(ts) AS first, count() AS n FROM (SELECT ts FROM aggregates FINAL WHERE symbol = {symbol:String} "
-        "AND timeframe = {tf:String} AND ts < {start:DateTime('UTC')} ORDER BY ts DESC LIMIT {n:UInt32})",
+        "SELECT min(ts) AS first, count() AS n FROM (SELECT ts FROM aggregates WHERE symbol = {symbol:String} "
+        f"AND timeframe = {{tf:String}} AND ts < {{start:DateTime('UTC')}} AND {visible('aggregates')} "
+        "GROUP BY ts ORDER BY ts DESC LIMIT {n:UInt32})",
         {"symbol": symbol, "tf": tf.value, "start": start, "n": history},
     ).row(0, named=True)
     first = _from_epoch(before["first"]) if before["n"] else start
@@ -49,29 +52,40 @@ def _from_epoch(seconds: int) -> datetime:
 def data_horizon(warehouse: Warehouse, symbol: str) -> datetime | None:
     """The moment up to which the warehouse holds this symbol's data (end of the last day loaded)."""
     frame = warehouse.query_frame(
-        "SELECT max(covered_until) AS until, count() AS n FROM aggregates WHERE symbol = {symbol:String}",
+        f"SELECT max(covered_until) AS until, count() AS n FROM aggregates WHERE symbol = {{symbol:String}} AND {visible('aggregates')}",
         {"symbol": symbol},
     )
     return _from_epoch(frame["until"][0]) if frame["n"][0] else None
 
 
-def write_features(
-    warehouse: Warehouse, symbol: str, tf: Timeframe, start: datetime, end: datetime, rows: pl.DataFrame
-) -> None:
-    """Replace the feature rows of ``symbol``/``tf`` for bars opening in ``[start, end)``."""
-    warehouse.replace(
-        "ml_features",
-        "symbol = {symbol:String} AND timeframe = {tf:String} AND ts >= {start:DateTime('UTC')} AND ts < {end:DateTime('UTC')}",
-        {"symbol": symbol, "tf": tf.value, "start": start, "end": end},
-        rows.select(FEATURE_COLUMNS),
-    )
+_FEATURE_WINDOW = ("symbol = {symbol:String} AND feature_set = {feature_set:String} "
+                   "AND ts >= {start:DateTime('UTC')} AND ts < {end:DateTime('UTC')}")
 
 
-def read_features(warehouse: Warehouse, symbol: str, tf: Timeframe, start: datetime, end: datetime) -> pl.DataFrame:
+def feature_writes(symbol: str, feature_set: str, days: Sequence[date], rows: pl.DataFrame) -> TableWrite:
+    first, last = min(days), max(days)
+    start = datetime(first.year, first.month, first.day, tzinfo=UTC)
+    end = datetime(last.year, last.month, last.day, tzinfo=UTC) + timedelta(days=1)
+    scopes = [PARTITIONED["ml_features"].scope(symbol, feature_set, day) for day in days]
+    params = {"symbol": symbol, "feature_set": feature_set, "start": start, "end": end}
+    return TableWrite("ml_features", _FEATURE_WINDOW, params, rows.select(FEATURE_COLUMNS), scopes)
+
+
+def write_features(warehouse: Warehouse, symbol: str, feature_set: str, days: Sequence[date], rows: pl.DataFrame) -> None:
+    """Replace the feature rows of ``symbol`` in ``feature_set`` for bars opening on ``days``
+    (contiguous), every timeframe at once, all or nothing."""
+    warehouse.replace(feature_writes(symbol, feature_set, days, rows))
+
+
+def read_features(
+    warehouse: Warehouse, symbol: str, tf: Timeframe, start: datetime, end: datetime, feature_set: str | None = None
+) -> pl.DataFrame:
+    """Feature rows of one feature set (the current one unless given), by bar."""
     frame = warehouse.query_frame(
-        f"SELECT {', '.join(FEATURE_COLUMNS)} FROM ml_features FINAL WHERE symbol = {{symbol:String}} "
-        "AND timeframe = {tf:String} AND ts >= {start:DateTime('UTC')} AND ts < {end:DateTime('UTC')} ORDER BY ts",
-        {"symbol": symbol, "tf": tf.value, "start": start, "end": end},
+        f"SELECT {', '.join(FEATURE_COLUMNS)} FROM ml_features WHERE symbol = {{symbol:String}} AND timeframe = {{tf:String}} "
+        f"AND feature_set = {{feature_set:String}} AND ts >= {{start:DateTime('UTC')}} AND ts < {{end:DateTime('UTC')}} "
+        f"AND {visible('ml_features')} ORDER BY ts",
+        {"symbol": symbol, "tf": tf.value, "start": start, "end": end, "feature_set": feature_set or feature_set_version()},
     )
     return seconds_to_datetime(frame, "ts", "close_ts") if frame.height else frame
 

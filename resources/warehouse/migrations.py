@@ -6,19 +6,24 @@ run by two processes at once, is safe to run again; ``schema_migrations`` record
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from clickhouse_connect.driver.client import Client
 
 from models.features.labels import LABEL_SCHEMA
 from models.features.registry import FEATURE_NAMES
+from resources.warehouse.commits import COMMITS_TABLE, PARTITIONED, hidden_columns_sql
+
+
+Step = str | Callable[[Client], None]
 
 
 @dataclass(frozen=True, slots=True)
 class Migration:
     version: int
     name: str
-    statements: tuple[str, ...]
+    statements: tuple[Step, ...]  # SQL, or a function for steps that must check the schema first
 
 
 _QUOTE_COLUMNS = """
@@ -220,7 +225,70 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        7,
+        "atomic partitions: partition_commits, _scope/_batch on the replaced tables; vendor ids, bar timeframes",
+        (
+            f"""
+            CREATE TABLE IF NOT EXISTS {COMMITS_TABLE} (
+                table_name LowCardinality(String),
+                scope String COMMENT 'the partition, e.g. EURUSD|2024-03-06',
+                batch UInt64 COMMENT 'the write whose rows are visible for this scope',
+                committed_at DateTime64(6, 'UTC') DEFAULT now64(6)
+            ) ENGINE = ReplacingMergeTree(batch)
+            ORDER BY (table_name, scope)
+            """,
+            "ALTER TABLE market_ticks ADD COLUMN IF NOT EXISTS vendor_seq Nullable(Int64) "
+            "COMMENT 'the vendor''s own id or sequence number of the row' AFTER size",
+            "ALTER TABLE market_ticks_quarantine ADD COLUMN IF NOT EXISTS vendor_seq Nullable(Int64) AFTER size",
+            "ALTER TABLE vendor_candles ADD COLUMN IF NOT EXISTS timeframe LowCardinality(String) DEFAULT 'M1' "
+            "COMMENT 'the bar interval the vendor served' AFTER symbol",
+            "ALTER TABLE vendor_candles_quarantine ADD COLUMN IF NOT EXISTS timeframe LowCardinality(String) DEFAULT 'M1' AFTER symbol",
+            *(f"ALTER TABLE {table} {', '.join(hidden_columns_sql(table))}"
+              for table in PARTITIONED if table not in ("aggregates", "ml_features")),
+            # what is stored already stays visible: batch 0 of every scope it fills
+            *(f"INSERT INTO {COMMITS_TABLE} (table_name, scope, batch) SELECT '{table}', _scope, 0 FROM {table} GROUP BY _scope"
+              for table in PARTITIONED if table not in ("aggregates", "ml_features")),
+        ),
+    ),
+    Migration(
+        8,
+        "aggregates and ml_features as plain MergeTree with _scope/_batch (versions are resolved by commits, "
+        "not by background merges); ml_features keyed by feature_set too",
+        (
+            lambda client: _rebuild(client, "aggregates", "ORDER BY (symbol, timeframe, ts)"),
+            lambda client: _rebuild(client, "ml_features", "ORDER BY (symbol, timeframe, feature_set, ts)"),
+        ),
+    ),
 )
+
+
+def _columns(client: Client, table: str) -> list[str]:
+    return [row[0] for row in client.query(
+        "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {t:String} ORDER BY position",
+        parameters={"t": table},
+    ).result_rows]
+
+
+def _rebuild(client: Client, table: str, order_by: str) -> None:
+    """Copy ``table`` into a plain MergeTree with the hidden columns and swap the two.
+
+    Safe to run again after an interruption at any point: a table that already has
+    ``_batch`` is done (a left-over copy is dropped); otherwise the copy starts over. The
+    copy takes the current version of each row (FINAL) as batch 0, committed."""
+    scratch = f"{table}__rebuild"
+    columns = _columns(client, table)
+    if "_batch" in columns:
+        client.command(f"DROP TABLE IF EXISTS {scratch}")
+        return
+    client.command(f"DROP TABLE IF EXISTS {scratch}")
+    client.command(f"CREATE TABLE {scratch} AS {table} ENGINE = MergeTree PARTITION BY toYYYYMM(ts) {order_by}")
+    client.command(f"ALTER TABLE {scratch} {', '.join(hidden_columns_sql(table))}")
+    names = ", ".join(columns)
+    client.command(f"INSERT INTO {scratch} ({names}) SELECT {names} FROM {table} FINAL")
+    client.command(f"INSERT INTO {COMMITS_TABLE} (table_name, scope, batch) SELECT '{table}', _scope, 0 FROM {scratch} GROUP BY _scope")
+    client.command(f"EXCHANGE TABLES {table} AND {scratch}")
+    client.command(f"DROP TABLE {scratch}")
 
 
 def sync_feature_columns(client: Client) -> None:
@@ -249,7 +317,10 @@ def apply_migrations(client: Client, database: str) -> list[int]:
         if migration.version in done:
             continue
         for statement in migration.statements:
-            client.command(statement)
+            if callable(statement):
+                statement(client)
+            else:
+                client.command(statement)
         client.insert("schema_migrations", [[migration.version, migration.name]], column_names=["version", "name"])
         applied.append(migration.version)
     sync_feature_columns(client)
