@@ -522,3 +522,17 @@ def test_calendar_feed_parses_figures_and_times():
     assert rows["impact"].to_list() == ["high", "low", "high"]
     assert rows["forecast"].to_list() == [200_000.0, 12.5e9, 0.4] and rows["actual"].to_list()[0] == 275_000.0
     assert rows["event_id"].n_unique() == 3 and set(rows["known_at"]) == {fetched}
+
+
+def test_calendar_feed_retries_within_the_budget_and_refusals_fail_at_once():
+    with StubServer(CalendarStub([])) as stub:
+        feed = EconomicCalendarResource(feed_url=stub.url + "/ff.json", attempts=3, backoff_s=0.05)
+        stub.faults = [server_error()] * 20
+        with pytest.raises(VendorUnavailableError, match="HTTP 503 .*after 3 attempts"):
+            feed.feed(datetime(2024, 3, 4, tzinfo=UTC))
+        assert len(stub.requests) == 3
+        stub.requests.clear()
+        stub.faults = [Reply(403, "<html>Forbidden</html>")]
+        with pytest.raises(VendorRequestError, match="HTTP 403.*needs no key: check CALENDAR_FEED_URL"):
+            feed.feed(datetime(2024, 3, 4, tzinfo=UTC))
+        assert len(stub.requests) == 1
