@@ -480,6 +480,11 @@ def test_yahoo_failures_are_vendor_errors_within_the_budget():
         with pytest.raises(VendorUnavailableError, match="HTTP 503.*after 3 attempts"):
             client.daily("gold", date(2024, 3, 5), date(2024, 3, 7))
         assert len(range_requests(stub)) == 6
+        # rate limited on yfinance's try and on its own retry: our next try gets through
+        stub.requests.clear()
+        stub.faults = [too_many_requests()] * 2
+        assert client.daily("gold", date(2024, 3, 5), date(2024, 3, 7))["close"].to_list() == [2130.0, 2150.0]
+        assert len(range_requests(stub)) == 3
         # a 429 whose Retry-After passes the budget: no sleeping into it
         stub.requests.clear()
         stub.faults = [Reply(429, "Too Many Requests", {"Retry-After": "120"})] * 20
