@@ -46,3 +46,14 @@ def subprocess_env(warehouse_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLICKHOUSE_", "DAGSTER_PG_", "TRADEFORGE_"))}
     env["PYTHONPATH"] = str(ROOT)
     return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def yfinance_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """yfinance keeps Yahoo's cookie and each ticker's time zone in a cache on disk (by default
+    the user's): the stubs' cookie must never land there, so the session gets its own."""
+    import yfinance
+
+    folder = tmp_path_factory.mktemp("yfinance")
+    yfinance.set_tz_cache_location(str(folder))
+    return folder

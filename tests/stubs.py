@@ -1,7 +1,8 @@
 """Local HTTP servers that answer in the vendors' documented wire formats.
 
-The real client code (``massive``, ``fredapi``, requests) talks to them over TCP; nothing
-in the code under test is patched. Each stub serves data it was given, pages it the way
+The real client code (``massive``, ``fredapi``, ``yfinance``, requests) talks to them over
+TCP; nothing in the code under test is patched (yfinance, whose hosts are fixed, is handed a
+session whose transport reroutes every host to the stub). Each stub serves data it was given, pages it the way
 the vendor does, and can be told to misbehave: a scripted list of faults is served first
 (429 with Retry-After, 5xx, a stall longer than the client's timeout, a malformed body).
 """
@@ -14,11 +15,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse, urlsplit, urlunsplit
 
 import polars as pl
+from requests import PreparedRequest, Response
+from requests.adapters import HTTPAdapter
+
+from resources.external.yahoo import YahooFinanceResource, YahooSession
 
 
 @dataclass
@@ -114,13 +120,29 @@ def _ns(ts: pl.Series) -> list[int]:
 
 
 def _in_window(frame: pl.DataFrame | None, request: Request) -> pl.DataFrame:
-    """Rows of ``frame`` in the request's ``timestamp.gte`` / ``timestamp.lt`` window (ns)."""
+    """Rows of ``frame`` in the request's ``timestamp.gte`` / ``timestamp.lt`` window (ns),
+    with ``row``: each row's position in the whole frame (its ids derive from it)."""
     if frame is None:
-        return pl.DataFrame(schema={"ts": pl.Datetime("ms", "UTC"), "bid": pl.Float64, "ask": pl.Float64,
+        return pl.DataFrame(schema={"row": pl.UInt32, "ts": pl.Datetime("ms", "UTC"), "bid": pl.Float64, "ask": pl.Float64,
                                     "price": pl.Float64, "size": pl.Float64})
     ns = frame["ts"].dt.epoch("ns")
     low, high = int(request.query.get("timestamp.gte", 0)), int(request.query.get("timestamp.lt", 2**63 - 1))
-    return frame.filter((ns >= low) & (ns < high))
+    return frame.with_row_index("row").filter((ns >= low) & (ns < high))
+
+
+CRYPTO_EXCHANGES = (1, 2, 6, 23)  # Polygon's ids of Coinbase, Bitfinex, Bitstamp, Kraken
+TRADE_ID_BASE = 512_000_000
+
+
+def stub_sequence_number(row: int) -> int:
+    """Increasing and unique per ticker, not always consecutive (Polygon's wording)."""
+    return 1_000 + row + row // 7
+
+
+def stub_trade_id(row: int) -> tuple[int, str]:
+    """(exchange, id) of the stub's ``row``-th trade: ids count up per exchange, so the same
+    id occurs on every exchange, as real venues' ids do."""
+    return CRYPTO_EXCHANGES[row % len(CRYPTO_EXCHANGES)], str(TRADE_ID_BASE + row // len(CRYPTO_EXCHANGES))
 
 
 class PolygonStub:
@@ -128,6 +150,10 @@ class PolygonStub:
 
     Rows come from ``ticks``/``bars`` per Polygon ticker; pages of ``limit`` rows chain by
     ``next_url`` with an opaque cursor, as the API does. A wrong key gets Polygon's 401.
+    Forex quotes carry no id and crypto trades an ``exchange`` and its trade ``id``, as
+    Polygon sends them; ``sequence_numbers`` adds the ``sequence_number`` its stock feeds
+    carry. ``repeat_page = n`` serves the n-th page twice (its ``next_url`` points at itself
+    once), as a flaky cursor would.
     """
 
     def __init__(self, api_key: str = "test-key") -> None:
@@ -136,6 +162,8 @@ class PolygonStub:
         self.trades: dict[str, pl.DataFrame] = {}
         self.aggs: dict[str, pl.DataFrame] = {}
         self.rewrite_page: Callable[[int, dict], Any] | None = None  # (page number, body) -> body
+        self.sequence_numbers = False
+        self.repeat_page: int | None = None
         self.pages_served = 0
 
     def __call__(self, request: Request) -> Reply:
@@ -156,8 +184,11 @@ class PolygonStub:
         body: dict[str, Any] = {"status": "OK", "request_id": f"req-{self.pages_served}"}
         if page:
             body["results"] = page
-        if offset + limit < len(rows):
-            body["next_url"] = f"http://{request.headers['Host']}{request.path}?cursor={offset + limit}&limit={limit}&" + "&".join(
+        following = offset + limit
+        if self.repeat_page is not None and offset // limit + 1 == self.repeat_page:
+            following, self.repeat_page = offset, None
+        if following < len(rows):
+            body["next_url"] = f"http://{request.headers['Host']}{request.path}?cursor={following}&limit={limit}&" + "&".join(
                 f"{k}={v}" for k, v in request.query.items() if k not in ("cursor", "limit")
             )
         self.pages_served += 1
@@ -167,17 +198,25 @@ class PolygonStub:
 
     def _quotes(self, ticker: str, request: Request) -> list[dict]:
         part = _in_window(self.quotes.get(ticker), request)
-        return [
+        rows = [
             {"ask_exchange": 48, "ask_price": a, "bid_exchange": 48, "bid_price": b, "participant_timestamp": t}
             for t, b, a in zip(_ns(part["ts"]), part["bid"].to_list(), part["ask"].to_list(), strict=True)
         ]
+        if self.sequence_numbers:
+            for row, position in zip(rows, part["row"].to_list(), strict=True):
+                row["sequence_number"] = stub_sequence_number(position)
+        return rows
 
     def _trades(self, ticker: str, request: Request) -> list[dict]:
         part = _in_window(self.trades.get(ticker), request)
-        return [
-            {"conditions": [1], "exchange": 1, "id": str(i), "participant_timestamp": t, "price": p, "size": s}
-            for i, (t, p, s) in enumerate(zip(_ns(part["ts"]), part["price"].to_list(), part["size"].to_list(), strict=True))
-        ]
+        rows = []
+        for position, t, p, s in zip(part["row"].to_list(), _ns(part["ts"]), part["price"].to_list(), part["size"].to_list(), strict=True):
+            exchange, trade_id = stub_trade_id(position)
+            row = {"conditions": [1], "exchange": exchange, "id": trade_id, "participant_timestamp": t, "price": p, "size": s}
+            if self.sequence_numbers:
+                row["sequence_number"] = stub_sequence_number(position)
+            rows.append(row)
+        return rows
 
     def _aggs(self, ticker: str, start_ms: int, end_ms: int) -> list[dict]:
         frame = self.aggs.get(ticker)
@@ -264,24 +303,115 @@ def fred_rate_limited() -> Reply:
     return Reply(429, '<?xml version="1.0" encoding="utf-8" ?><error code="429" message="Too Many Requests.  Exceeded Rate Limit"/>')
 
 
+YAHOO_COOKIE = "A3"
+YAHOO_COOKIE_VALUE = "d=AQABBLi5mGYCEKn3xKpoVIDkPNYzH1Hq4zoFEgEBAQHsmWaiZtwQ0iMA_eMAAA&S=AQAAAhN9yDy0gnRPMWqUXXv2Ui8"
+YAHOO_CRUMB = "tq0X1Zr7u.b"  # Yahoo's crumbs are 11 characters of [A-Za-z0-9./]
+
+
+def _yahoo_set_cookie() -> str:
+    """Yahoo's A3 cookie: a year's life, on every Yahoo host, HTTPS only."""
+    expires = formatdate(time.time() + 31_557_600, usegmt=True)
+    return (f"{YAHOO_COOKIE}={YAHOO_COOKIE_VALUE}; Expires={expires}; Max-Age=31557600; "
+            "Domain=.yahoo.com; Path=/; SameSite=None; Secure; HttpOnly")
+
+
+def _has_yahoo_cookie(request: Request) -> bool:
+    return f"{YAHOO_COOKIE}={YAHOO_COOKIE_VALUE}" in request.headers.get("Cookie", "")
+
+
 class YahooStub:
-    """``/v8/finance/chart/{ticker}``: daily bars, timestamps at the exchange's session open."""
+    """Yahoo Finance as yfinance 1.7 meets it, every host on one server, routed by the Host
+    header (which :class:`RerouteAdapter` keeps):
+
+    - ``fc.yahoo.com``: a 404 page that sets the ``A3`` cookie on ``.yahoo.com`` (how Yahoo
+      hands out its cookie);
+    - ``query1``/``query2.finance.yahoo.com/v1/test/getcrumb``: the crumb as text/plain, to a
+      request carrying the cookie (401 otherwise);
+    - ``query2.finance.yahoo.com/v8/finance/chart/{ticker}``: daily bars in the chart JSON
+      (``period1``/``period2``, or ``range=1d``: yfinance's time-zone lookup); without the
+      cookie, or with a wrong crumb, Yahoo's 401; an unknown ticker, Yahoo's 404 "No data
+      found, symbol may be delisted"; a range without bars, a result without quotes;
+    - ``guce.yahoo.com/consent``: yfinance's other cookie strategy, a page without a consent
+      form (as outside the EU); ``/v10/finance/quoteSummary``: 404 (yfinance's last resort
+      for a time zone).
+    """
 
     def __init__(self) -> None:
-        self.days: dict[str, list[tuple[datetime, float, float, float, float, float]]] = {}  # ticker -> (open time, o, h, l, c, v)
+        self.days: dict[str, list[tuple[datetime, float, float, float, float, float]]] = {}  # ticker -> (bar time, o, h, l, c, v)
+
+    @staticmethod
+    def is_range(request: Request) -> bool:
+        """A chart request for a date range (not yfinance's time-zone lookup)."""
+        return request.path.startswith("/v8/finance/chart/") and "period1" in request.query
 
     def __call__(self, request: Request) -> Reply:
-        ticker = request.path.rsplit("/", 1)[-1]
+        host = request.headers.get("Host", "").split(":")[0]
+        if host == "fc.yahoo.com":
+            return Reply(404, "<html><body>404 Not Found</body></html>", {"Set-Cookie": _yahoo_set_cookie(), "Content-Type": "text/html"})
+        if host == "guce.yahoo.com":
+            return Reply(200, "<html><body>Yahoo</body></html>", {"Content-Type": "text/html"})
+        if not host.endswith("finance.yahoo.com"):
+            return Reply(404, "<html>no such host</html>")
+        if request.path == "/v1/test/getcrumb":
+            if not _has_yahoo_cookie(request):
+                return Reply(401, {"finance": {"result": None, "error": {"code": "Unauthorized", "description": "Invalid Cookie"}}})
+            return Reply(200, YAHOO_CRUMB, {"Content-Type": "text/plain;charset=utf-8"})
+        if request.path.startswith("/v10/finance/quoteSummary/"):
+            symbol = request.path.rsplit("/", 1)[-1]
+            return Reply(404, {"quoteSummary": {"result": None, "error": {"code": "Not Found", "description": f"Quote not found for symbol: {symbol}"}}})
+        if request.path.startswith("/v8/finance/chart/"):
+            return self._chart(request.path.rsplit("/", 1)[-1], request)
+        return Reply(404, "<html>not found</html>")
+
+    def _chart(self, ticker: str, request: Request) -> Reply:
+        crumb = request.query.get("crumb")
+        if not _has_yahoo_cookie(request) or (crumb is not None and crumb != YAHOO_CRUMB):
+            reason = "Invalid Cookie" if not _has_yahoo_cookie(request) else "Invalid Crumb"
+            return Reply(401, {"chart": {"result": None, "error": {"code": "Unauthorized", "description": reason}}})
         if ticker not in self.days:
             return Reply(404, {"chart": {"result": None, "error": {"code": "Not Found", "description": "No data found, symbol may be delisted"}}})
-        p1, p2 = int(request.query["period1"]), int(request.query["period2"])
-        rows = [r for r in self.days[ticker] if p1 <= r[0].timestamp() < p2]
-        quote = {k: [r[i] for r in rows] for i, k in enumerate(("open", "high", "low", "close", "volume"), start=1)}
-        return Reply(200, {"chart": {"result": [{
-            "meta": {"currency": "USD", "symbol": ticker, "exchangeTimezoneName": "America/New_York", "timezone": "EST"},
-            "timestamp": [int(r[0].timestamp()) for r in rows],
-            "indicators": {"quote": [quote]},
-        }], "error": None}})
+        rows = sorted(self.days[ticker])
+        if "period1" in request.query:
+            p1, p2 = int(request.query["period1"]), int(request.query["period2"])
+            rows = [r for r in rows if p1 <= r[0].timestamp() < p2]
+        else:
+            rows = rows[-1:]
+        meta = {
+            "currency": "USD", "symbol": ticker, "exchangeName": "CMX", "fullExchangeName": "COMEX", "instrumentType": "FUTURE",
+            "firstTradeDate": 967608000, "hasPrePostMarketData": False, "gmtoffset": -18000, "timezone": "EST",
+            "exchangeTimezoneName": "America/New_York", "priceHint": 2, "dataGranularity": "1d",
+            "range": request.query.get("range", ""),
+            "validRanges": ["1d", "5d", "1mo", "3mo", "6mo", "1y", "2y", "5y", "10y", "ytd", "max"],
+        }
+        result: dict[str, Any] = {"meta": meta, "indicators": {"quote": [{}], "adjclose": [{}]}}
+        if rows:
+            result["timestamp"] = [int(r[0].timestamp()) for r in rows]
+            result["indicators"] = {
+                "quote": [{k: [r[i] for r in rows] for i, k in enumerate(("open", "high", "low", "close", "volume"), start=1)}],
+                "adjclose": [{"adjclose": [r[4] for r in rows]}],
+            }
+        return Reply(200, {"chart": {"result": [result], "error": None}}, {"Content-Type": "application/json;charset=utf-8"})
+
+
+class RerouteAdapter(HTTPAdapter):
+    """A requests transport that sends every request, whatever its host, to one local stub
+    server over plain HTTP, keeping the original host in the Host header (the stub routes by
+    it, as a virtual-hosting server does). The session it is mounted on keeps cookies,
+    redirects and URLs as if it had talked to the real hosts, so a client library handed the
+    session (yfinance) runs its real requests unchanged in front of the stub."""
+
+    def __init__(self, target_url: str) -> None:
+        super().__init__(max_retries=0)
+        self.target = urlsplit(target_url)
+
+    def send(self, request: PreparedRequest, **kwargs: Any) -> Response:  # type: ignore[override]
+        original = urlsplit(request.url or "")
+        rerouted = request.copy()
+        rerouted.url = urlunsplit((self.target.scheme, self.target.netloc, original.path or "/", original.query, ""))
+        rerouted.headers["Host"] = original.netloc
+        response = super().send(rerouted, **kwargs)
+        response.url, response.request = request.url or "", request
+        return response
 
 
 class CalendarStub:
@@ -292,3 +422,22 @@ class CalendarStub:
 
     def __call__(self, request: Request) -> Reply:
         return Reply(200, self.events)
+
+
+def yahoo_session(stub_url: str) -> YahooSession:
+    """A budgeted requests session whose every Yahoo host is the stub: what a test (or a
+    mirror user) hands yfinance."""
+    session = YahooSession()
+    session.mount("https://", RerouteAdapter(stub_url))
+    session.mount("http://", RerouteAdapter(stub_url))
+    return session
+
+
+class StubYahooResource(YahooFinanceResource):
+    """The Yahoo resource as configured in production, but handing yfinance a session to the
+    stub at ``stub_url`` (the resource's documented extension point)."""
+
+    stub_url: str
+
+    def session(self) -> YahooSession:
+        return yahoo_session(self.stub_url)

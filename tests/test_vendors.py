@@ -1,11 +1,15 @@
 """Vendor resources against local stub servers in each vendor's wire format.
 
 The real client libraries do the HTTP: ``massive`` (Polygon) with its urllib3 retries and
-pagination, ``fredapi``, and requests for Dukascopy, Yahoo and the calendar feed.
+pagination, ``fredapi``, ``yfinance`` (handed a session whose transport reaches the stub),
+and requests for Dukascopy and the calendar feed. Retry budgets are measured against the
+stubs with small budgets: tries counted, elapsed time bounded by the budget.
 """
 
 from __future__ import annotations
 
+import socket
+import time
 from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
@@ -15,23 +19,28 @@ from models.market.synthetic import SyntheticMarketConfig, generate_ticks
 from models.market.ticks import conform_ticks
 from resources.external.calendar import EconomicCalendarResource
 from resources.external.fred import FredResource
-from resources.external.yahoo import YahooFinanceResource
-from resources.vendors.base import VendorPayloadError, VendorRequestError, VendorUnavailableError
+from resources.external.yahoo import YahooFinanceClient
+from resources.vendors.base import RetryBudget, VendorPayloadError, VendorRequestError, VendorUnavailableError
 from resources.vendors.dukascopy import DukascopyResource, dukascopy_instrument
 from resources.vendors.files import FileImportResource, detect_layout
 from resources.vendors.polygon import PolygonResource, polygon_ticker, symbol_from_polygon
 from tests.stubs import (
+    YAHOO_CRUMB,
     CalendarStub,
     DukascopyStub,
     FredStub,
     PolygonStub,
     Reply,
+    Request,
     StubServer,
     YahooStub,
     fred_rate_limited,
     server_error,
     stall,
+    stub_sequence_number,
+    stub_trade_id,
     too_many_requests,
+    yahoo_session,
 )
 
 DAY = date(2024, 3, 6)
@@ -59,7 +68,7 @@ def test_polygon_quotes_page_through_429_and_5xx_to_the_exact_day():
     app.quotes["C:EURUSD"] = expected
     with StubServer(app) as stub:
         stub.faults = [too_many_requests(), server_error()]
-        vendor = PolygonResource(api_key="test-key", base_url=stub.url, page_limit=500)
+        vendor = PolygonResource(api_key="test-key", base_url=stub.url, page_limit=500, backoff_s=0.05)
         got = conform_ticks(vendor.fetch_ticks("EURUSD", START, END))
     pages = -(-expected.height // 500)
     assert len(stub.requests) == pages + 2  # every page once, plus the two refused tries
@@ -124,7 +133,7 @@ def test_polygon_timeouts_bad_keys_and_empty_days():
     app.quotes["C:EURUSD"] = ticks("EURUSD").head(10)
     with StubServer(app) as stub:
         stub.faults = [stall(1.5), stall(1.5)]
-        slow = PolygonResource(api_key="test-key", base_url=stub.url, retries=1, read_timeout_s=0.3)
+        slow = PolygonResource(api_key="test-key", base_url=stub.url, attempts=2, backoff_s=0, read_timeout_s=0.3)
         with pytest.raises(VendorUnavailableError, match="Polygon C:EURUSD"):
             slow.fetch_ticks("EURUSD", START, END)
         with pytest.raises(VendorRequestError, match="Unknown API Key"):
@@ -145,6 +154,81 @@ def test_polygon_minute_aggregates_are_half_open():
         got = PolygonResource(api_key="test-key", base_url=stub.url, page_limit=1000).fetch_m1_bars("EURUSD", START, END)
     assert got.height == 1440 and got["ts"].max() == END - timedelta(minutes=1)  # the inclusive end minute is dropped
     assert got["tick_count"].to_list()[:2] == [30, 30] and got["vwap"][0] == 1.12
+
+
+def test_polygon_refused_keys_fail_at_once_naming_the_variable():
+    app = PolygonStub()
+    app.quotes["C:EURUSD"] = ticks("EURUSD").head(10)
+    with StubServer(app) as stub:
+        with pytest.raises(VendorRequestError, match=r"HTTP 401: Unknown API Key.*check POLYGON_API_KEY"):
+            PolygonResource(api_key="wrong", base_url=stub.url).fetch_ticks("EURUSD", START, END)
+        assert len(stub.requests) == 1
+        stub.requests.clear()
+        stub.faults = [Reply(403, {"status": "NOT_AUTHORIZED", "request_id": "x", "message": "You are not entitled to this data."})]
+        with pytest.raises(VendorRequestError, match=r"HTTP 403: You are not entitled.*POLYGON_API_KEY"):
+            PolygonResource(api_key="test-key", base_url=stub.url).fetch_ticks("EURUSD", START, END)
+        assert len(stub.requests) == 1
+
+
+def test_polygon_retries_stay_within_the_budget():
+    app = PolygonStub()
+    app.quotes["C:EURUSD"] = ticks("EURUSD").head(10)
+    with StubServer(app) as stub:
+        stub.faults = [server_error()] * 20
+        with pytest.raises(VendorUnavailableError, match="503.*after 3 attempts"):
+            PolygonResource(api_key="test-key", base_url=stub.url, attempts=3, backoff_s=0.05).fetch_ticks("EURUSD", START, END)
+        assert len(stub.requests) == 3
+        # a Retry-After longer than the budget ends the request at once (urllib3 alone would sleep it)
+        stub.requests.clear()
+        stub.faults = [Reply(429, {"status": "ERROR", "error": "too many requests"}, {"Retry-After": "600"})] * 20
+        started = time.monotonic()
+        with pytest.raises(VendorUnavailableError, match=r"after 1 attempt.*600.0 s wait"):
+            PolygonResource(api_key="test-key", base_url=stub.url, retry_budget_s=2.0).fetch_ticks("EURUSD", START, END)
+        assert len(stub.requests) == 1 and time.monotonic() - started < 2.0
+        # a stalled server: each try's timeouts are capped by what is left of the budget
+        stub.requests.clear()
+        stub.faults = [stall(4.0)] * 20
+        started = time.monotonic()
+        with pytest.raises(VendorUnavailableError, match="gave up"):
+            PolygonResource(api_key="test-key", base_url=stub.url, retry_budget_s=1.5, read_timeout_s=10, backoff_s=0.05).fetch_ticks(
+                "EURUSD", START, END)
+        assert time.monotonic() - started < 1.5 + 1.0 and 1 <= len(stub.requests) <= 4
+        # the budget is per page: a slow day of many pages is not cut short
+        stub.requests.clear()
+        stub.faults = []
+        got = PolygonResource(api_key="test-key", base_url=stub.url, retry_budget_s=1.0, page_limit=2).fetch_ticks("EURUSD", START, END)
+        assert got.height == 10 and len(stub.requests) == 5
+
+
+def test_polygon_row_ids_become_vendor_seq_and_a_repeated_page_repeats_them():
+    trades = ticks("BTCUSD").head(1_000).with_columns(price=(pl.col("bid") + pl.col("ask")) / 2, size=pl.lit(0.01))
+    trades = pl.concat([trades, trades.head(3)]).sort("ts")  # identical prints: same time, price and size
+    app = PolygonStub()
+    app.trades["X:BTCUSD"] = trades
+    with StubServer(app) as stub:
+        vendor = PolygonResource(api_key="test-key", base_url=stub.url, page_limit=100)
+        got = vendor.fetch_ticks("BTCUSD", START, END)
+        expected = [exchange * 2**48 + int(trade_id) for exchange, trade_id in map(stub_trade_id, range(trades.height))]
+        assert got["vendor_seq"].dtype == pl.Int64 and got["vendor_seq"].to_list() == expected
+        assert got["vendor_seq"].is_unique().all()  # the same id on four exchanges stays four trades
+        assert got.select(pl.struct("ts", "price", "size").is_duplicated().sum()).item() == 6  # identical prints, distinct ids
+        # the cursor serves page 3 twice: its 100 rows come back with the ids they had
+        app.repeat_page = 3
+        twice = vendor.fetch_ticks("BTCUSD", START, END)
+        assert twice.height == trades.height + 100
+        repeated = twice.filter(pl.col("vendor_seq").is_duplicated())
+        assert repeated.height == 200 and set(repeated["vendor_seq"]) == set(expected[200:300])
+        # where Polygon sends a sequence_number (its stock feeds), it is the id
+        app.sequence_numbers = True
+        assert vendor.fetch_ticks("BTCUSD", START, END)["vendor_seq"].to_list() == [stub_sequence_number(i) for i in range(trades.height)]
+    quotes = PolygonStub()
+    quotes.quotes["C:EURUSD"] = ticks("EURUSD").head(50)
+    with StubServer(quotes) as stub:
+        vendor = PolygonResource(api_key="test-key", base_url=stub.url, page_limit=20)
+        assert vendor.fetch_ticks("EURUSD", START, END)["vendor_seq"].null_count() == 50  # forex quotes carry no id
+        quotes.sequence_numbers, quotes.repeat_page = True, 2
+        seq = vendor.fetch_ticks("EURUSD", START, END)["vendor_seq"]
+        assert seq.len() == 70 and sorted(seq.filter(seq.is_duplicated()).unique().to_list()) == [stub_sequence_number(i) for i in range(20, 40)]
 
 
 # -- Dukascopy --------------------------------------------------------------------------------
@@ -180,6 +264,60 @@ def test_dukascopy_malformed_timeouts_and_unknown_instruments():
             vendor.fetch_ticks("EURUSD", START, END)
     with pytest.raises(VendorRequestError, match="no instrument"):
         dukascopy_instrument("SEKNOK")
+
+
+def test_dukascopy_identical_ticks_at_page_edges_are_each_kept_once():
+    """No ids and a time cursor: a page repeats its first millisecond's rows that the page
+    before delivered; exactly those are dropped, so bursts of identical ticks in one
+    millisecond straddling page edges come through once each."""
+    base = datetime(2024, 3, 6, 10, tzinfo=UTC)
+    stamps, burst_sizes = [], (7, 20, 24, 3)
+    for n, size in enumerate(burst_sizes):
+        stamps += [base + timedelta(seconds=n, milliseconds=k) for k in range(16)]  # distinct milliseconds
+        stamps += [base + timedelta(seconds=n, milliseconds=500)] * size  # one burst of identical ticks
+    frame = pl.DataFrame({"ts": stamps}).with_columns(
+        pl.col("ts").cast(pl.Datetime("ms", "UTC")),
+        bid=pl.when(pl.col("ts").dt.millisecond() == 500).then(1.085).otherwise(1.08 + pl.int_range(pl.len()) * 1e-5),
+        bid_size=pl.lit(1.0), ask_size=pl.lit(1.0),
+    ).with_columns(ask=pl.col("bid") + 0.0001)
+    app = DukascopyStub()
+    app.ticks["EUR/USD"] = frame
+    with StubServer(app) as stub:
+        vendor = DukascopyResource(base_url=stub.url + "/2.0/index.php", page_limit=25, backoff_s=0)
+        got = vendor.fetch_ticks("EURUSD", START, END)
+        cursors = [int(r.query["last_update"]) for r in stub.requests]
+        assert got.height == frame.height
+        assert got.select("ts", "bid", "ask").equals(frame.select("ts", "bid", "ask"))
+        bursts = got.filter(pl.col("ts").dt.millisecond() == 500).group_by(pl.col("ts").dt.second()).len().sort("ts")
+        assert bursts["len"].to_list() == list(burst_sizes)
+        # pages did start inside bursts (the case under test), and the walk was not slowed to a row a page
+        burst_ms = {int(t.timestamp() * 1000) for t in stamps if t.microsecond == 500_000}
+        assert burst_ms & set(cursors[1:]) and len(stub.requests) <= -(-frame.height // 10)
+        # more identical ticks in one millisecond than a page holds cannot be paged past: an error, not a loss
+        app.ticks["EUR/USD"] = pl.concat([frame.head(5), frame.filter(pl.col("ts").dt.millisecond() == 500).head(1).select(pl.all().repeat_by(30).explode())])
+        with pytest.raises(VendorPayloadError, match="more than 25 rows in the millisecond"):
+            vendor.fetch_ticks("EURUSD", START, END)
+
+
+def test_dukascopy_retries_stay_within_the_budget():
+    app = DukascopyStub()
+    app.ticks["EUR/USD"] = ticks("EURUSD").head(10)
+    with StubServer(app) as stub:
+        stub.faults = [server_error()] * 20
+        with pytest.raises(VendorUnavailableError, match="HTTP 503 .*after 3 attempts"):
+            DukascopyResource(base_url=stub.url, attempts=3, backoff_s=0.05).fetch_ticks("EURUSD", START, END)
+        assert len(stub.requests) == 3
+        stub.requests.clear()
+        stub.faults = [stall(4.0)] * 20
+        started = time.monotonic()
+        with pytest.raises(VendorUnavailableError, match="gave up"):
+            DukascopyResource(base_url=stub.url, retry_budget_s=1.5, timeout_s=10, backoff_s=0.05).fetch_ticks("EURUSD", START, END)
+        assert time.monotonic() - started < 1.5 + 1.0 and len(stub.requests) <= 4
+        stub.requests.clear()
+        stub.faults = [Reply(403, "<html>Forbidden</html>")]
+        with pytest.raises(VendorRequestError, match="HTTP 403.*needs no key: check DUKASCOPY_URL"):
+            DukascopyResource(base_url=stub.url).fetch_ticks("EURUSD", START, END)
+        assert len(stub.requests) == 1
 
 
 # -- Files ------------------------------------------------------------------------------------
@@ -253,22 +391,124 @@ def test_fred_vintages_through_a_rate_limit_and_clear_refusals():
     ]
 
 
-def test_yahoo_daily_closes_are_known_after_the_day_ends():
-    app = YahooStub()
-    app.days["GC=F"] = [
-        (datetime(2024, 3, 5, 5, tzinfo=UTC), 2120.0, 2140.0, 2110.0, 2130.0, 1e5),  # 00:00 New York
-        (datetime(2024, 3, 6, 5, tzinfo=UTC), 2130.0, 2160.0, 2125.0, 2150.0, 1.2e5),
-    ]
+def test_fred_gives_up_within_the_budget_and_names_its_key():
+    app = FredStub()
+    app.vintages["DFF"] = [("2024-03-01", "9999-12-31", "2024-02-29", 5.33)]
+    window = (date(2024, 3, 3), date(2024, 3, 9))
     with StubServer(app) as stub:
+        url = stub.url + "/fred"
+        # a dead endpoint (nothing listens): refused connections, retried within the budget
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            dead = f"http://127.0.0.1:{probe.getsockname()[1]}/fred"
+        started = time.monotonic()
+        with pytest.raises(VendorUnavailableError, match="URLError.*after 3 attempts"):
+            FredResource(api_key="fred-key", base_url=dead, attempts=3, backoff_s=0.05).vintages("DFF", *window)
+        assert time.monotonic() - started < 2.0
+        # server errors until the tries run out, then the rate limit's Retry-After past the budget
+        stub.faults = [server_error()] * 20
+        with pytest.raises(VendorUnavailableError, match="HTTP 503.*after 3 attempts"):
+            FredResource(api_key="fred-key", base_url=url, attempts=3, backoff_s=0.05).vintages("DFF", *window)
+        assert len(stub.requests) == 3
+        stub.requests.clear()
+        stub.faults = [Reply(429, fred_rate_limited().body, {"Retry-After": "60"})] * 20
+        with pytest.raises(VendorUnavailableError, match=r"Exceeded Rate Limit.*after 1 attempt.*60.0 s wait"):
+            FredResource(api_key="fred-key", base_url=url, retry_budget_s=5.0).vintages("DFF", *window)
+        assert len(stub.requests) == 1
+        # a stalled endpoint: every try's socket timeout is capped by the budget
+        stub.requests.clear()
+        stub.faults = [stall(4.0)] * 20
+        started = time.monotonic()
+        with pytest.raises(VendorUnavailableError, match="gave up"):
+            FredResource(api_key="fred-key", base_url=url, retry_budget_s=1.5, timeout_s=10, backoff_s=0.05).vintages("DFF", *window)
+        assert time.monotonic() - started < 1.5 + 1.0 and len(stub.requests) <= 4
+        # 401/403 (a proxy's page, not FRED's XML) and FRED's own "api_key" 400: at once, naming the variable
+        for fault in (Reply(401, "<html>Unauthorized</html>"), Reply(403, "<html>Forbidden</html>"), None):
+            stub.requests.clear()
+            stub.faults = [fault] if fault else []
+            with pytest.raises(VendorRequestError, match="refused the API key.*check FRED_API_KEY"):
+                FredResource(api_key="fred-key" if fault else "bad", base_url=url).vintages("DFF", *window)
+            assert len(stub.requests) == 1
+        stub.faults = [Reply(200, "<observations><observation")]
+        with pytest.raises(VendorPayloadError, match="not FRED's XML"):
+            FredResource(api_key="fred-key", base_url=url).vintages("DFF", *window)
+        assert FredResource(api_key="fred-key", base_url=url).vintages("DFF", *window)["value"].to_list() == [5.33]
+
+
+GOLD_DAYS = [
+    (datetime(2024, 3, 5, 5, tzinfo=UTC), 2120.0, 2140.0, 2110.0, 2130.0, 1e5),  # 00:00 New York
+    (datetime(2024, 3, 6, 5, tzinfo=UTC), 2130.0, 2160.0, 2125.0, 2150.0, 1.2e5),
+]
+
+
+def yahoo_client(stub: StubServer, **budget: float) -> YahooFinanceClient:
+    """yfinance, unpatched, handed a session whose transport reaches the stub."""
+    return YahooFinanceClient({"gold": "GC=F", "nope": "NOPE"}, budget=RetryBudget(**{"attempts": 3, "seconds": 5.0, "backoff_s": 0.05, **budget}),
+                              session=yahoo_session(stub.url))
+
+
+def range_requests(stub: StubServer) -> list[Request]:
+    return [r for r in stub.requests if YahooStub.is_range(r)]
+
+
+def test_yahoo_daily_closes_through_yfinance_are_known_after_the_day_ends():
+    app = YahooStub()
+    app.days["GC=F"] = GOLD_DAYS
+    with StubServer(app) as stub:
+        stub.fault_when = YahooStub.is_range  # faults hit the range request, not yfinance's time-zone lookup
         stub.faults = [server_error()]
-        yahoo = YahooFinanceResource(base_url=stub.url, backoff_s=0)
-        rows = yahoo.daily("gold", date(2024, 3, 5), date(2024, 3, 7))
-        with pytest.raises(VendorRequestError, match="delisted"):
-            YahooFinanceResource(base_url=stub.url, tickers={"nope": "NOPE"}).daily("nope", date(2024, 3, 5), date(2024, 3, 7))
-    assert stub.requests[-2].path == "/v8/finance/chart/GC=F"
+        rows = yahoo_client(stub).daily("gold", date(2024, 3, 5), date(2024, 3, 7))
+    chart = range_requests(stub)
+    # yfinance's own second try (its other cookie strategy) got through the 503: one range, asked twice
+    assert len(chart) == 2 and chart[-1].headers["Host"] == "query2.finance.yahoo.com" and chart[-1].path == "/v8/finance/chart/GC=F"
+    # the stub answers the chart only with Yahoo's cookie and crumb, which yfinance fetched itself
+    assert chart[-1].query["crumb"] == YAHOO_CRUMB and "A3=" in chart[-1].headers["Cookie"]
+    assert chart[-1].query["interval"] == "1d" and int(chart[-1].query["period1"]) < int(datetime(2024, 3, 5, 5, tzinfo=UTC).timestamp())
     assert rows["date"].to_list() == [date(2024, 3, 5), date(2024, 3, 6)] and rows["close"].to_list() == [2130.0, 2150.0]
+    assert rows["open"].to_list() == [2120.0, 2130.0] and rows["volume"].to_list() == [1e5, 1.2e5] and set(rows["currency"]) == {"USD"}
     # midnight New York (EST, UTC-5) after the trading day
     assert rows["known_at"].to_list() == [datetime(2024, 3, 6, 5, tzinfo=UTC), datetime(2024, 3, 7, 5, tzinfo=UTC)]
+
+
+def test_yahoo_failures_are_vendor_errors_within_the_budget():
+    app = YahooStub()
+    app.days["GC=F"] = GOLD_DAYS
+    with StubServer(app) as stub:
+        stub.fault_when = YahooStub.is_range
+        client = yahoo_client(stub)
+        # 5xx until the tries run out: ours (3), each with yfinance's one retry inside
+        stub.faults = [server_error()] * 20
+        with pytest.raises(VendorUnavailableError, match="HTTP 503.*after 3 attempts"):
+            client.daily("gold", date(2024, 3, 5), date(2024, 3, 7))
+        assert len(range_requests(stub)) == 6
+        # rate limited on yfinance's try and on its own retry: our next try gets through
+        stub.requests.clear()
+        stub.faults = [too_many_requests()] * 2
+        assert client.daily("gold", date(2024, 3, 5), date(2024, 3, 7))["close"].to_list() == [2130.0, 2150.0]
+        assert len(range_requests(stub)) == 3
+        # a 429 whose Retry-After passes the budget: no sleeping into it
+        stub.requests.clear()
+        stub.faults = [Reply(429, "Too Many Requests", {"Retry-After": "120"})] * 20
+        started = time.monotonic()
+        with pytest.raises(VendorUnavailableError, match="after 1 attempt .*120.0 s wait"):
+            client.daily("gold", date(2024, 3, 5), date(2024, 3, 7))
+        assert time.monotonic() - started < 5.0 and len(range_requests(stub)) == 2
+        # a stalled Yahoo: every request's timeout is capped by what is left of the budget
+        stub.requests.clear()
+        stub.faults = [stall(4.0)] * 20
+        started = time.monotonic()
+        with pytest.raises(VendorUnavailableError, match="gave up"):
+            yahoo_client(stub, seconds=1.5).daily("gold", date(2024, 3, 5), date(2024, 3, 7))
+        assert time.monotonic() - started < 1.5 + 1.0 and len(range_requests(stub)) <= 3
+        # a broken body is not retried; an empty range is no rows; an unknown ticker is refused
+        stub.requests.clear()
+        stub.faults = [Reply(200, '{"chart": {"result": [{"meta": {"currency": "USD"')]
+        with pytest.raises(VendorPayloadError, match="not JSON"):
+            client.daily("gold", date(2024, 3, 5), date(2024, 3, 7))
+        assert len(range_requests(stub)) == 1
+        assert client.daily("gold", date(2024, 2, 5), date(2024, 2, 7)).is_empty()
+        with pytest.raises(VendorRequestError, match="no such ticker"):
+            client.daily("nope", date(2024, 3, 5), date(2024, 3, 7))
 
 
 def test_calendar_feed_parses_figures_and_times():
@@ -288,3 +528,17 @@ def test_calendar_feed_parses_figures_and_times():
     assert rows["impact"].to_list() == ["high", "low", "high"]
     assert rows["forecast"].to_list() == [200_000.0, 12.5e9, 0.4] and rows["actual"].to_list()[0] == 275_000.0
     assert rows["event_id"].n_unique() == 3 and set(rows["known_at"]) == {fetched}
+
+
+def test_calendar_feed_retries_within_the_budget_and_refusals_fail_at_once():
+    with StubServer(CalendarStub([])) as stub:
+        feed = EconomicCalendarResource(feed_url=stub.url + "/ff.json", attempts=3, backoff_s=0.05)
+        stub.faults = [server_error()] * 20
+        with pytest.raises(VendorUnavailableError, match="HTTP 503 .*after 3 attempts"):
+            feed.feed(datetime(2024, 3, 4, tzinfo=UTC))
+        assert len(stub.requests) == 3
+        stub.requests.clear()
+        stub.faults = [Reply(403, "<html>Forbidden</html>")]
+        with pytest.raises(VendorRequestError, match="HTTP 403.*needs no key: check CALENDAR_FEED_URL"):
+            feed.feed(datetime(2024, 3, 4, tzinfo=UTC))
+        assert len(stub.requests) == 1

@@ -18,7 +18,16 @@ import polars as pl
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from resources.vendors.base import VendorPayloadError, VendorRequestError, http_get, with_retries
+from resources.vendors.base import (
+    RetryBudget,
+    VendorPayloadError,
+    attempts_field,
+    backoff_field,
+    budget_field,
+    http_get,
+    refused,
+    with_retries,
+)
 
 UTC_MS = pl.Datetime("ms", "UTC")
 EVENT_SCHEMA: dict[str, pl.DataType] = {
@@ -69,15 +78,20 @@ class EconomicCalendarResource(ConfigurableResource):
     feed_url: str = Field(default="https://nfs.faireconomy.media/ff_calendar_thisweek.json")
     directory: str = Field(default="", description="CSV files of past events; empty: $TRADEFORGE_HOME/imports/calendar")
     schedule_lead_days: float = Field(default=7.0, ge=0, description="files without known_at: events were known this long before")
-    attempts: int = Field(default=4, ge=1)
-    backoff_s: float = Field(default=2.0, ge=0)
-    timeout_s: float = Field(default=20.0, gt=0)
+    attempts: int = attempts_field()
+    retry_budget_s: float = budget_field()
+    backoff_s: float = backoff_field(2.0)
+    timeout_s: float = Field(default=10.0, gt=0, description="connect and read timeout of one try (capped by the budget)")
+
+    @property
+    def budget(self) -> RetryBudget:
+        return RetryBudget(self.attempts, self.retry_budget_s, self.backoff_s)
 
     def feed(self, fetched_at: datetime) -> pl.DataFrame:
         """The feed's events, each known from ``fetched_at`` (the moment we saw it)."""
         if not self.feed_url:
             return pl.DataFrame(schema=EVENT_SCHEMA)
-        body = with_retries(self._get, attempts=self.attempts, what=f"calendar feed {self.feed_url}", backoff_s=self.backoff_s)
+        body = with_retries(self._get, budget=self.budget, what=f"calendar feed {self.feed_url}")
         if not isinstance(body, list) or any(not isinstance(e, dict) for e in body):
             raise VendorPayloadError(f"calendar feed: expected a list of events, got {str(body)[:120]}")
         if not body:
@@ -128,7 +142,7 @@ class EconomicCalendarResource(ConfigurableResource):
     def _get(self) -> object:
         response = http_get(self.feed_url, timeout_s=self.timeout_s)
         if response.status_code != 200:
-            raise VendorRequestError(f"calendar feed answered HTTP {response.status_code}: {response.text[:200]}")
+            raise refused("calendar feed", response.status_code, response.text, setting="CALENDAR_FEED_URL")
         try:
             return response.json()
         except ValueError:

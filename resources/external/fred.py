@@ -5,13 +5,17 @@
 point-in-time join possible: at time t only values whose vintage began by t are visible,
 so a revision published later never reaches an earlier bar.
 
-fredapi opens URLs without a timeout and turns HTTP errors into ``ValueError(message)``;
-this resource bounds each call with a socket timeout and maps failures onto the vendor
-error kinds (rate limits and server errors are transient; a bad key or series is not).
+fredapi opens URLs without a timeout, has no retries, and turns an HTTP error into
+``ValueError(message)`` (or an XML ``ParseError`` when the error page is not FRED's XML),
+raised while handling the ``HTTPError``: the status stays reachable as the exception's
+context. This resource bounds each try with a socket timeout capped by the request's retry
+budget, retries rate limits, server errors and network failures within that budget, and
+fails at once on anything else: a refused key names FRED_API_KEY.
 """
 
 from __future__ import annotations
 
+import http.client
 import socket
 import threading
 import urllib.error
@@ -25,7 +29,20 @@ from dagster import ConfigurableResource
 from fredapi import Fred
 from pydantic import Field
 
-from resources.vendors.base import Transient, VendorPayloadError, VendorRequestError, with_retries
+from resources.vendors.base import (
+    BudgetSpent,
+    RetryBudget,
+    Transient,
+    VendorPayloadError,
+    VendorRequestError,
+    attempt_timeout,
+    attempts_field,
+    backoff_field,
+    budget_field,
+    parse_retry_after,
+    refused,
+    with_retries,
+)
 
 DEFAULT_SERIES = [
     "DFF",  # effective federal funds rate, daily
@@ -48,7 +65,6 @@ VINTAGE_SCHEMA: dict[str, pl.DataType] = {
 }
 
 _TIMEOUT_LOCK = threading.Lock()
-_TRANSIENT_MESSAGES = ("rate limit", "too many requests", "internal server error", "service unavailable", "try again")
 
 
 @contextmanager
@@ -69,9 +85,14 @@ class FredResource(ConfigurableResource):
     api_key: str = Field(description="FRED API key (set FRED_API_KEY; never logged)")
     base_url: str = Field(default="https://api.stlouisfed.org/fred", description="API root")
     series: list[str] = Field(default=DEFAULT_SERIES, description="FRED series ids to ingest")
-    attempts: int = Field(default=5, ge=1, description="tries per request on rate limits, 5xx and timeouts")
-    backoff_s: float = Field(default=2.0, ge=0, description="first wait between tries; doubles (FRED allows 120 requests/min)")
-    timeout_s: float = Field(default=30.0, gt=0)
+    attempts: int = attempts_field()
+    retry_budget_s: float = budget_field()
+    backoff_s: float = backoff_field(2.0)  # FRED allows 120 requests a minute
+    timeout_s: float = Field(default=15.0, gt=0, description="socket timeout of one try (capped by the budget)")
+
+    @property
+    def budget(self) -> RetryBudget:
+        return RetryBudget(self.attempts, self.retry_budget_s, self.backoff_s)
 
     def vintages(self, series_id: str, realtime_start: date, realtime_end: date) -> pl.DataFrame:
         """Every (observation, vintage) of ``series_id`` whose vintage overlaps the window."""
@@ -81,21 +102,29 @@ class FredResource(ConfigurableResource):
 
         def call():
             try:
-                with _socket_timeout(self.timeout_s):
+                with _socket_timeout(attempt_timeout(self.timeout_s)):
                     return client.get_series_all_releases(series_id, realtime_start.isoformat(), realtime_end.isoformat())
-            except (urllib.error.URLError, TimeoutError, ConnectionError, ET.ParseError) as exc:
-                raise Transient(f"{type(exc).__name__}: {exc}") from None  # a 5xx page is HTML: ParseError
-            except ValueError as exc:
+            except BudgetSpent:
+                raise
+            except (ValueError, ET.ParseError) as exc:  # fredapi's message of an HTTP error, or an unreadable page
+                page = exc.__context__ if isinstance(exc.__context__, urllib.error.HTTPError) else None
                 message = str(exc)
-                if any(m in message.lower() for m in _TRANSIENT_MESSAGES):
-                    raise Transient(message) from None
-                if "No data exists" in message:
-                    return None
-                if "could not convert" in message:
-                    raise VendorPayloadError(f"{what}: a value is not a number: {message}") from None
-                raise VendorRequestError(f"{what}: FRED refused: {message}") from None
+                if page is None:
+                    if isinstance(exc, ET.ParseError):
+                        raise VendorPayloadError(f"{what}: the answer is not FRED's XML ({exc})") from None
+                    if "No data exists" in message:
+                        return None
+                    if "could not convert" in message:
+                        raise VendorPayloadError(f"{what}: a value is not a number: {message}") from None
+                    raise VendorPayloadError(f"{what}: {message}") from None
+                detail = message if isinstance(exc, ValueError) else f"{page.reason} (not FRED's XML)"
+                if page.code == 429 or page.code >= 500:
+                    raise Transient(f"HTTP {page.code}: {detail}", retry_after=parse_retry_after(page.headers.get("Retry-After"))) from None
+                raise refused("FRED", page.code, detail, key_env="FRED_API_KEY", bad_key="api_key" in detail) from None
+            except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as exc:
+                raise Transient(f"{type(exc).__name__}: {exc}") from None
 
-        frame = with_retries(call, attempts=self.attempts, what=what, backoff_s=self.backoff_s)
+        frame = with_retries(call, budget=self.budget, what=what)
         if frame is None or len(frame) == 0:
             return pl.DataFrame(schema=VINTAGE_SCHEMA)
         try:

@@ -5,7 +5,8 @@ walked forward by a ``last_update`` cursor). Its ``fetch`` hard-codes the URL, s
 timeout (a stalled server hangs the step for ever) and retries any exception, a malformed
 page included, seven times. So this module speaks the same wire protocol itself, with the
 library's instrument names and intervals, a configurable root URL (tests point it at a
-local stub), timeouts, bounded retries of transient failures only, and strict parsing.
+local stub), timeouts, retries of transient failures only within a bounded budget, exact
+paging (the library drops only the first repeated row of a page) and strict parsing.
 """
 
 from __future__ import annotations
@@ -27,10 +28,15 @@ from models.market.ticks import TS
 from resources.vendors.base import (
     VENDOR_M1_SCHEMA,
     MarketDataVendor,
+    RetryBudget,
     VendorPayloadError,
     VendorRequestError,
+    attempts_field,
+    backoff_field,
+    budget_field,
     empty_m1,
     http_get,
+    refused,
     with_retries,
 )
 
@@ -55,10 +61,15 @@ class DukascopyResource(MarketDataVendor):
 
     base_url: str = Field(default="https://freeserv.dukascopy.com/2.0/index.php", description="chart feed endpoint")
     page_limit: int = Field(default=30_000, ge=1, le=30_000, description="rows per page (the feed's maximum is 30,000)")
-    attempts: int = Field(default=5, ge=1, description="tries per page on timeouts, 429 and 5xx")
-    backoff_s: float = Field(default=1.0, ge=0, description="first wait between tries; doubles each time")
-    timeout_s: float = Field(default=30.0, gt=0, description="connect and read timeout per page")
+    attempts: int = attempts_field()
+    retry_budget_s: float = budget_field()
+    backoff_s: float = backoff_field()
+    timeout_s: float = Field(default=15.0, gt=0, description="connect and read timeout of one try (capped by the budget)")
     max_pages: int = Field(default=10_000, ge=1, description="guard against a cursor that never advances")
+
+    @property
+    def budget(self) -> RetryBudget:
+        return RetryBudget(self.attempts, self.retry_budget_s, self.backoff_s)
 
     @property
     def source(self) -> str:
@@ -82,23 +93,39 @@ class DukascopyResource(MarketDataVendor):
     def _walk(self, name: str, interval: str, start: datetime, end: datetime, columns: tuple[str, ...]) -> pl.DataFrame:
         """Pages forward from ``start`` until a row reaches ``end`` or the feed runs dry.
 
-        Each page starts at the cursor (the last row's time), so its first row repeats the
-        previous page's last one and is dropped, as the library does.
+        The feed has no row ids: a page starts at the cursor (the previous page's last
+        millisecond) inclusive, so it first repeats the rows of that millisecond the previous
+        page already delivered. Exactly that many are dropped, by count: several ticks in one
+        millisecond at a page edge are each kept once, never lost and never doubled.
         """
         start_ms, end_ms = int(start.timestamp() * 1000), int(end.timestamp() * 1000)
-        cursor, pages, frames = start_ms, 0, []
-        while pages < self.max_pages:
+        cursor, delivered_at_cursor, frames = start_ms, 0, []
+        for _ in range(self.max_pages):
             page = self._page(name, interval, cursor, columns)
-            if pages and page.height and page["ts_ms"][0] == cursor:
-                page = page.slice(1)
-            pages += 1
+            if delivered_at_cursor:
+                repeated = _leading_run(page["ts_ms"], cursor)
+                if repeated < delivered_at_cursor:
+                    raise VendorPayloadError(
+                        f"Dukascopy {name} {interval}: the page from {cursor} repeats {repeated} row(s) of its first "
+                        f"millisecond, the previous page delivered {delivered_at_cursor}: the feed changed under the cursor"
+                    )
+                page = page.slice(delivered_at_cursor)
             if page.is_empty():
                 break
             frames.append(page.filter((pl.col("ts_ms") >= start_ms) & (pl.col("ts_ms") < end_ms)))
             last = int(page["ts_ms"][-1])
-            if last >= end_ms or last <= cursor:
+            if last >= end_ms:
                 break
-            cursor = last
+            at_last = _trailing_run(page["ts_ms"], last)
+            if last == cursor:  # the whole page shares the cursor's millisecond: more of it follows
+                delivered_at_cursor += at_last
+                if delivered_at_cursor >= self.page_limit:
+                    raise VendorPayloadError(
+                        f"Dukascopy {name} {interval}: more than {self.page_limit} rows in the millisecond {cursor}; "
+                        "a cursor page cannot get past them"
+                    )
+            else:
+                cursor, delivered_at_cursor = last, at_last
         else:
             raise VendorPayloadError(f"Dukascopy {name} {interval}: more than {self.max_pages} pages for one window")
         return pl.concat(frames) if frames else pl.DataFrame(schema={c: pl.Float64() for c in columns}).cast({"ts_ms": pl.Int64})
@@ -111,13 +138,13 @@ class DukascopyResource(MarketDataVendor):
             "limit": str(self.page_limit),
         }
         what = f"Dukascopy {name} {interval} from {cursor}"
-        body = with_retries(lambda: self._get(params), attempts=self.attempts, what=what, backoff_s=self.backoff_s)
+        body = with_retries(lambda: self._get(params), budget=self.budget, what=what)
         return _parse_page(body, callback, columns, what)
 
     def _get(self, params: dict[str, str]) -> str:
         response = http_get(self.base_url, params=params, timeout_s=self.timeout_s)
         if response.status_code != 200:
-            raise VendorRequestError(f"Dukascopy answered HTTP {response.status_code}: {response.text[:200]}")
+            raise refused("Dukascopy", response.status_code, response.text, setting="DUKASCOPY_URL")
         return response.text
 
 
@@ -138,6 +165,17 @@ def _parse_page(body: str, callback: str, columns: tuple[str, ...], what: str) -
         raise VendorPayloadError(f"{what}: a row holds a value that is not a number ({exc})") from None
     frame = pl.DataFrame(values, schema=list(columns), orient="row")
     return frame.with_columns(pl.col("ts_ms").cast(pl.Int64))
+
+
+def _leading_run(ts_ms: pl.Series, value: int) -> int:
+    """How many rows at the start of ``ts_ms`` equal ``value``."""
+    differs = (ts_ms != value).arg_true()
+    return ts_ms.len() if differs.is_empty() else int(differs[0])
+
+
+def _trailing_run(ts_ms: pl.Series, value: int) -> int:
+    """How many rows at the end of ``ts_ms`` equal ``value``."""
+    return _leading_run(ts_ms.reverse(), value)
 
 
 def _ts() -> pl.Expr:
