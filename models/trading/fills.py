@@ -208,7 +208,7 @@ class SimulatedBroker(BrokerPort):
         order = work.order
         slippage = self.config.slippage if order.type is OrderType.STOP else 0.0
         hit = trigger_price(order.side, order.type, order.price, open_, high, low, hs, slippage, at_open)
-        if hit is None:
+        if hit is None or (at_open and hit[1] != "gap"):  # the open pass takes gaps only
             return False
         qty = self._reducible(work)
         if qty <= 0:
