@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -97,9 +98,11 @@ def _conversion(spec: Instrument, account: str, bars: pl.DataFrame, rates: Mappi
 
 def run_backtest(bars: pl.DataFrame, strategy: Strategy, config: BacktestConfig = BacktestConfig(), *,
                  predictions: pl.DataFrame | None = None, rates: Mapping[str, pl.DataFrame] | None = None,
-                 progress: Progress | None = None, name: str | None = None) -> BacktestResult:
+                 progress: Progress | None = None, name: str | None = None,
+                 trade_from: datetime | None = None) -> BacktestResult:
     """Run ``strategy`` over ``bars`` (see the module doc). ``rates``: bars of the pairs that
-    convert cross pairs' PnL (GBPUSD for EURGBP in a USD account)."""
+    convert cross pairs' PnL (GBPUSD for EURGBP in a USD account). ``trade_from``: earlier bars
+    only warm the strategy up (no decisions) and are left out of the results."""
     if bars.is_empty():
         raise ValueError("no bars to backtest")
     if predictions is not None:
@@ -116,7 +119,11 @@ def run_backtest(bars: pl.DataFrame, strategy: Strategy, config: BacktestConfig 
     blocks = {}
     for symbol in symbols:
         frame = bars.filter(pl.col("symbol") == symbol)
-        blocks[symbol] = BarBlock.build(frame, strategy.signals(frame), spreads[symbol],
+        signals = strategy.signals(frame)
+        if trade_from is not None:
+            signals = signals.with_columns(
+                pl.when(frame["ts"] >= trade_from).then(pl.col("side")).otherwise(None).alias("side"))
+        blocks[symbol] = BarBlock.build(frame, signals, spreads[symbol],
                                         _conversion(specs[symbol], config.account_currency, frame, rates),
                                         config.fill.use_bar_quotes)
     if len(symbols) == 1:
@@ -136,6 +143,12 @@ def run_backtest(bars: pl.DataFrame, strategy: Strategy, config: BacktestConfig 
     else:
         ts, equity, exposure_value = _interleaved(engine, blocks, progress)
         benchmark = None
+    if trade_from is not None:
+        keep = ts >= int(trade_from.timestamp() * 1000)
+        ts, equity, exposure_value = ts[keep], equity[keep], exposure_value[keep]
+        benchmark = benchmark[keep] if benchmark is not None else None
+        if not len(ts):
+            raise ValueError(f"no bars from {trade_from}")
     in_market = exposure_value > 0
     result_equity = pl.DataFrame({
         "ts": pl.Series(ts).cast(pl.Datetime("ms", "UTC")),
