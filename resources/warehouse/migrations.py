@@ -220,6 +220,76 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        12,
+        "backtests: runs with their headline numbers, trades, equity per bar",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS backtest_runs (
+                run_id String COMMENT 'deterministic: the same spec and data window give the same id',
+                name LowCardinality(String) COMMENT 'the strategy spec (or strategy) it ran',
+                strategy LowCardinality(String),
+                params String COMMENT 'JSON',
+                symbols Array(String),
+                timeframe LowCardinality(String),
+                start DateTime('UTC'),
+                end DateTime('UTC'),
+                bars UInt64,
+                config String COMMENT 'JSON: risk and fill settings, initial equity, account currency',
+                initial_equity Float64,
+                final_equity Float64,
+                total_return Float64,
+                annual_return Float64,
+                sharpe Float64,
+                sortino Float64,
+                calmar Float64,
+                max_drawdown Float64,
+                win_rate Float64,
+                profit_factor Float64,
+                trades UInt32,
+                exposure Float64,
+                costs Float64 COMMENT 'commission, spread and slippage, account currency',
+                buy_hold_return Nullable(Float64),
+                metrics String COMMENT 'JSON: every metric',
+                tearsheet String COMMENT 'path of the HTML tearsheet',
+                source LowCardinality(String) COMMENT 'dagster or cli',
+                created_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = ReplacingMergeTree(created_at)
+            ORDER BY run_id
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS backtest_trades (
+                run_id String,
+                trade_id UInt32,
+                symbol LowCardinality(String),
+                side Int8,
+                qty Float64 COMMENT 'units',
+                entry_ts DateTime64(3, 'UTC'),
+                entry_price Float64,
+                exit_ts Nullable(DateTime64(3, 'UTC')) COMMENT 'null: still open at the end',
+                exit_price Nullable(Float64),
+                pnl Float64 COMMENT 'net of commissions, account currency',
+                gross_pnl Float64,
+                commission Float64,
+                return_pct Float64,
+                r_multiple Nullable(Float64),
+                exit_reason LowCardinality(String)
+            ) ENGINE = MergeTree
+            ORDER BY (run_id, trade_id)
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS backtest_equity (
+                run_id String,
+                ts DateTime64(3, 'UTC') COMMENT 'bar open; equity marked at its close',
+                equity Float64,
+                drawdown Float64,
+                exposure Float64,
+                buy_hold Nullable(Float64)
+            ) ENGINE = MergeTree
+            ORDER BY (run_id, ts)
+            """,
+        ),
+    ),
 )
 
 
