@@ -29,7 +29,7 @@ from models.trading.orders import (
     client_order_id,
     next_state,
 )
-from models.trading.risk import EntryContext, KillSwitch, RiskConfig, RiskModel, Sizing, mean_true_range
+from models.trading.risk import EntryContext, KillSwitch, RiskConfig, RiskModel, Sizing, mean_true_range, true_ranges
 from models.trading.strategy import DonchianBreakout, ModelStrategy, SmaCross, causality_violations
 
 H = 3_600_000
@@ -200,8 +200,10 @@ def test_exits_pass_reduce_only_and_stop_at_halt():
 
 def test_atr_is_the_mean_true_range_of_the_window():
     high, low, close = np.array([10, 11, 12.0]), np.array([9, 10, 10.5]), np.array([9.5, 10.5, 11.0])
-    assert mean_true_range(high, low, close, 2) == pytest.approx((1.5 + 1.5) / 2)  # max(h-l, |h-pc|, |l-pc|)
-    assert mean_true_range(high, low, close, 3) is None
+    ranges = true_ranges(high, low, close, np.nan).tolist()
+    assert ranges == [1.0, 1.5, 1.5]  # max(h-l, |h-pc|, |l-pc|); the first bar has no previous close
+    assert mean_true_range(ranges, 2) == 1.5 and mean_true_range(ranges, 3, end=2) is None
+    assert mean_true_range(ranges, 2, end=2) == 1.25
 
 
 # -- currency ----------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from models.trading.orders import (
     client_order_id,
 )
 from models.trading.portfolio import Portfolio
-from models.trading.risk import EntryContext, KillSwitch, RiskModel, mean_true_range
+from models.trading.risk import EntryContext, KillSwitch, RiskModel, mean_true_range, true_ranges
 
 _INF = math.inf
 _EXIT_REASONS = {"exit": "signal", "sl": "stop_loss", "tp": "take_profit", "flatten": "kill_switch"}
@@ -130,7 +130,8 @@ class _SymbolState:
     last_ts: int = -1
     last_close: float = math.nan
     last_conv: float = math.nan
-    tail: np.ndarray = field(default_factory=lambda: np.empty((3, 0)))  # high, low, close of the last bars
+    tail: list = field(default_factory=list)  # true ranges of the last bars (for the ATR)
+    refused: float = math.nan  # a side the kill switch refused: not asked again until something changes
     live: set = field(default_factory=set)  # ids of this symbol's orders not yet terminal
     working_market: int = 0
     up_ask: float = _INF  # lowest buy stop: triggers when the ask reaches it
@@ -202,6 +203,9 @@ class TradingEngine:
             return BlockResult(np.full(n, np.nan), np.full(n, np.nan), 0)
         hs = block.half_spread
         close, conv, side = block.close.tolist(), block.conv.tolist(), block.side.tolist()
+        prev = block.close[first - 1] if first else st.last_close
+        self._ranges = st.tail + true_ranges(block.high[first:], block.low[first:], block.close[first:], prev).tolist()
+        self._offset = len(st.tail) - first  # block index i -> self._ranges[i + offset]
         ha, la = (block.high + hs).tolist(), (block.low + hs).tolist()
         hb, lb = (block.high - hs).tolist(), (block.low - hs).tolist()
         pos = self.portfolio.position(symbol)
@@ -214,7 +218,7 @@ class TradingEngine:
             if quick and not st.working_market and ts[i] < self._day_end and ha[i] < st.up_ask and la[i] > st.dn_ask \
                     and hb[i] < st.up_bid and lb[i] > st.dn_bid and self._unknown == 0:
                 s = side[i]
-                if s != s or s == cur:
+                if s != s or s == cur or s == st.refused:
                     if not limits:
                         continue
                     e = base + q * (close[i] - avg) * conv[i]
@@ -233,8 +237,7 @@ class TradingEngine:
                 segments.append((i, base, q, avg))
         # Leave the symbol's state as after its last bar.
         st.last_ts, st.last_close, st.last_conv = ts[-1], close[-1], conv[-1]
-        keep = self.risk.config.atr_period + 1
-        st.tail = np.concatenate([st.tail, np.vstack([block.high, block.low, block.close])[:, first:]], axis=1)[:, -keep:]
+        st.tail = self._ranges[-self.risk.config.atr_period:]
         equity, units = np.full(n, np.nan), np.full(n, np.nan)
         bounds = [s[0] for s in segments[1:]] + [n]
         for (start, b, qq, aa), stop in zip(segments, bounds):
@@ -257,6 +260,8 @@ class TradingEngine:
             if self.kill is not KillSwitch.OFF and self.kill_reason.startswith("daily loss"):
                 self._record(ts, symbol, "kill_switch", True, "daily loss limit lifted: a new day")
                 self.kill, self.kill_reason = KillSwitch.OFF, ""
+                for other in self._symbols.values():
+                    other.refused = math.nan
             self._update_floor()
         if self._unknown:
             self._resolve_unknown(ts, symbol)
@@ -274,10 +279,9 @@ class TradingEngine:
         if equity < self._floor:
             self._breach(equity, ts, symbol)
         s = float(block.side[i])
-        if s == s:
-            cur = (pos.units > 0) - (pos.units < 0)
-            if s != cur:
-                self._decide(st, block, i, int(s), ts)
+        cur = (pos.units > 0) - (pos.units < 0)
+        if s == s and s != cur and s != st.refused:
+            self._decide(st, block, i, int(s), ts)
 
     def _decide(self, st: _SymbolState, block: BarBlock, i: int, side: int, ts: int) -> None:
         symbol = st.symbol
@@ -291,6 +295,7 @@ class TradingEngine:
             exit_id = client_order_id(self.config.strategy, symbol, ts, "exit")
             self._record(ts, symbol, "exit", decision.approved, decision.reason, exit_id, abs(pos.units))
             if not decision.approved:
+                st.refused = float(side)  # the kill switch: refused until it or the position changes
                 return
             self._submit(Order(exit_id, symbol, Side(-cur), OrderType.MARKET, abs(pos.units), "exit", ts,
                                reduce_only=True, reason="signal"), st, ts)
@@ -298,13 +303,7 @@ class TradingEngine:
             return
         close = float(block.close[i])
         conv = float(block.conv[i])
-        k = self.risk.config.atr_period + 1
-        if i + 1 >= k:
-            h, lo, c = block.high[i + 1 - k:i + 1], block.low[i + 1 - k:i + 1], block.close[i + 1 - k:i + 1]
-        else:
-            window = np.concatenate([st.tail, np.vstack([block.high[:i + 1], block.low[:i + 1], block.close[:i + 1]])], axis=1)[:, -k:]
-            h, lo, c = window
-        atr = mean_true_range(h, lo, c, self.risk.config.atr_period)
+        atr = mean_true_range(self._ranges, self.risk.config.atr_period, i + 1 + self._offset)
         prob = float(block.prob[i])
         others = [(s, p) for s, p in self.portfolio.positions.items() if s != symbol and p.units]
         notional = margin = 0.0
@@ -321,6 +320,8 @@ class TradingEngine:
         entry_id = client_order_id(self.config.strategy, symbol, ts, "entry")
         self._record(ts, symbol, "entry", decision.approved, decision.reason, entry_id, decision.qty)
         if not decision.approved:
+            if self.kill is not KillSwitch.OFF:
+                st.refused = float(side)
             return
         entry = Order(entry_id, symbol, Side(side), OrderType.MARKET, decision.qty, "entry", ts,
                       stop_loss=decision.stop, take_profit=decision.target, reason=decision.reason)
@@ -388,6 +389,7 @@ class TradingEngine:
         equity = self.equity()
         stop = order.stop_loss if order.intent == "entry" else None
         self.portfolio.apply_fill(fill, equity, stop, _EXIT_REASONS.get(order.intent, order.intent))
+        self._symbols[order.symbol].refused = math.nan  # the position changed: ask again
         self.fills.append(fill)
         total = order.filled_qty + fill.qty
         order.avg_fill_price = (order.avg_fill_price * order.filled_qty + fill.price * fill.qty) / total
@@ -450,6 +452,8 @@ class TradingEngine:
         and cancels working entry orders. Protective stops stay at the broker."""
         ts = max((s.last_ts for s in self._symbols.values()), default=0)
         self.kill, self.kill_reason = mode, reason if mode is not KillSwitch.OFF else ""
+        for st in self._symbols.values():
+            st.refused = math.nan
         self._record(ts, "", "kill_switch", mode is KillSwitch.OFF, f"kill switch {mode.value}: {reason}")
         self._update_floor()
         if flatten:
@@ -527,7 +531,8 @@ class TradingEngine:
             "order_times": list(self._order_times),
             "peak": self._peak, "day_ref": self._day_ref, "day_end": self._day_end,
             "symbols": {s: {"last_ts": st.last_ts, "last_close": _nan_to_none(st.last_close),
-                            "last_conv": _nan_to_none(st.last_conv), "tail": st.tail.tolist(), "live": sorted(st.live)}
+                            "last_conv": _nan_to_none(st.last_conv), "tail": list(st.tail), "live": sorted(st.live),
+                            "refused": _nan_to_none(st.refused)}
                         for s, st in self._symbols.items()},
         }
 
@@ -548,7 +553,8 @@ class TradingEngine:
             st.last_ts = d["last_ts"]
             st.last_close = math.nan if d["last_close"] is None else d["last_close"]
             st.last_conv = math.nan if d["last_conv"] is None else d["last_conv"]
-            st.tail = np.array(d["tail"], dtype=np.float64).reshape(3, -1)
+            st.tail = list(d["tail"])
+            st.refused = math.nan if d["refused"] is None else d["refused"]
             st.live = set(d["live"])
             self._refresh(st)
         self._unknown = sum(1 for o in self.orders.values() if o.state is OrderState.UNKNOWN)

@@ -113,15 +113,20 @@ def round_lots(lots: float, spec: Instrument) -> float:
     return round(steps * spec.lot_step, 10)
 
 
-def mean_true_range(high: np.ndarray, low: np.ndarray, close: np.ndarray, period: int) -> float | None:
-    """ATR at the last bar as the simple mean of its ``period`` true ranges: a function of the
-    last ``period + 1`` bars only, so a live runner restarted on the same bars gets the same
-    value as the backtest. None without enough bars."""
-    if len(close) < period + 1:
+def true_ranges(high: np.ndarray, low: np.ndarray, close: np.ndarray, prev_close: float) -> np.ndarray:
+    """True range of each bar; a bar without a previous close (NaN) counts its high - low."""
+    pc = np.r_[prev_close, close[:-1]]
+    return np.fmax(high - low, np.fmax(np.abs(high - pc), np.abs(low - pc)))
+
+
+def mean_true_range(ranges: list[float], period: int, end: int | None = None) -> float | None:
+    """ATR as the mean of the last ``period`` true ranges, summed exactly (``math.fsum``): a
+    function of those bars alone, whatever history came before, so a live runner restarted on
+    the same bars gets the backtest's value to the bit. None without enough bars."""
+    end = len(ranges) if end is None else end
+    if end < period:
         return None
-    h, lo, c = high[-period:], low[-period:], close[-period - 1:-1]
-    tr = np.maximum(h - lo, np.maximum(np.abs(h - c), np.abs(lo - c)))
-    return float(tr.mean())
+    return math.fsum(ranges[end - period:end]) / period
 
 
 class RiskModel:
