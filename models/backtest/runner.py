@@ -209,13 +209,14 @@ TRADE_SCHEMA = {"trade_id": pl.Int64, "symbol": pl.String, "side": pl.Int8, "qty
 
 
 def trades_frame(engine: TradingEngine) -> pl.DataFrame:
-    rows = [{"trade_id": t.trade_id, "symbol": t.symbol, "side": t.side, "qty": t.qty, "entry_ts": t.entry_ts,
-             "entry_price": t.entry_price, "exit_ts": t.exit_ts, "exit_price": t.exit_price, "pnl": t.pnl,
-             "gross_pnl": t.gross_pnl, "commission": t.commission, "cost_spread": t.cost_spread,
-             "return_pct": t.return_pct, "r_multiple": t.r_multiple, "initial_stop": t.initial_stop, "risk": t.risk,
-             "entry_equity": t.entry_equity, "exit_reason": t.exit_reason or ("open" if t.is_open else "")}
-            for t in engine.portfolio.trades]
-    return pl.DataFrame(rows, schema=TRADE_SCHEMA, orient="row").with_columns(_ms("entry_ts"), _ms("exit_ts"))
+    trades = engine.portfolio.trades
+    columns = {name: [getattr(t, name) for t in trades] for name in TRADE_SCHEMA
+               if name not in ("pnl", "return_pct", "r_multiple", "exit_reason")}
+    columns["pnl"] = [t.pnl for t in trades]
+    columns["return_pct"] = [t.return_pct for t in trades]
+    columns["r_multiple"] = [t.r_multiple for t in trades]
+    columns["exit_reason"] = [t.exit_reason or ("open" if t.is_open else "") for t in trades]
+    return pl.DataFrame(columns, schema=TRADE_SCHEMA).with_columns(_ms("entry_ts"), _ms("exit_ts"))
 
 
 def orders_frame(engine: TradingEngine) -> pl.DataFrame:

@@ -11,7 +11,7 @@ nothing, which is what makes a replayed decision safe.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import StrEnum
 
 from models.trading.orders import Order, OrderEvent, OrderState, Side
@@ -51,9 +51,9 @@ class Fill:
     reason: str  # market, stop, limit, gap
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["side"] = int(self.side)
-        return d
+        return {"fill_id": self.fill_id, "client_id": self.client_id, "symbol": self.symbol, "side": int(self.side),
+                "qty": self.qty, "price": self.price, "commission": self.commission, "ts": self.ts, "conv": self.conv,
+                "mid": self.mid, "reason": self.reason}
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ from models.trading.portfolio import Portfolio
 from models.trading.risk import EntryContext, KillSwitch, RiskModel, mean_true_range, true_ranges
 
 _INF = math.inf
+_SIDE = {1: Side.BUY, -1: Side.SELL}  # an Enum call costs microseconds; a lookup does not
 _EXIT_REASONS = {"exit": "signal", "sl": "stop_loss", "tp": "take_profit", "flatten": "kill_switch"}
 
 
@@ -297,7 +298,7 @@ class TradingEngine:
             if not decision.approved:
                 st.refused = float(side)  # the kill switch: refused until it or the position changes
                 return
-            self._submit(Order(exit_id, symbol, Side(-cur), OrderType.MARKET, abs(pos.units), "exit", ts,
+            self._submit(Order(exit_id, symbol, _SIDE[-cur], OrderType.MARKET, abs(pos.units), "exit", ts,
                                reduce_only=True, reason="signal"), st, ts)
         if side == 0:
             return
@@ -323,13 +324,13 @@ class TradingEngine:
             if self.kill is not KillSwitch.OFF:
                 st.refused = float(side)
             return
-        entry = Order(entry_id, symbol, Side(side), OrderType.MARKET, decision.qty, "entry", ts,
+        entry = Order(entry_id, symbol, _SIDE[side], OrderType.MARKET, decision.qty, "entry", ts,
                       stop_loss=decision.stop, take_profit=decision.target, reason=decision.reason)
         if not self._submit(entry, st, ts):
             return
         for intent, level, kind in (("sl", decision.stop, OrderType.STOP), ("tp", decision.target, OrderType.LIMIT)):
             if level is not None:
-                self._submit(Order(client_order_id(self.config.strategy, symbol, ts, intent), symbol, Side(-side), kind,
+                self._submit(Order(client_order_id(self.config.strategy, symbol, ts, intent), symbol, _SIDE[-side], kind,
                                    decision.qty, intent, ts, price=level, reduce_only=True, parent_id=entry_id), st, ts)
 
     # -- orders and broker events ----------------------------------------------------------

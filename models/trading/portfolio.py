@@ -8,7 +8,7 @@ commissions come off the balance when charged. A trade is a round trip from flat
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 from models.trading.broker import Fill
 
@@ -51,7 +51,10 @@ class Trade:
         return self.pnl / self.risk if self.risk else None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {name: getattr(self, name) for name in _TRADE_FIELDS}
+
+
+_TRADE_FIELDS = tuple(f.name for f in fields(Trade))
 
 
 class Position:
