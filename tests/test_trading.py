@@ -430,3 +430,24 @@ def test_model_strategy_thresholds():
     assert out["side"].to_list() == [1.0, 0.0, -1.0, None, 1.0]
     assert out["prob"].to_list()[:3] == [0.7, None, pytest.approx(0.7)]
     assert out["confidence"][0] == pytest.approx(0.4)
+
+
+def test_several_symbols_share_one_account_and_its_limits():
+    eur = _bars([1.10, 1.10, 1.12, 1.12, 1.12, 1.12], "EURUSD")
+    jpy = _bars([150.0, 150.0, 151.0, 151.0, 151.0, 151.0], "USDJPY")
+    # both want to be long from bar 0; only one position may be open; EURUSD exits at bar 3
+    sides = {"EURUSD": [1, None, None, 0], "USDJPY": [1, None, None, None, 1]}
+
+    class PerSymbol(_Script):
+        def signals(self, bars):
+            return _Script(sides=sides[bars["symbol"][0]]).signals(bars)
+
+    risk = RiskConfig(sizing=Sizing.FIXED_LOTS, fixed_lots=1, stop_atr=None, max_open_positions=1)
+    result = run_backtest(pl.concat([eur, jpy]), PerSymbol(sides=[]), replace(_lots(1), risk=risk))
+    entries = result.risk_events.filter(pl.col("kind") == "entry").sort("ts", "symbol")
+    assert entries.select("symbol", "approved").rows() == [("EURUSD", True), ("USDJPY", False), ("USDJPY", True)]
+    assert "open positions limit" in entries["reason"][1]
+    assert result.equity.height == 6  # one row per timestamp, both symbols marked
+    # EURUSD bought at 1.10 (bar 1 open), sold at 1.12 (bar 4 open): 2,000 USD
+    assert result.trades.filter(pl.col("symbol") == "EURUSD")["pnl"][0] == pytest.approx(2_000.0)
+    assert result.equity["equity"][3] == pytest.approx(102_000.0)

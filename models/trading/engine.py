@@ -306,17 +306,23 @@ class TradingEngine:
         conv = float(block.conv[i])
         atr = mean_true_range(self._ranges, self.risk.config.atr_period, i + 1 + self._offset)
         prob = float(block.prob[i])
-        others = [(s, p) for s, p in self.portfolio.positions.items() if s != symbol and p.units]
+        # Other symbols count with their positions and their entries still on the way.
         notional = margin = 0.0
-        for s, p in others:
-            o = self._symbols[s]
-            value = abs(p.units) * o.last_close * o.last_conv
-            notional += value
-            margin += value / o.spec.leverage
+        open_elsewhere = 0
+        for s, o in self._symbols.items():
+            if s == symbol:
+                continue
+            units = abs(self.portfolio.position(s).units) if s in self.portfolio.positions else 0.0
+            units += sum(self.orders[c].remaining for c in o.live if not self.orders[c].reduce_only)
+            if units:
+                value = units * o.last_close * o.last_conv
+                notional += value
+                margin += value / o.spec.leverage
+                open_elsewhere += 1
         while self._order_times and self._order_times[0] <= ts - self.risk.config.order_window_minutes * 60_000:
             self._order_times.popleft()
         ctx = EntryContext(symbol, side, close, conv, atr, self.equity(), float(block.confidence[i]),
-                           prob if prob == prob else None, notional, margin, len(others), len(self._order_times), self.kill)
+                           prob if prob == prob else None, notional, margin, open_elsewhere, len(self._order_times), self.kill)
         decision = self.risk.evaluate_entry(ctx, st.spec)
         entry_id = client_order_id(self.config.strategy, symbol, ts, "entry")
         self._record(ts, symbol, "entry", decision.approved, decision.reason, entry_id, decision.qty)
@@ -392,12 +398,7 @@ class TradingEngine:
         self.portfolio.apply_fill(fill, equity, stop, _EXIT_REASONS.get(order.intent, order.intent))
         self._symbols[order.symbol].refused = math.nan  # the position changed: ask again
         self.fills.append(fill)
-        total = order.filled_qty + fill.qty
-        order.avg_fill_price = (order.avg_fill_price * order.filled_qty + fill.price * fill.qty) / total
-        order.filled_qty = total
-        flat = self.portfolio.position(order.symbol).units == 0
-        done = total >= order.qty * (1 - 1e-9) or (order.reduce_only and flat)
-        order.apply(OrderEvent.FILL if done else OrderEvent.PARTIAL_FILL)
+        order.add_fill(fill.qty, fill.price, complete=order.reduce_only and self.portfolio.position(order.symbol).units == 0)
 
     def _refresh(self, st: _SymbolState) -> None:
         """Recount this symbol's working orders and the price levels that can trigger one."""

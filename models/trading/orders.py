@@ -146,11 +146,13 @@ class Order:
             self.reason = reason
         return self.state
 
-    def add_fill(self, qty: float, price: float) -> OrderState:
+    def add_fill(self, qty: float, price: float, complete: bool = False) -> OrderState:
+        """Book an execution; ``complete`` ends the order early (a close order whose position
+        is already flat)."""
         total = self.filled_qty + qty
         self.avg_fill_price = (self.avg_fill_price * self.filled_qty + price * qty) / total
         self.filled_qty = total
-        done = total >= self.qty - 1e-9 * max(1.0, self.qty)
+        done = complete or total >= self.qty * (1 - 1e-9)
         return self.apply(OrderEvent.FILL if done else OrderEvent.PARTIAL_FILL)
 
     @property
