@@ -276,9 +276,16 @@ RISKY = RiskConfig(risk_fraction=0.02, stop_atr=1.5, target_atr=2.5, max_daily_l
                    max_orders=6, order_window_minutes=600)
 
 
-def _engine(strategy="donchian", risk=RISKY):
+class _AskedEveryBar(SimulatedBroker):
+    """The same broker, declared not bar-driven: the engine then takes the full step on every
+    bar, as it does with a live broker (the reference for the quick path)."""
+
+    bar_driven = False
+
+
+def _engine(strategy="donchian", risk=RISKY, broker_class=SimulatedBroker):
     spec = instrument("EURUSD")
-    broker = SimulatedBroker({"EURUSD": spec}, FillConfig(commission_per_lot=3.5, slippage=0.00001))
+    broker = broker_class({"EURUSD": spec}, FillConfig(commission_per_lot=3.5, slippage=0.00001))
     return TradingEngine(EngineConfig(strategy), RiskModel(risk), broker, {"EURUSD": spec}), broker
 
 
@@ -291,17 +298,20 @@ def _fingerprint(engine):
             [t.to_dict() for t in engine.portfolio.trades], engine.portfolio.balance, engine.kill.value)
 
 
-def test_a_block_run_equals_bar_by_bar_calls():
-    bars = _walk()
-    block = _block(bars)
-    fast, _ = _engine()
+def test_a_block_run_with_quiet_bars_skipped_equals_full_steps_bar_by_bar():
+    bars = _walk(3000)
+    block = _block(bars, SmaCross(fast=10, slow=50))
+    fast, _ = _engine(risk=replace(RISKY, max_orders=None))
     whole = fast.run("EURUSD", block)
-    slow, _ = _engine()
+    slow, _ = _engine(risk=replace(RISKY, max_orders=None), broker_class=_AskedEveryBar)
     equity = []
     for i in range(len(block)):
         equity.append(slow.run("EURUSD", block.slice(i, i + 1)).equity[0])
     assert _fingerprint(fast) == _fingerprint(slow)
-    assert len(fast.portfolio.trades) > 5 and {"stop_loss", "take_profit"} & {t.exit_reason for t in fast.portfolio.trades}
+    reasons = [t.exit_reason for t in fast.portfolio.trades]
+    # the quick path carried most bars, and stops and targets hit inside the bars it skipped
+    assert fast.steps < len(block) / 3 and slow.steps == len(block)
+    assert reasons.count("stop_loss") > 5 and reasons.count("take_profit") > 5 and "kill_switch" in reasons
     np.testing.assert_array_equal(whole.equity, np.array(equity))
 
 

@@ -160,6 +160,7 @@ class TradingEngine:
         self._day_end = -1  # the first bar starts a day
         self._floor = -_INF
         self._unknown = 0
+        self.steps = 0  # bars that took the full step (the others could not change anything)
         self._symbols: dict[str, _SymbolState] = {}
         for symbol, spec in instruments.items():
             spread = (spreads or {}).get(symbol, spec.spread)
@@ -248,6 +249,7 @@ class TradingEngine:
 
     # -- one bar ---------------------------------------------------------------------------
     def _step(self, st: _SymbolState, block: BarBlock, i: int) -> None:
+        self.steps += 1
         symbol = st.symbol
         ts = int(block.ts[i])
         pos = self.portfolio.position(symbol)
