@@ -136,12 +136,12 @@ class Order:
     filled_qty: float = 0.0
     avg_fill_price: float = 0.0
     reason: str = ""  # why it was created; a rejection's or cancellation's reason after
-    history: list[tuple[str, str]] = field(default_factory=list)  # (event, state) in order
+    history: list[tuple[OrderEvent, OrderState]] = field(default_factory=list)  # (event, state) in order
 
     def apply(self, event: OrderEvent, reason: str = "") -> OrderState:
         """Move along the transition table; raises :class:`IllegalTransition` otherwise."""
         self.state = next_state(self.state, event)
-        self.history.append((event.value, self.state.value))
+        self.history.append((event, self.state))
         if reason and event in (OrderEvent.REJECT, OrderEvent.CANCEL, OrderEvent.EXPIRE):
             self.reason = reason
         return self.state
@@ -169,7 +169,8 @@ class Order:
             "qty": self.qty, "intent": self.intent, "bar_ts": self.bar_ts, "price": self.price,
             "reduce_only": self.reduce_only, "parent_id": self.parent_id, "stop_loss": self.stop_loss,
             "take_profit": self.take_profit, "state": self.state.value, "filled_qty": self.filled_qty,
-            "avg_fill_price": self.avg_fill_price, "reason": self.reason, "history": [list(h) for h in self.history],
+            "avg_fill_price": self.avg_fill_price, "reason": self.reason,
+            "history": [[str.__str__(e), str.__str__(s)] for e, s in self.history],
         }
 
     @classmethod
@@ -179,5 +180,5 @@ class Order:
             qty=d["qty"], intent=d["intent"], bar_ts=d["bar_ts"], price=d["price"], reduce_only=d["reduce_only"],
             parent_id=d["parent_id"], stop_loss=d["stop_loss"], take_profit=d["take_profit"],
             state=OrderState(d["state"]), filled_qty=d["filled_qty"], avg_fill_price=d["avg_fill_price"],
-            reason=d["reason"], history=[tuple(h) for h in d["history"]],
+            reason=d["reason"], history=[(OrderEvent(e), OrderState(s)) for e, s in d["history"]],
         )
