@@ -461,3 +461,20 @@ def test_several_symbols_share_one_account_and_its_limits():
     # EURUSD bought at 1.10 (bar 1 open), sold at 1.12 (bar 4 open): 2,000 USD
     assert result.trades.filter(pl.col("symbol") == "EURUSD")["pnl"][0] == pytest.approx(2_000.0)
     assert result.equity["equity"][3] == pytest.approx(102_000.0)
+
+
+def test_flatten_cancels_an_entry_on_its_way_and_closes_positions():
+    bars = _bars([1.10] * 4)
+    engine, broker = _engine(risk=RiskConfig(sizing=Sizing.FIXED_LOTS, fixed_lots=1, stop_atr=None))
+    block = BarBlock.build(bars, _Script(sides=[1]).signals(bars), 0.0)
+    engine.run("EURUSD", block.slice(0, 1))  # the entry is sent, not yet filled
+    engine.set_kill_switch(KillSwitch.HALT, "operator", flatten=True)
+    (entry,) = engine.orders.values()
+    assert entry.state is OrderState.PENDING_CANCEL
+    engine.run("EURUSD", block.slice(1, 4))
+    assert entry.state is OrderState.CANCELLED and broker.positions() == {} and not engine.fills
+    engine2, broker2 = _engine(risk=RiskConfig(sizing=Sizing.FIXED_LOTS, fixed_lots=1, stop_atr=None))
+    engine2.run("EURUSD", block.slice(0, 2))  # filled at bar 1's open
+    engine2.set_kill_switch(KillSwitch.HALT, "operator", flatten=True)
+    engine2.run("EURUSD", block.slice(2, 4))
+    assert broker2.positions() == {} and engine2.portfolio.trades[0].exit_reason == "kill_switch"

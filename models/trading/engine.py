@@ -461,12 +461,17 @@ class TradingEngine:
         self._record(ts, "", "kill_switch", mode is KillSwitch.OFF, f"kill switch {mode.value}: {reason}")
         self._update_floor()
         if flatten:
-            for symbol, pos in self.portfolio.positions.items():
-                st = self._symbols[symbol]
+            for symbol, st in self._symbols.items():
+                pos = self.portfolio.position(symbol)
                 for cid in list(st.live):
                     order = self.orders[cid]
                     if not order.reduce_only and order.state in (OrderState.ACCEPTED, OrderState.SUBMITTED):
-                        self.broker.cancel(cid)
+                        order.apply(OrderEvent.CANCEL_REQUEST)
+                        try:
+                            self.broker.cancel(cid)  # the outcome comes back as an event
+                        except BrokerTimeout:
+                            order.apply(OrderEvent.TIMEOUT)
+                            self._unknown += 1
                 if pos.units:
                     side = Side(-1 if pos.units > 0 else 1)
                     cid = client_order_id(self.config.strategy, symbol, st.last_ts, "flatten")

@@ -161,9 +161,6 @@ class SimulatedBroker(BrokerPort):
     def positions(self) -> dict[str, float]:
         return {s: q for s, q in self._pos.items() if q}
 
-    def has_work(self, symbol: str) -> bool:
-        return bool(self._queue.get(symbol) or self._resting.get(symbol))
-
     def advance(self, symbol: str, ts: int, open_: float, high: float, low: float, close: float,
                 half_spread: float, conv_known: float) -> list[BrokerEvent]:
         queue, resting = self._queue.get(symbol), self._resting.get(symbol)
