@@ -13,7 +13,7 @@ import pytest
 
 from models.backtest.runner import BacktestConfig, run_backtest
 from models.market.instruments import instrument
-from models.trading.broker import BrokerTimeout
+from models.trading.broker import AckStatus, BrokerEvent, BrokerTimeout, SubmitAck
 from models.trading.currency import ConvMode, asof_rates, conversion_mode, cross_pair
 from models.trading.engine import BarBlock, EngineConfig, TradingEngine
 from models.trading.fills import FillConfig, SimulatedBroker, half_spreads, market_price, trigger_price
@@ -461,6 +461,8 @@ def test_several_symbols_share_one_account_and_its_limits():
     # EURUSD bought at 1.10 (bar 1 open), sold at 1.12 (bar 4 open): 2,000 USD
     assert result.trades.filter(pl.col("symbol") == "EURUSD")["pnl"][0] == pytest.approx(2_000.0)
     assert result.equity["equity"][3] == pytest.approx(102_000.0)
+    # margin per bar: 1 lot of EURUSD at 1.12 with 30:1 leverage while it is held
+    assert result.equity["margin"][2] == pytest.approx(100_000 * 1.12 / 30)
 
 
 def test_flatten_cancels_an_entry_on_its_way_and_closes_positions():
@@ -478,3 +480,33 @@ def test_flatten_cancels_an_entry_on_its_way_and_closes_positions():
     engine2.set_kill_switch(KillSwitch.HALT, "operator", flatten=True)
     engine2.run("EURUSD", block.slice(2, 4))
     assert broker2.positions() == {} and engine2.portfolio.trades[0].exit_reason == "kill_switch"
+
+
+class _LateBroker(SimulatedBroker):
+    """Answers a submit later, as an event, as a live broker may."""
+
+    bar_driven = False
+
+    def submit(self, order):
+        ack = super().submit(order)
+        self._events.append(BrokerEvent(OrderEvent.ACCEPT, order.client_id, -1))
+        return SubmitAck(AckStatus.PENDING)
+
+
+def test_a_late_answer_keeps_the_order_submitted_until_the_event_comes():
+    spec = instrument("EURUSD")
+    engine = TradingEngine(EngineConfig("t"), RiskModel(RiskConfig(sizing=Sizing.FIXED_LOTS, fixed_lots=1, stop_atr=None)),
+                           _LateBroker({"EURUSD": spec}), {"EURUSD": spec})
+    engine.on_bar("EURUSD", {"ts": T0, "open": 1.1, "high": 1.1, "low": 1.1, "close": 1.1}, {"side": 1.0})
+    (order,) = engine.orders.values()
+    assert order.state is OrderState.SUBMITTED
+    engine.on_bar("EURUSD", {"ts": T0 + H, "open": 1.1, "high": 1.1, "low": 1.1, "close": 1.1}, None)
+    assert [e for e, _ in order.history] == [OrderEvent.SUBMIT, OrderEvent.ACCEPT, OrderEvent.FILL]
+
+
+def test_drawdown_duration_from_peak_to_recovery():
+    from models.backtest.metrics import drawdown_duration
+
+    ts = np.arange(8) * 86_400_000
+    equity = np.array([100, 110, 105, 100, 108, 111, 109, 112.0])
+    assert drawdown_duration(ts, equity) == (4.0, 4)  # 110 on day 1, back above on day 5

@@ -46,7 +46,7 @@ class BacktestResult:
     strategy: str
     symbols: list[str]
     timeframe: str
-    equity: pl.DataFrame  # ts, equity, drawdown, exposure, buy_hold
+    equity: pl.DataFrame  # ts, equity, drawdown, exposure, margin, buy_hold
     trades: pl.DataFrame
     orders: pl.DataFrame
     fills: pl.DataFrame
@@ -139,13 +139,14 @@ def run_backtest(bars: pl.DataFrame, strategy: Strategy, config: BacktestConfig 
                 progress(stop, n)
         ts = block.ts
         exposure_value = np.abs(units) * block.close * block.conv
+        margin = exposure_value / specs[symbol].leverage
         benchmark = block.close
     else:
-        ts, equity, exposure_value = _interleaved(engine, blocks, progress)
+        ts, equity, exposure_value, margin = _interleaved(engine, blocks, specs, progress)
         benchmark = None
     if trade_from is not None:
         keep = ts >= int(trade_from.timestamp() * 1000)
-        ts, equity, exposure_value = ts[keep], equity[keep], exposure_value[keep]
+        ts, equity, exposure_value, margin = ts[keep], equity[keep], exposure_value[keep], margin[keep]
         benchmark = benchmark[keep] if benchmark is not None else None
         if not len(ts):
             raise ValueError(f"no bars from {trade_from}")
@@ -155,6 +156,7 @@ def run_backtest(bars: pl.DataFrame, strategy: Strategy, config: BacktestConfig 
         "equity": equity,
         "drawdown": M.drawdown(np.r_[config.initial_equity, equity])[1:],
         "exposure": exposure_value / equity,
+        "margin": margin,
     })
     if benchmark is not None:
         result_equity = result_equity.with_columns(buy_hold=config.initial_equity * benchmark / benchmark[0])
@@ -173,28 +175,30 @@ def run_backtest(bars: pl.DataFrame, strategy: Strategy, config: BacktestConfig 
                           metrics, config, engine)
 
 
-def _interleaved(engine: TradingEngine, blocks: dict[str, BarBlock], progress: Progress | None):
+def _interleaved(engine: TradingEngine, blocks: dict[str, BarBlock], specs: Mapping[str, Instrument],
+                 progress: Progress | None):
+    """Bars of several symbols in time order, one engine step each; one row per timestamp
+    (equity, gross notional and margin after its last bar)."""
     order = sorted((int(t), s, i) for s, b in blocks.items() for i, t in enumerate(b.ts))
-    ts_out, eq_out, exp_out = [], [], []
-    units = {s: 0.0 for s in blocks}
-    marks = {s: (np.nan, 1.0) for s in blocks}
+    ts_out, eq_out, exp_out, margin_out = [], [], [], []
+    values = {s: 0.0 for s in blocks}
     for k, (t, symbol, i) in enumerate(order):
         block = blocks[symbol]
         result = engine.run(symbol, block.slice(i, i + 1))
-        units[symbol] = float(result.units[0])
-        marks[symbol] = (float(block.close[i]), float(block.conv[i]))
+        values[symbol] = abs(float(result.units[0])) * float(block.close[i]) * float(block.conv[i])
+        row = (float(result.equity[0]), sum(values.values()), sum(v / specs[s].leverage for s, v in values.items()))
         if ts_out and ts_out[-1] == t:
-            eq_out[-1] = float(result.equity[0])
-            exp_out[-1] = sum(abs(units[s]) * marks[s][0] * marks[s][1] for s in blocks if units[s])
+            eq_out[-1], exp_out[-1], margin_out[-1] = row
         else:
             ts_out.append(t)
-            eq_out.append(float(result.equity[0]))
-            exp_out.append(sum(abs(units[s]) * marks[s][0] * marks[s][1] for s in blocks if units[s]))
+            eq_out.append(row[0])
+            exp_out.append(row[1])
+            margin_out.append(row[2])
         if progress and (k + 1) % 10_000 == 0:
             progress(k + 1, len(order))
     if progress:
         progress(len(order), len(order))
-    return np.array(ts_out, dtype=np.int64), np.array(eq_out), np.array(exp_out)
+    return np.array(ts_out, dtype=np.int64), np.array(eq_out), np.array(exp_out), np.array(margin_out)
 
 
 def _ms(column: str) -> pl.Expr:

@@ -37,7 +37,7 @@ def write_backtest(warehouse: Warehouse, run_id: str, result: BacktestResult, *,
         "source": source,
     }]).with_columns(pl.col("start", "end").dt.cast_time_unit("ms").dt.truncate("1s"))
     trades = result.trades.select(_TRADE_COLUMNS).with_columns(pl.lit(run_id).alias("run_id"), pl.col("trade_id").cast(pl.UInt32))
-    equity = eq.select("ts", "equity", "drawdown", "exposure",
+    equity = eq.select("ts", "equity", "drawdown", "exposure", "margin",
                        pl.col("buy_hold") if "buy_hold" in eq.columns else pl.lit(None, pl.Float64).alias("buy_hold"))
     with _session(warehouse) as session:
         params_ = {"run_id": run_id}
@@ -74,5 +74,5 @@ def read_trades(warehouse: Warehouse, run_id: str) -> pl.DataFrame:
 
 
 def read_equity(warehouse: Warehouse, run_id: str) -> pl.DataFrame:
-    return warehouse.query_frame(f"SELECT ts, equity, drawdown, exposure, buy_hold FROM backtest_equity WHERE {_RUN} ORDER BY ts",
+    return warehouse.query_frame(f"SELECT ts, equity, drawdown, exposure, margin, buy_hold FROM backtest_equity WHERE {_RUN} ORDER BY ts",
                                  {"run_id": run_id})

@@ -283,7 +283,8 @@ MIGRATIONS: tuple[Migration, ...] = (
                 ts DateTime64(3, 'UTC') COMMENT 'bar open; equity marked at its close',
                 equity Float64,
                 drawdown Float64,
-                exposure Float64,
+                exposure Float64 COMMENT 'gross notional / equity',
+                margin Float64 COMMENT 'margin the positions held, account currency',
                 buy_hold Nullable(Float64)
             ) ENGINE = MergeTree
             ORDER BY (run_id, ts)
