@@ -215,24 +215,31 @@ class TradingEngine:
         quick = self.broker.bar_driven
         limits = self.risk.config.max_drawdown is not None or self.risk.config.max_daily_loss is not None
         base, q, avg = segments[0][1:]
+        # The state the skip test reads, in locals (reloaded after every full step).
         cur = float((q > 0) - (q < 0))
+        skip = quick and not st.working_market and self._unknown == 0
+        day_end, peak, floor, refused = self._day_end, self._peak, self._floor, st.refused
+        up_ask, dn_ask, up_bid, dn_bid = st.up_ask, st.dn_ask, st.up_bid, st.dn_bid
         for i in range(first, n):
-            if quick and not st.working_market and ts[i] < self._day_end and ha[i] < st.up_ask and la[i] > st.dn_ask \
-                    and hb[i] < st.up_bid and lb[i] > st.dn_bid and self._unknown == 0:
+            if skip and ts[i] < day_end and ha[i] < up_ask and la[i] > dn_ask and hb[i] < up_bid and lb[i] > dn_bid:
                 s = side[i]
-                if s != s or s == cur or s == st.refused:
+                if s != s or s == cur or s == refused:
                     if not limits:
                         continue
                     e = base + q * (close[i] - avg) * conv[i]
-                    if e > self._peak:
-                        self._peak = e
+                    if e > peak:
+                        self._peak = peak = e
                         self._update_floor()
+                        floor = self._floor
                         continue
-                    if e >= self._floor:
+                    if e >= floor:
                         continue
             self._step(st, block, i)
             base, q, avg = self._base(symbol), pos.units, pos.avg
             cur = float((q > 0) - (q < 0))
+            skip = quick and not st.working_market and self._unknown == 0
+            day_end, peak, floor, refused = self._day_end, self._peak, self._floor, st.refused
+            up_ask, dn_ask, up_bid, dn_bid = st.up_ask, st.dn_ask, st.up_bid, st.dn_bid
             if segments[-1][0] == i:
                 segments[-1] = (i, base, q, avg)
             else:
