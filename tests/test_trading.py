@@ -325,7 +325,9 @@ def test_on_bar_makes_the_same_decisions_as_the_block():
     for bar, signal in zip(bars.iter_rows(named=True), signals.iter_rows(named=True)):
         live.on_bar("EURUSD", bar, signal)
     assert _fingerprint(fast) == _fingerprint(live)
-    assert live.on_bar("EURUSD", bars.row(-1, named=True), {"side": 1.0})[-1].reason.startswith("1 bar(s) at or before")
+    replay = live.on_bar("EURUSD", bars.row(-1, named=True), {"side": 1.0})
+    assert replay.risk_events[-1].reason.startswith("1 bar(s) at or before") and not replay.orders and not replay.fills
+    assert live.reconcile() == {}
 
 
 def test_restore_mid_run_gives_the_uninterrupted_result():
@@ -500,8 +502,11 @@ def test_a_late_answer_keeps_the_order_submitted_until_the_event_comes():
     engine.on_bar("EURUSD", {"ts": T0, "open": 1.1, "high": 1.1, "low": 1.1, "close": 1.1}, {"side": 1.0})
     (order,) = engine.orders.values()
     assert order.state is OrderState.SUBMITTED
-    engine.on_bar("EURUSD", {"ts": T0 + H, "open": 1.1, "high": 1.1, "low": 1.1, "close": 1.1}, None)
+    report = engine.on_bar("EURUSD", {"ts": T0 + H, "open": 1.1, "high": 1.1, "low": 1.1, "close": 1.1}, None)
     assert [e for e, _ in order.history] == [OrderEvent.SUBMIT, OrderEvent.ACCEPT, OrderEvent.FILL]
+    assert report.orders == [order] and report.fills[0].client_id == order.client_id and engine.reconcile() == {}
+    engine.broker._pos["EURUSD"] = 0.0  # the broker says otherwise (a position closed by hand)
+    assert engine.reconcile() == {"EURUSD": (100_000.0, 0.0)}
 
 
 def test_drawdown_duration_from_peak_to_recovery():

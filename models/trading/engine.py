@@ -116,6 +116,15 @@ class BarBlock:
 
 
 @dataclass(slots=True)
+class StepReport:
+    """What one live bar did: for the runner to publish (signals, orders, fills, alerts)."""
+
+    risk_events: list[RiskEvent]
+    orders: list[Order]  # orders created or moved by this bar
+    fills: list[Fill]
+
+
+@dataclass(slots=True)
 class BlockResult:
     equity: np.ndarray  # account equity at each bar's close
     units: np.ndarray  # this symbol's position after each bar
@@ -168,11 +177,11 @@ class TradingEngine:
         self._update_floor()
 
     # -- driving it ------------------------------------------------------------------------
-    def on_bar(self, symbol: str, bar: Mapping, signal: Mapping | None = None, conv: float | None = None) -> list[RiskEvent]:
+    def on_bar(self, symbol: str, bar: Mapping, signal: Mapping | None = None, conv: float | None = None) -> StepReport:
         """One closed bar (live): ``bar`` has ``ts`` (open, datetime or ms), ``open, high, low,
         close`` and optionally ``bid_close, ask_close``; ``signal`` has ``side`` [,
         ``confidence``, ``prob``]; ``conv`` is the quote -> account rate for a cross pair.
-        Returns the decisions this bar made. A bar at or before the last one is refused."""
+        Returns what the bar did. A bar at or before the last one is refused (a risk event)."""
         st = self._state(symbol)
         frame = pl.DataFrame([{k: bar.get(k) for k in ("ts", "open", "high", "low", "close", "bid_close", "ask_close") if k in bar}])
         sig = None
@@ -186,9 +195,23 @@ class TradingEngine:
             if conv is None:
                 raise ValueError(f"{symbol} is a cross in a {self.config.account_currency} account: pass conv")
             rates = np.array([conv])
-        before = len(self.risk_events)
+        events, fills, known = len(self.risk_events), len(self.fills), len(self.orders)
+        moves = {cid: len(o.history) for cid, o in self.orders.items() if not o.is_terminal}
         self.run(symbol, BarBlock.build(frame, sig, st.spread, rates))
-        return self.risk_events[before:]
+        changed = [self.orders[cid] for cid, n in moves.items() if len(self.orders[cid].history) != n]
+        changed += list(self.orders.values())[known:]  # dicts keep insertion order
+        return StepReport(self.risk_events[events:], changed, self.fills[fills:])
+
+    def reconcile(self) -> dict[str, tuple[float, float]]:
+        """Settle orders the broker did not answer for, then compare positions with the
+        broker's: ``{symbol: (engine units, broker units)}`` for every difference (empty when
+        they agree). A live runner trades only once this is empty."""
+        if self._unknown:
+            self._resolve_unknown(max((s.last_ts for s in self._symbols.values()), default=0), "")
+        theirs = self.broker.positions()
+        ours = {s: p.units for s, p in self.portfolio.positions.items() if p.units}
+        return {s: (ours.get(s, 0.0), theirs.get(s, 0.0)) for s in set(ours) | set(theirs)
+                if abs(ours.get(s, 0.0) - theirs.get(s, 0.0)) > 1e-9}
 
     def run(self, symbol: str, block: BarBlock) -> BlockResult:
         """Process a block of bars of ``symbol`` in time order (see the module doc)."""
