@@ -100,6 +100,10 @@ def test_the_command_prints_the_summary_and_stores_the_run(loaded, monkeypatch, 
           "--param", "fast=50"], "fast < slow"),
         (["backtest", "--strategy", "sma_cross", "--symbols", "EURUSD", "--start", "2024-03-05", "--end", "2024-03-06",
           "--risk", "max_leverage=3"], "unknown risk settings"),
+        (["backtest", "--strategy", "sma_cross", "--symbols", "EURUSD", "--start", "2024-03-05", "--end", "2024-03-06",
+          "--risk", "risk_fraction=lots"], "risk setting risk_fraction='lots' is not a valid float"),
+        (["backtest", "--strategy", "sma_cross", "--symbols", "EURUSD", "--start", "2024-03-05", "--end", "2024-03-06",
+          "--risk", "max_drawdown=20"], "between 0 and 1"),
         (["backtest", "--strategy", "sma_cross", "--symbols", "EURUSD"], "--start is required"),
     ):
         assert main(argv) == 1

@@ -85,8 +85,14 @@ class BacktestSpec:
         known = {f.name for f in fields(FillConfig)}
         if set(self.fill) - known:
             raise ValueError(f"unknown fill settings {sorted(set(self.fill) - known)}; known: {sorted(known)}")
+        fill = {}
+        for key, value in self.fill.items():
+            try:
+                fill[key] = value if key == "use_bar_quotes" or value is None else float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"fill setting {key}={value!r} is not a number") from None
         config = BacktestConfig(initial_equity=self.initial_equity, account_currency=self.account_currency,
-                                risk=RiskConfig.from_dict(self.risk), fill=FillConfig(**self.fill))
+                                risk=RiskConfig.from_dict(self.risk), fill=FillConfig(**fill))
         return strategy, config
 
     def as_dict(self) -> dict[str, Any]:

@@ -60,6 +60,17 @@ class RiskConfig:
     breach_action: KillSwitch = KillSwitch.HALT
     flatten_on_breach: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("risk_fraction", "kelly_multiplier", "kelly_cap", "equity_fraction", "fixed_lots", "max_margin_usage"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"risk setting {name} must be positive, got {getattr(self, name)}")
+        for name in ("max_daily_loss", "max_drawdown"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise ValueError(f"risk setting {name} is a fraction between 0 and 1, got {value}")
+        if self.atr_period < 1:
+            raise ValueError(f"risk setting atr_period must be at least 1, got {self.atr_period}")
+
     def to_dict(self) -> dict:
         return {k: (v.value if isinstance(v, StrEnum) else v) for k, v in asdict(self).items()}
 
@@ -69,11 +80,28 @@ class RiskConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown risk settings {sorted(unknown)}; known: {sorted(known)}")
-        values = dict(data)
-        if "sizing" in values:
-            values["sizing"] = Sizing(values["sizing"])
-        if "breach_action" in values:
-            values["breach_action"] = KillSwitch(values["breach_action"])
+        values = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            value, kind = data[f.name], str(f.type)
+            try:
+                if value is None and "None" in kind:
+                    values[f.name] = None
+                elif f.name == "sizing":
+                    values[f.name] = Sizing(value)
+                elif f.name == "breach_action":
+                    values[f.name] = KillSwitch(value)
+                elif kind.startswith("bool"):
+                    if not isinstance(value, bool):
+                        raise ValueError
+                    values[f.name] = value
+                elif kind.startswith("int"):
+                    values[f.name] = int(value)
+                else:
+                    values[f.name] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"risk setting {f.name}={value!r} is not a valid {kind}") from None
         return cls(**values)
 
 
