@@ -64,9 +64,9 @@ def join_predictions(bars: pl.DataFrame, predictions: pl.DataFrame) -> tuple[pl.
     if missing or not {"prediction", "prob_up"} & set(predictions.columns):
         raise ValueError(f"predictions need symbol, ts and prediction or prob_up; got {predictions.columns}")
     keys = ["symbol", "ts"] + (["timeframe"] if "timeframe" in predictions.columns and "timeframe" in bars.columns else [])
-    dupes = predictions.select(keys).is_duplicated().sum()
+    dupes = predictions.height - predictions.select(keys).n_unique()
     if dupes:
-        raise ValueError(f"{dupes} predictions share a (symbol, timeframe, ts) with another")
+        raise ValueError(f"{dupes} predictions repeat a (symbol, timeframe, ts): share a key with another")
     preds = predictions.with_columns(pl.col("ts").cast(bars["ts"].dtype))
     if "close_ts" in preds.columns and "timeframe" in bars.columns:
         tf = Timeframe(bars["timeframe"][0])
