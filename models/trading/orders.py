@@ -140,8 +140,11 @@ class Order:
 
     def apply(self, event: OrderEvent, reason: str = "") -> OrderState:
         """Move along the transition table; raises :class:`IllegalTransition` otherwise."""
-        self.state = next_state(self.state, event)
-        self.history.append((event, self.state))
+        state = TRANSITIONS.get((self.state, event))
+        if state is None:
+            next_state(self.state, event)  # raises with the message
+        self.state = state
+        self.history.append((event, state))
         if reason and event in (OrderEvent.REJECT, OrderEvent.CANCEL, OrderEvent.EXPIRE):
             self.reason = reason
         return self.state
