@@ -7,6 +7,7 @@ import json
 import platform
 from pathlib import Path
 
+from benchmarks.backtest import bench_backtest
 from benchmarks.candles import bench_candles
 from benchmarks.features import bench_features
 from benchmarks.vendors import bench_vendors
@@ -23,6 +24,7 @@ def main() -> int:
         "warehouse": bench_warehouse(quick=args.quick),
         "features": bench_features(quick=args.quick),
         "vendors": bench_vendors(quick=args.quick),
+        "backtest": bench_backtest(quick=args.quick),
     }
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

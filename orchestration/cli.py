@@ -389,6 +389,76 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def _param(text: str) -> tuple[str, object]:
+    """``fast=12`` -> ("fast", 12): numbers become numbers, the rest stays text."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return key.strip(), yaml.safe_load(value)
+
+
+def _summary_table(run) -> str:
+    m = run.result.metrics
+    rows = [
+        ("total return", f"{m['total_return']:.2%}"), ("buy and hold", f"{m.get('buy_hold_return', float('nan')):.2%}"),
+        ("annual return", f"{m['annual_return']:.2%}"), ("annual volatility", f"{m['annual_volatility']:.2%}"),
+        ("Sharpe", f"{m['sharpe']:.2f}"), ("Sortino", f"{m['sortino']:.2f}"), ("Calmar", f"{m['calmar']:.2f}"),
+        ("max drawdown", f"{m['max_drawdown']:.2%} ({m['max_drawdown_days']:.1f} days)"),
+        ("trades", f"{m['trades']} closed, {m['open_trades']} open"), ("win rate", f"{m['win_rate']:.2%}"),
+        ("profit factor", f"{m['profit_factor']:.2f}"), ("expectancy", f"{m['expectancy']:,.2f}"),
+        ("avg R multiple", f"{m['avg_r_multiple']:.2f}"), ("SQN", f"{m['sqn']:.2f}"),
+        ("exposure", f"{m['exposure']:.2%}"), ("turnover", f"{m['turnover']:.1f}x equity"),
+        ("costs", f"{m['commission'] + m['spread_slippage']:,.2f} ({m['costs_pct']:.2%} of equity)"),
+        ("final equity", f"{m['final_equity']:,.2f}"), ("orders / rejections", f"{m['orders']} / {m['rejections']}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def cmd_backtest(args: argparse.Namespace) -> int:
+    """A spec of orchestration/backtests.yaml, or a registered strategy, over a window of the
+    warehouse's bars; prints the summary, stores the run and writes the tearsheet."""
+    from datetime import UTC, datetime
+
+    from assets.backtests import execute_backtest, load_specs, specs_path
+    from models.backtest.spec import BacktestSpec
+    from models.trading.strategy import STRATEGIES
+
+    specs = load_specs()
+    overrides = {k: v for k, v in {
+        "symbols": args.symbols, "timeframe": args.timeframe,
+        "start": args.start and args.start.isoformat(), "end": args.end and args.end.isoformat(),
+    }.items() if v}
+    if args.strategy in specs:
+        base = specs[args.strategy].as_dict()
+    elif args.strategy in STRATEGIES:
+        base = {"strategy": args.strategy, "timeframe": "M5"}
+    else:
+        raise ValueError(f"no strategy or spec {args.strategy!r}: specs in {specs_path()}: {', '.join(sorted(specs)) or 'none'}; "
+                         f"strategies: {', '.join(sorted(STRATEGIES))}")
+    data = {**base, **overrides}
+    if args.param:
+        data["params"] = {**data.get("params", {}), **dict(args.param)}
+    if args.risk:
+        data["risk"] = {**data.get("risk", {}), **dict(args.risk)}
+    for key in ("symbols", "start", "end"):
+        if key not in data:
+            raise ValueError(f"--{key} is required for strategy {args.strategy!r} (it has no spec)")
+    spec = BacktestSpec.from_dict(args.strategy, data)
+    strategy, _ = spec.build()
+    _print(f"tradeforge backtest {spec.name}: {strategy.describe()} on {', '.join(spec.symbols)} {spec.timeframe.value}, "
+           f"{spec.start:%Y-%m-%d} .. {spec.end:%Y-%m-%d}")
+    warehouse = _warehouse()
+    _print(f"  warehouse: {warehouse.describe()}")
+    run = execute_backtest(warehouse, spec, source="cli", progress=_print)
+    _print(f"summary ({run.result.equity.height:,} bars in {run.seconds:.1f}s, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC):")
+    _print(_summary_table(run))
+    _print(f"tearsheet: {run.tearsheet}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -443,6 +513,16 @@ def build_parser() -> argparse.ArgumentParser:
     features = commands.add_parser("features", help="the feature registry: version, catalog")
     features.add_argument("action", choices=["version", "catalog"])
     features.set_defaults(func=cmd_features)
+
+    bt = commands.add_parser("backtest", help="backtest a strategy spec (orchestration/backtests.yaml) or a registered strategy")
+    bt.add_argument("--strategy", required=True, help="a spec name, or a registered strategy (sma_cross, donchian_breakout)")
+    bt.add_argument("--symbols", nargs="+", type=str.upper, help="overrides the spec's symbols")
+    bt.add_argument("--start", type=date.fromisoformat, help="first UTC day (YYYY-MM-DD)")
+    bt.add_argument("--end", type=date.fromisoformat, help="UTC day after the last (YYYY-MM-DD)")
+    bt.add_argument("--timeframe", type=str.upper, help="M1 M5 M15 M30 H1 H4 D1 (default: the spec's, else M5)")
+    bt.add_argument("--param", type=_param, action="append", help="strategy parameter NAME=VALUE (repeatable)")
+    bt.add_argument("--risk", type=_param, action="append", help="risk setting NAME=VALUE (repeatable)")
+    bt.set_defaults(func=cmd_backtest)
 
     ui = commands.add_parser("ui", help="start the Dagster UI on this project's instance")
     ui.add_argument("--host", default="127.0.0.1")

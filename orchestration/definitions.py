@@ -13,6 +13,7 @@ from dagster import (
     schedule,
 )
 
+from assets.backtests import backtest
 from assets.external import (
     external_commodity_prices,
     external_economic_calendar,
@@ -74,7 +75,8 @@ def daily_calendar(context: ScheduleEvaluationContext):
 
 defs = Definitions(
     assets=[market_ticks, vendor_candles, aggregates, ml_features,
-            external_fred_indicators, external_commodity_prices, external_economic_calendar],
+            external_fred_indicators, external_commodity_prices, external_economic_calendar,
+            backtest],
     jobs=[ingest_market_data, ingest_fred, ingest_commodities, ingest_calendar],
     schedules=[daily_market_data, weekly_fred, daily_commodities, daily_calendar],
     sensors=[labels_follow_candles],

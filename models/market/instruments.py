@@ -1,4 +1,6 @@
-"""Instrument specifications: asset class, price scale, pip and point sizes, typical spread.
+"""Instrument specifications: asset class, price scale, pip and point sizes, typical spread,
+and the trading specification the engine sizes and accounts with (contract size, lot step,
+minimum and maximum lot, leverage, currencies).
 
 Known symbols carry measured-looking defaults; any other FX pair, metal or crypto pair is
 inferred from its name, so a user adds a symbol (a new partition) without writing code.
@@ -6,7 +8,7 @@ inferred from its name, so a user adds a symbol (a new partition) without writin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 
@@ -26,6 +28,13 @@ class Instrument:
     spread_pips: float  # typical spread in liquid hours
     annual_vol: float  # annualised volatility of log returns
     ticks_per_day: int  # mean quote updates on a full trading day
+    # Trading specification (MetaTrader's terms): units per lot, lot granularity and bounds,
+    # and the account leverage the broker grants (margin = notional / leverage).
+    contract_size: float = 100_000.0
+    lot_step: float = 0.01
+    min_lot: float = 0.01
+    max_lot: float = 100.0
+    leverage: float = 30.0
 
     def plausible_prices(self) -> tuple[float, float]:
         """The price range a quote of this instrument can plausibly have, wide enough for its
@@ -47,6 +56,20 @@ class Instrument:
             return coin, self.symbol[len(coin):]
         return self.symbol[:3], self.symbol[3:]
 
+    @property
+    def base_currency(self) -> str:
+        return self.currencies[0]
+
+    @property
+    def quote_currency(self) -> str:
+        """The currency prices and so PnL are in: JPY for USDJPY, GBP for EURGBP, USD for XAUUSD."""
+        return self.currencies[1]
+
+    @property
+    def spread(self) -> float:
+        """Typical spread in price units: the fill model's fallback where a bar has no bid/ask."""
+        return self.spread_pips * self.pip
+
 
 _PLAUSIBLE = {  # multiples of base_price
     AssetClass.FX: (0.1, 10.0),
@@ -64,6 +87,21 @@ _METALS = {"XAU": (2000.0, 2, 0.1, 2.5, 0.15), "XAG": (23.0, 3, 0.01, 2.5, 0.25)
 _CRYPTO = {"BTC": (42000.0, 0.6), "ETH": (2300.0, 0.7), "SOL": (100.0, 0.9), "XRP": (0.6, 0.8),
            "LTC": (70.0, 0.75), "ADA": (0.5, 0.8), "DOGE": (0.08, 0.9), "BNB": (300.0, 0.6)}
 
+# Retail-broker defaults per asset class: (contract size, lot step, min lot, max lot, leverage).
+_TRADING = {
+    AssetClass.FX: (100_000.0, 0.01, 0.01, 100.0, 30.0),
+    AssetClass.METAL: (100.0, 0.01, 0.01, 50.0, 20.0),
+    AssetClass.CRYPTO: (1.0, 0.01, 0.01, 100.0, 2.0),
+}
+
+
+def _with_trading_spec(spec: Instrument) -> Instrument:
+    contract, step, lo, hi, leverage = _TRADING[spec.asset_class]
+    if spec.symbol.startswith("XAG"):
+        contract = 5_000.0  # silver trades in lots of 5,000 oz
+    return replace(spec, contract_size=contract, lot_step=step, min_lot=lo, max_lot=hi, leverage=leverage)
+
+
 _KNOWN: dict[str, Instrument] = {
     "EURUSD": Instrument("EURUSD", AssetClass.FX, 1.08, 5, 1e-4, 0.2, 0.07, 90_000),
     "GBPUSD": Instrument("GBPUSD", AssetClass.FX, 1.27, 5, 1e-4, 0.4, 0.08, 80_000),
@@ -78,7 +116,10 @@ def instrument(symbol: str) -> Instrument:
 
     Raises ``ValueError`` for a name that is no FX pair, metal or crypto pair.
     """
-    symbol = symbol.upper()
+    return _with_trading_spec(_market_spec(symbol.upper()))
+
+
+def _market_spec(symbol: str) -> Instrument:
     if symbol in _KNOWN:
         return _KNOWN[symbol]
     base, quote = symbol[:3], symbol[3:]

@@ -52,6 +52,7 @@ PARTITIONED: dict[str, Partitioned] = {
         Partitioned("external_fred_indicators", "toString(week)", ("week",)),
         Partitioned("external_commodity_prices", "toString(date)", ("day",)),
         Partitioned("external_economic_calendar", _DAY.format("ts"), ("day",)),
+        *(Partitioned(table, "run_id", ("run_id",)) for table in ("backtest_runs", "backtest_trades", "backtest_equity")),
     )
 }
 

@@ -13,10 +13,13 @@ from clickhouse_connect.driver.client import Client
 
 from models.features.labels import LABEL_SCHEMA
 from models.features.registry import FEATURE_NAMES
-from resources.warehouse.commits import COMMITS_TABLE, PARTITIONED, hidden_columns_sql
+from resources.warehouse.commits import COMMITS_TABLE, hidden_columns_sql
 
 
 Step = str | Callable[[Client], None]
+# The tables migration 7 gives hidden columns in place (aggregates and ml_features are rebuilt by 8).
+_REPLACED_IN_PLACE = ("market_ticks", "market_ticks_quarantine", "vendor_candles", "vendor_candles_quarantine",
+                      "external_fred_indicators", "external_commodity_prices", "external_economic_calendar")
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,11 +247,10 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE vendor_candles ADD COLUMN IF NOT EXISTS timeframe LowCardinality(String) DEFAULT 'M1' "
             "COMMENT 'the bar interval the vendor served' AFTER symbol",
             "ALTER TABLE vendor_candles_quarantine ADD COLUMN IF NOT EXISTS timeframe LowCardinality(String) DEFAULT 'M1' AFTER symbol",
-            *(f"ALTER TABLE {table} {', '.join(hidden_columns_sql(table))}"
-              for table in PARTITIONED if table not in ("aggregates", "ml_features")),
+            *(f"ALTER TABLE {table} {', '.join(hidden_columns_sql(table))}" for table in _REPLACED_IN_PLACE),
             # what is stored already stays visible: batch 0 of every scope it fills
             *(f"INSERT INTO {COMMITS_TABLE} (table_name, scope, batch) SELECT '{table}', _scope, 0 FROM {table} GROUP BY _scope"
-              for table in PARTITIONED if table not in ("aggregates", "ml_features")),
+              for table in _REPLACED_IN_PLACE),
         ),
     ),
     Migration(
@@ -258,6 +260,80 @@ MIGRATIONS: tuple[Migration, ...] = (
         (
             lambda client: _rebuild(client, "aggregates", "ORDER BY (symbol, timeframe, ts)"),
             lambda client: _rebuild(client, "ml_features", "ORDER BY (symbol, timeframe, feature_set, ts)"),
+        ),
+    ),
+    Migration(
+        12,
+        "backtests: runs with their headline numbers, trades, equity per bar",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS backtest_runs (
+                run_id String COMMENT 'deterministic: the same spec and data window give the same id',
+                name LowCardinality(String) COMMENT 'the strategy spec (or strategy) it ran',
+                strategy LowCardinality(String),
+                params String COMMENT 'JSON',
+                symbols Array(String),
+                timeframe LowCardinality(String),
+                start DateTime('UTC'),
+                end DateTime('UTC'),
+                bars UInt64,
+                config String COMMENT 'JSON: risk and fill settings, initial equity, account currency',
+                initial_equity Float64,
+                final_equity Float64,
+                total_return Float64,
+                annual_return Float64,
+                sharpe Float64,
+                sortino Float64,
+                calmar Float64,
+                max_drawdown Float64,
+                win_rate Float64,
+                profit_factor Float64,
+                trades UInt32,
+                exposure Float64,
+                costs Float64 COMMENT 'commission, spread and slippage, account currency',
+                buy_hold_return Nullable(Float64),
+                metrics String COMMENT 'JSON: every metric',
+                tearsheet String COMMENT 'path of the HTML tearsheet',
+                source LowCardinality(String) COMMENT 'dagster or cli',
+                created_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = MergeTree
+            ORDER BY run_id
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS backtest_trades (
+                run_id String,
+                trade_id UInt32,
+                symbol LowCardinality(String),
+                side Int8,
+                qty Float64 COMMENT 'units',
+                entry_ts DateTime64(3, 'UTC'),
+                entry_price Float64,
+                exit_ts Nullable(DateTime64(3, 'UTC')) COMMENT 'null: still open at the end',
+                exit_price Nullable(Float64),
+                pnl Float64 COMMENT 'net of commissions, account currency',
+                gross_pnl Float64,
+                commission Float64,
+                return_pct Float64,
+                r_multiple Nullable(Float64),
+                exit_reason LowCardinality(String)
+            ) ENGINE = MergeTree
+            ORDER BY (run_id, trade_id)
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS backtest_equity (
+                run_id String,
+                ts DateTime64(3, 'UTC') COMMENT 'bar open; equity marked at its close',
+                equity Float64,
+                drawdown Float64,
+                exposure Float64 COMMENT 'gross notional / equity',
+                margin Float64 COMMENT 'margin the positions held, account currency',
+                buy_hold Nullable(Float64)
+            ) ENGINE = MergeTree
+            ORDER BY (run_id, ts)
+            """,
+            # a run replaces its rows in the three tables at once (see resources/warehouse/commits.py)
+            *(f"ALTER TABLE {table} {', '.join(hidden_columns_sql(table))}"
+              for table in ("backtest_runs", "backtest_trades", "backtest_equity")),
         ),
     ),
 )

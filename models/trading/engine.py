@@ -1,0 +1,616 @@
+"""The trading engine: one object that the backtest and the live runner drive bar by bar.
+
+Per bar of a symbol, in this order: the broker reports what happened during the bar (fills at
+the open, stops and targets inside it); the account is marked at the close; the daily-loss
+and drawdown limits are checked (they trip the kill switch); then the strategy's signal for
+the bar goes through the risk model and becomes orders, sent at the close to fill at the next
+bar's open. ``on_bar`` takes one bar (live); ``run`` takes a block of bars of one symbol
+(backtest) and runs the very same step on each, except that it skips, without changing any
+state, the bars on which nothing can happen: no order waiting, no stop or limit within the
+bar's range, no signal that differs from the position, no new day, equity inside its limits.
+A test holds a block run equal to bar-by-bar calls.
+
+The state (positions, orders, last bar, counters) is a plain dict: ``snapshot`` / ``restore``
+let a crashed runner continue where it stopped, and a replayed bar is refused, not redone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import polars as pl
+
+from models.market.instruments import Instrument
+from models.market.timeframes import DayBoundary
+from models.trading.broker import AckStatus, BrokerEvent, BrokerPort, BrokerTimeout, Fill
+from models.trading.currency import ConvMode, conversion_mode
+from models.trading.fills import half_spreads
+from models.trading.orders import (
+    WORKING,
+    IllegalTransition,
+    Order,
+    OrderEvent,
+    OrderState,
+    OrderType,
+    Side,
+    client_order_id,
+)
+from models.trading.portfolio import Portfolio
+from models.trading.risk import EntryContext, KillSwitch, RiskModel, mean_true_range, true_ranges
+
+_INF = math.inf
+_SIDE = {1: Side.BUY, -1: Side.SELL}  # an Enum call costs microseconds; a lookup does not
+_EXIT_REASONS = {"exit": "signal", "sl": "stop_loss", "tp": "take_profit", "flatten": "kill_switch"}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    strategy: str  # the name client order ids are derived from
+    initial_equity: float = 100_000.0
+    account_currency: str = "USD"
+    day_boundary: DayBoundary = DayBoundary.UTC  # when the daily-loss limit starts a new day
+
+
+@dataclass(slots=True)  # a record: not frozen, frozen ones cost 5x to build on the order path
+class RiskEvent:
+    ts: int  # ms, open of the bar being processed
+    symbol: str
+    kind: str  # entry, exit, kill_switch, broker, order
+    approved: bool
+    reason: str
+    client_id: str = ""
+    qty: float = 0.0
+
+
+@dataclass(slots=True)
+class BarBlock:
+    """Bars of one symbol as arrays, with their signals and conversion rates."""
+
+    ts: np.ndarray  # int64 ms, bar open
+    open: np.ndarray
+    high: np.ndarray
+    low: np.ndarray
+    close: np.ndarray
+    half_spread: np.ndarray
+    conv: np.ndarray  # quote -> account, known at each close
+    side: np.ndarray  # NaN: no decision
+    confidence: np.ndarray
+    prob: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    @classmethod
+    def build(cls, bars: pl.DataFrame, signals: pl.DataFrame | None, spread: float, conv: np.ndarray | None = None,
+              use_bar_quotes: bool = True) -> BarBlock:
+        """From a bars frame (``ts, open, high, low, close`` [+ ``bid_close, ask_close``]) and a
+        signals frame of the same length (see :mod:`models.trading.strategy`)."""
+        n = bars.height
+        ts = bars["ts"]
+        ts_ms = ts.dt.epoch("ms").to_numpy() if ts.dtype.is_temporal() else ts.to_numpy()
+        f64 = {c: bars[c].cast(pl.Float64).to_numpy() for c in ("open", "high", "low", "close")}
+        quotes = [bars[c].cast(pl.Float64).fill_null(np.nan).to_numpy() if c in bars.columns else None
+                  for c in ("bid_close", "ask_close")]
+        if signals is None:
+            side, confidence, prob = np.full(n, np.nan), np.ones(n), np.full(n, np.nan)
+        else:
+            if signals.height != n:
+                raise ValueError(f"signals have {signals.height} rows for {n} bars")
+            side, confidence, prob = (signals[c].cast(pl.Float64).fill_null(np.nan).to_numpy() for c in ("side", "confidence", "prob"))
+            confidence = np.nan_to_num(confidence, nan=1.0)
+        return cls(
+            ts=np.ascontiguousarray(ts_ms, dtype=np.int64), **f64,
+            half_spread=half_spreads(quotes[0], quotes[1], n, spread, use_bar_quotes),
+            conv=np.ones(n) if conv is None else np.asarray(conv, dtype=np.float64),
+            side=side, confidence=confidence, prob=prob,
+        )
+
+    def slice(self, start: int, stop: int) -> BarBlock:
+        return BarBlock(*(getattr(self, f)[start:stop] for f in self.__dataclass_fields__))
+
+
+@dataclass(slots=True)
+class StepReport:
+    """What one live bar did: for the runner to publish (signals, orders, fills, alerts)."""
+
+    risk_events: list[RiskEvent]
+    orders: list[Order]  # orders created or moved by this bar
+    fills: list[Fill]
+
+
+@dataclass(slots=True)
+class BlockResult:
+    equity: np.ndarray  # account equity at each bar's close
+    units: np.ndarray  # this symbol's position after each bar
+    processed: int  # bars processed (a replayed bar is not)
+
+
+@dataclass(slots=True)
+class _SymbolState:
+    symbol: str
+    spec: Instrument
+    conv_mode: ConvMode
+    spread: float  # configured spread, where a bar has no quotes
+    last_ts: int = -1
+    last_close: float = math.nan
+    last_conv: float = math.nan
+    tail: list = field(default_factory=list)  # true ranges of the last bars (for the ATR)
+    refused: float = math.nan  # a side the kill switch refused: not asked again until something changes
+    live: set = field(default_factory=set)  # ids of this symbol's orders not yet terminal
+    working_market: int = 0
+    up_ask: float = _INF  # lowest buy stop: triggers when the ask reaches it
+    dn_ask: float = -_INF  # highest buy limit
+    up_bid: float = _INF  # lowest sell limit
+    dn_bid: float = -_INF  # highest sell stop
+
+
+class TradingEngine:
+    def __init__(self, config: EngineConfig, risk: RiskModel, broker: BrokerPort,
+                 instruments: Mapping[str, Instrument], spreads: Mapping[str, float] | None = None) -> None:
+        self.config = config
+        self.risk = risk
+        self.broker = broker
+        self.portfolio = Portfolio(config.initial_equity)
+        self.orders: dict[str, Order] = {}
+        self.fills: list[Fill] = []
+        self.risk_events: list[RiskEvent] = []
+        self.kill = KillSwitch.OFF
+        self.kill_reason = ""
+        self._fill_ids: set[str] = set()
+        self._order_times: deque[int] = deque()
+        self._peak = config.initial_equity
+        self._day_ref = config.initial_equity
+        self._day_end = -1  # the first bar starts a day
+        self._floor = -_INF
+        self._unknown = 0
+        self.steps = 0  # bars that took the full step (the others could not change anything)
+        self._symbols: dict[str, _SymbolState] = {}
+        for symbol, spec in instruments.items():
+            spread = (spreads or {}).get(symbol, spec.spread)
+            self._symbols[symbol] = _SymbolState(symbol, spec, conversion_mode(spec, config.account_currency), spread)
+        self._update_floor()
+
+    # -- driving it ------------------------------------------------------------------------
+    def on_bar(self, symbol: str, bar: Mapping, signal: Mapping | None = None, conv: float | None = None) -> StepReport:
+        """One closed bar (live): ``bar`` has ``ts`` (open, datetime or ms), ``open, high, low,
+        close`` and optionally ``bid_close, ask_close``; ``signal`` has ``side`` [,
+        ``confidence``, ``prob``]; ``conv`` is the quote -> account rate for a cross pair.
+        Returns what the bar did. A bar at or before the last one is refused (a risk event)."""
+        st = self._state(symbol)
+        frame = pl.DataFrame([{k: bar.get(k) for k in ("ts", "open", "high", "low", "close", "bid_close", "ask_close") if k in bar}])
+        sig = None
+        if signal is not None:
+            sig = pl.DataFrame({"side": [signal.get("side")], "confidence": [signal.get("confidence", 1.0)],
+                                "prob": [signal.get("prob")]}, schema={"side": pl.Float64, "confidence": pl.Float64, "prob": pl.Float64})
+        rates = None
+        if st.conv_mode is ConvMode.INVERSE:
+            rates = np.array([1.0 / float(bar["close"])])
+        elif st.conv_mode is ConvMode.CROSS:
+            if conv is None:
+                raise ValueError(f"{symbol} is a cross in a {self.config.account_currency} account: pass conv")
+            rates = np.array([conv])
+        events, fills, known = len(self.risk_events), len(self.fills), len(self.orders)
+        moves = {cid: len(o.history) for cid, o in self.orders.items() if not o.is_terminal}
+        self.run(symbol, BarBlock.build(frame, sig, st.spread, rates))
+        changed = [self.orders[cid] for cid, n in moves.items() if len(self.orders[cid].history) != n]
+        changed += list(self.orders.values())[known:]  # dicts keep insertion order
+        return StepReport(self.risk_events[events:], changed, self.fills[fills:])
+
+    def reconcile(self) -> dict[str, tuple[float, float]]:
+        """Settle orders the broker did not answer for, then compare positions with the
+        broker's: ``{symbol: (engine units, broker units)}`` for every difference (empty when
+        they agree). A live runner trades only once this is empty."""
+        if self._unknown:
+            self._resolve_unknown(max((s.last_ts for s in self._symbols.values()), default=0), "")
+        theirs = self.broker.positions()
+        ours = {s: p.units for s, p in self.portfolio.positions.items() if p.units}
+        return {s: (ours.get(s, 0.0), theirs.get(s, 0.0)) for s in set(ours) | set(theirs)
+                if abs(ours.get(s, 0.0) - theirs.get(s, 0.0)) > 1e-9}
+
+    def run(self, symbol: str, block: BarBlock) -> BlockResult:
+        """Process a block of bars of ``symbol`` in time order (see the module doc)."""
+        st = self._state(symbol)
+        n = len(block)
+        ts = block.ts.tolist()
+        first = 0
+        while first < n and ts[first] <= st.last_ts:
+            first += 1  # already processed: a replay after a restart
+        if first:
+            self.risk_events.append(RiskEvent(ts[first - 1], symbol, "bar", False,
+                                              f"{first} bar(s) at or before the last processed bar refused"))
+        if first == n:
+            return BlockResult(np.full(n, np.nan), np.full(n, np.nan), 0)
+        hs = block.half_spread
+        close, conv, side = block.close.tolist(), block.conv.tolist(), block.side.tolist()
+        prev = block.close[first - 1] if first else st.last_close
+        self._ranges = st.tail + true_ranges(block.high[first:], block.low[first:], block.close[first:], prev).tolist()
+        self._offset = len(st.tail) - first  # block index i -> self._ranges[i + offset]
+        ha, la = (block.high + hs).tolist(), (block.low + hs).tolist()
+        hb, lb = (block.high - hs).tolist(), (block.low - hs).tolist()
+        pos = self.portfolio.position(symbol)
+        segments = [(first, self._base(symbol), pos.units, pos.avg)]
+        quick = self.broker.bar_driven
+        limits = self.risk.config.max_drawdown is not None or self.risk.config.max_daily_loss is not None
+        base, q, avg = segments[0][1:]
+        # The state the skip test reads, in locals (reloaded after every full step).
+        cur = float((q > 0) - (q < 0))
+        skip = quick and not st.working_market and self._unknown == 0
+        day_end, peak, floor, refused = self._day_end, self._peak, self._floor, st.refused
+        up_ask, dn_ask, up_bid, dn_bid = st.up_ask, st.dn_ask, st.up_bid, st.dn_bid
+        for i in range(first, n):
+            if skip and ts[i] < day_end and ha[i] < up_ask and la[i] > dn_ask and hb[i] < up_bid and lb[i] > dn_bid:
+                s = side[i]
+                if s != s or s == cur or s == refused:
+                    if not limits:
+                        continue
+                    e = base + q * (close[i] - avg) * conv[i]
+                    if e > peak:
+                        self._peak = peak = e
+                        self._update_floor()
+                        floor = self._floor
+                        continue
+                    if e >= floor:
+                        continue
+            self._step(st, block, i)
+            base, q, avg = self._base(symbol), pos.units, pos.avg
+            cur = float((q > 0) - (q < 0))
+            skip = quick and not st.working_market and self._unknown == 0
+            day_end, peak, floor, refused = self._day_end, self._peak, self._floor, st.refused
+            up_ask, dn_ask, up_bid, dn_bid = st.up_ask, st.dn_ask, st.up_bid, st.dn_bid
+            if segments[-1][0] == i:
+                segments[-1] = (i, base, q, avg)
+            else:
+                segments.append((i, base, q, avg))
+        # Leave the symbol's state as after its last bar.
+        st.last_ts, st.last_close, st.last_conv = ts[-1], close[-1], conv[-1]
+        st.tail = self._ranges[-self.risk.config.atr_period:]
+        equity, units = np.full(n, np.nan), np.full(n, np.nan)
+        bounds = [s[0] for s in segments[1:]] + [n]
+        for (start, b, qq, aa), stop in zip(segments, bounds):
+            equity[start:stop] = b + qq * (block.close[start:stop] - aa) * block.conv[start:stop]
+            units[start:stop] = qq
+        return BlockResult(equity, units, n - first)
+
+    # -- one bar ---------------------------------------------------------------------------
+    def _step(self, st: _SymbolState, block: BarBlock, i: int) -> None:
+        self.steps += 1
+        symbol = st.symbol
+        ts = int(block.ts[i])
+        pos = self.portfolio.position(symbol)
+        prev_close = float(block.close[i - 1]) if i > 0 else st.last_close
+        prev_conv = float(block.conv[i - 1]) if i > 0 else st.last_conv
+        if ts >= self._day_end:
+            # A new day: its loss is measured from the equity at the last close before it.
+            marked = pos.units * (prev_close - pos.avg) * prev_conv if pos.units else 0.0
+            self._day_ref = self._base(symbol) + marked
+            self._day_end = _next_day_end(ts, self.config.day_boundary)
+            if self.kill is not KillSwitch.OFF and self.kill_reason.startswith("daily loss"):
+                self._record(ts, symbol, "kill_switch", True, "daily loss limit lifted: a new day")
+                self.kill, self.kill_reason = KillSwitch.OFF, ""
+                for other in self._symbols.values():
+                    other.refused = math.nan
+            self._update_floor()
+        if self._unknown:
+            self._resolve_unknown(ts, symbol)
+        conv_known = prev_conv if prev_conv == prev_conv else float(block.conv[i])
+        events = self.broker.advance(symbol, ts, float(block.open[i]), float(block.high[i]), float(block.low[i]),
+                                     float(block.close[i]), float(block.half_spread[i]), conv_known)
+        if events:
+            self.on_broker_events(events, ts, symbol)
+        # Mark at the close and watch the account's limits.
+        st.last_close, st.last_conv, st.last_ts = float(block.close[i]), float(block.conv[i]), ts
+        equity = self._base(symbol) + pos.units * (st.last_close - pos.avg) * st.last_conv
+        if equity > self._peak:
+            self._peak = equity
+            self._update_floor()
+        if equity < self._floor:
+            self._breach(equity, ts, symbol)
+        s = float(block.side[i])
+        cur = (pos.units > 0) - (pos.units < 0)
+        if s == s and s != cur and s != st.refused:
+            self._decide(st, block, i, int(s), ts)
+
+    def _decide(self, st: _SymbolState, block: BarBlock, i: int, side: int, ts: int) -> None:
+        symbol = st.symbol
+        pos = self.portfolio.position(symbol)
+        if any(self.orders[o].type is OrderType.MARKET for o in st.live):
+            self._record(ts, symbol, "entry" if side else "exit", False, "an order of this symbol is still working")
+            return
+        cur = (pos.units > 0) - (pos.units < 0)
+        if cur:
+            decision = self.risk.evaluate_exit(self.kill)
+            exit_id = client_order_id(self.config.strategy, symbol, ts, "exit")
+            self._record(ts, symbol, "exit", decision.approved, decision.reason, exit_id, abs(pos.units))
+            if not decision.approved:
+                st.refused = float(side)  # the kill switch: refused until it or the position changes
+                return
+            self._submit(Order(exit_id, symbol, _SIDE[-cur], OrderType.MARKET, abs(pos.units), "exit", ts,
+                               reduce_only=True, reason="signal"), st, ts)
+        if side == 0:
+            return
+        close = float(block.close[i])
+        conv = float(block.conv[i])
+        atr = mean_true_range(self._ranges, self.risk.config.atr_period, i + 1 + self._offset)
+        prob = float(block.prob[i])
+        # Other symbols count with their positions and their entries still on the way.
+        notional = margin = 0.0
+        open_elsewhere = 0
+        for s, o in self._symbols.items():
+            if s == symbol:
+                continue
+            units = abs(self.portfolio.position(s).units) if s in self.portfolio.positions else 0.0
+            units += sum(self.orders[c].remaining for c in o.live if not self.orders[c].reduce_only)
+            if units:
+                value = units * o.last_close * o.last_conv
+                notional += value
+                margin += value / o.spec.leverage
+                open_elsewhere += 1
+        while self._order_times and self._order_times[0] <= ts - self.risk.config.order_window_minutes * 60_000:
+            self._order_times.popleft()
+        ctx = EntryContext(symbol, side, close, conv, atr, self.equity(), float(block.confidence[i]),
+                           prob if prob == prob else None, notional, margin, open_elsewhere, len(self._order_times), self.kill)
+        decision = self.risk.evaluate_entry(ctx, st.spec)
+        entry_id = client_order_id(self.config.strategy, symbol, ts, "entry")
+        self._record(ts, symbol, "entry", decision.approved, decision.reason, entry_id, decision.qty)
+        if not decision.approved:
+            if self.kill is not KillSwitch.OFF:
+                st.refused = float(side)
+            return
+        entry = Order(entry_id, symbol, _SIDE[side], OrderType.MARKET, decision.qty, "entry", ts,
+                      stop_loss=decision.stop, take_profit=decision.target, reason=decision.reason)
+        if not self._submit(entry, st, ts):
+            return
+        for intent, level, kind in (("sl", decision.stop, OrderType.STOP), ("tp", decision.target, OrderType.LIMIT)):
+            if level is not None:
+                self._submit(Order(client_order_id(self.config.strategy, symbol, ts, intent), symbol, _SIDE[-side], kind,
+                                   decision.qty, intent, ts, price=level, reduce_only=True, parent_id=entry_id), st, ts)
+
+    # -- orders and broker events ----------------------------------------------------------
+    def _submit(self, order: Order, st: _SymbolState, ts: int) -> bool:
+        if order.client_id in self.orders:
+            self._record(ts, order.symbol, "order", False, f"decision replayed: order {order.client_id} already exists, not sent again",
+                         order.client_id)
+            return False
+        self.orders[order.client_id] = order
+        order.apply(OrderEvent.SUBMIT)
+        st.live.add(order.client_id)
+        if order.parent_id is None:
+            self._order_times.append(ts)
+        try:
+            ack = self.broker.submit(order)
+        except BrokerTimeout as exc:
+            order.apply(OrderEvent.TIMEOUT)
+            self._unknown += 1
+            self._record(ts, order.symbol, "broker", False, f"no answer to {order.client_id} ({exc}): state unknown until the broker is asked",
+                         order.client_id)
+            self._refresh(st)
+            return True
+        if ack.status is AckStatus.ACCEPTED:
+            order.apply(OrderEvent.ACCEPT)
+        elif ack.status is AckStatus.REJECTED:
+            order.apply(OrderEvent.REJECT, ack.reason)
+            self._record(ts, order.symbol, "broker", False, f"broker rejected {order.client_id}: {ack.reason}", order.client_id)
+        self._refresh(st)
+        return order.state is not OrderState.REJECTED
+
+    def on_broker_events(self, events: list[BrokerEvent], ts: int | None = None, symbol: str | None = None) -> None:
+        """Apply what the broker reported. A duplicate fill is ignored; an event the order's
+        state does not allow is recorded, never applied."""
+        touched = set()
+        for event in events:
+            order = self.orders.get(event.client_id)
+            when = event.ts if event.ts >= 0 else (ts or 0)
+            if order is None:
+                self._record(when, symbol or "", "broker", False, f"event {event.kind.value} for unknown order {event.client_id}",
+                             event.client_id)
+                continue
+            touched.add(order.symbol)
+            try:
+                if event.kind is OrderEvent.FILL:
+                    self._on_fill(order, event.fill)
+                else:
+                    order.apply(event.kind, event.reason)
+            except IllegalTransition as exc:
+                self._record(when, order.symbol, "order", False, f"{order.client_id}: {exc}", order.client_id)
+        for s in touched:
+            self._refresh(self._symbols[s])
+
+    def _on_fill(self, order: Order, fill: Fill) -> None:
+        if fill.fill_id in self._fill_ids:
+            return
+        self._fill_ids.add(fill.fill_id)
+        equity = self.equity()
+        stop = order.stop_loss if order.intent == "entry" else None
+        self.portfolio.apply_fill(fill, equity, stop, _EXIT_REASONS.get(order.intent, order.intent))
+        self._symbols[order.symbol].refused = math.nan  # the position changed: ask again
+        self.fills.append(fill)
+        order.add_fill(fill.qty, fill.price, complete=order.reduce_only and self.portfolio.position(order.symbol).units == 0)
+
+    def _refresh(self, st: _SymbolState) -> None:
+        """Recount this symbol's working orders and the price levels that can trigger one."""
+        st.working_market = 0
+        st.up_ask = st.up_bid = _INF
+        st.dn_ask = st.dn_bid = -_INF
+        for cid in list(st.live):
+            order = self.orders[cid]
+            if order.state not in WORKING and order.state is not OrderState.NEW:
+                st.live.discard(cid)
+                continue
+            if order.type is OrderType.MARKET:
+                st.working_market += 1
+                continue
+            if order.parent_id is not None and self.orders[order.parent_id].state is not OrderState.FILLED:
+                continue
+            level = order.price
+            if order.side > 0:
+                if order.type is OrderType.STOP:
+                    st.up_ask = min(st.up_ask, level)
+                else:
+                    st.dn_ask = max(st.dn_ask, level)
+            elif order.type is OrderType.STOP:
+                st.dn_bid = max(st.dn_bid, level)
+            else:
+                st.up_bid = min(st.up_bid, level)
+        if self._unknown:
+            self._unknown = sum(1 for o in self.orders.values() if o.state is OrderState.UNKNOWN)
+
+    def _resolve_unknown(self, ts: int, symbol: str) -> None:
+        """Ask the broker about every order it did not answer for; never resend one."""
+        for order in [o for o in self.orders.values() if o.state is OrderState.UNKNOWN]:
+            try:
+                status = self.broker.order_status(order.client_id)
+            except BrokerTimeout:
+                continue
+            if status is None:
+                order.apply(OrderEvent.REJECT, "the broker never received it")
+                self._record(ts, order.symbol, "broker", False, f"{order.client_id} was not placed: the broker never received it",
+                             order.client_id)
+            else:
+                kind = {OrderState.REJECTED: OrderEvent.REJECT, OrderState.CANCELLED: OrderEvent.CANCEL,
+                        OrderState.EXPIRED: OrderEvent.EXPIRE}.get(status.state, OrderEvent.ACCEPT)
+                order.apply(kind, status.reason)
+                self._record(ts, order.symbol, "broker", True, f"{order.client_id} settled by asking the broker: {status.state.value}",
+                             order.client_id)
+            self._refresh(self._symbols[order.symbol])
+        self._unknown = sum(1 for o in self.orders.values() if o.state is OrderState.UNKNOWN)
+
+    # -- the kill switch -------------------------------------------------------------------
+    def set_kill_switch(self, mode: KillSwitch, reason: str = "manual", flatten: bool = False) -> None:
+        """Halt, reduce-only or off; ``flatten`` also closes every position at the next open
+        and cancels working entry orders. Protective stops stay at the broker."""
+        ts = max((s.last_ts for s in self._symbols.values()), default=0)
+        self.kill, self.kill_reason = mode, reason if mode is not KillSwitch.OFF else ""
+        for st in self._symbols.values():
+            st.refused = math.nan
+        self._record(ts, "", "kill_switch", mode is KillSwitch.OFF, f"kill switch {mode.value}: {reason}")
+        self._update_floor()
+        if flatten:
+            for symbol, st in self._symbols.items():
+                pos = self.portfolio.position(symbol)
+                for cid in list(st.live):
+                    order = self.orders[cid]
+                    if not order.reduce_only and order.state in (OrderState.ACCEPTED, OrderState.SUBMITTED):
+                        order.apply(OrderEvent.CANCEL_REQUEST)
+                        try:
+                            self.broker.cancel(cid)  # the outcome comes back as an event
+                        except BrokerTimeout:
+                            order.apply(OrderEvent.TIMEOUT)
+                            self._unknown += 1
+                if pos.units:
+                    side = Side(-1 if pos.units > 0 else 1)
+                    cid = client_order_id(self.config.strategy, symbol, st.last_ts, "flatten")
+                    self._record(st.last_ts, symbol, "exit", True, f"flatten: {reason}", cid, abs(pos.units))
+                    self._submit(Order(cid, symbol, side, OrderType.MARKET, abs(pos.units), "flatten", st.last_ts,
+                                       reduce_only=True, reason=reason), st, st.last_ts)
+
+    def _breach(self, equity: float, ts: int, symbol: str) -> None:
+        c = self.risk.config
+        if c.max_drawdown is not None and equity < self._peak * (1 - c.max_drawdown):
+            reason = f"drawdown limit: equity {equity:,.2f} is {1 - equity / self._peak:.2%} below the peak {self._peak:,.2f} (limit {c.max_drawdown:.2%})"
+        else:
+            reason = (f"daily loss limit: equity {equity:,.2f} is {1 - equity / self._day_ref:.2%} below the day's start "
+                      f"{self._day_ref:,.2f} (limit {c.max_daily_loss:.2%})")
+        self._record(ts, symbol, "limit", False, reason)
+        self.set_kill_switch(c.breach_action, reason, flatten=c.flatten_on_breach)
+
+    def _update_floor(self) -> None:
+        c = self.risk.config
+        floor = -_INF
+        if self.kill is KillSwitch.OFF:
+            if c.max_drawdown is not None:
+                floor = max(floor, self._peak * (1 - c.max_drawdown))
+            if c.max_daily_loss is not None:
+                floor = max(floor, self._day_ref * (1 - c.max_daily_loss))
+        self._floor = floor
+
+    # -- account ---------------------------------------------------------------------------
+    def _state(self, symbol: str) -> _SymbolState:
+        try:
+            return self._symbols[symbol]
+        except KeyError:
+            raise ValueError(f"the engine does not trade {symbol}; it knows {sorted(self._symbols)}") from None
+
+    def _base(self, symbol: str) -> float:
+        """Balance plus the other symbols' unrealised PnL at their last marks."""
+        base = self.portfolio.balance
+        for s, p in self.portfolio.positions.items():
+            if s != symbol and p.units:
+                o = self._symbols[s]
+                base += p.units * (o.last_close - p.avg) * o.last_conv
+        return base
+
+    def equity(self) -> float:
+        """Balance plus every position marked at its symbol's last close."""
+        equity = self.portfolio.balance
+        for s, p in self.portfolio.positions.items():
+            if p.units:
+                o = self._symbols[s]
+                equity += p.units * (o.last_close - p.avg) * o.last_conv
+        return equity
+
+    def _record(self, ts: int, symbol: str, kind: str, approved: bool, reason: str, client_id: str = "", qty: float = 0.0) -> None:
+        self.risk_events.append(RiskEvent(ts, symbol, kind, approved, reason, client_id, qty))
+
+    # -- state -----------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Everything needed to continue exactly where this engine is (JSON-serialisable)."""
+        return {
+            "config": {**asdict(self.config), "day_boundary": self.config.day_boundary.value},
+            "portfolio": self.portfolio.snapshot(),
+            "orders": [o.to_dict() for o in self.orders.values()],
+            "fills": [f.to_dict() for f in self.fills],
+            "risk_events": [asdict(e) for e in self.risk_events],
+            "kill": self.kill.value, "kill_reason": self.kill_reason,
+            "order_times": list(self._order_times),
+            "peak": self._peak, "day_ref": self._day_ref, "day_end": self._day_end,
+            "symbols": {s: {"last_ts": st.last_ts, "last_close": _nan_to_none(st.last_close),
+                            "last_conv": _nan_to_none(st.last_conv), "tail": list(st.tail), "live": sorted(st.live),
+                            "refused": _nan_to_none(st.refused)}
+                        for s, st in self._symbols.items()},
+        }
+
+    def restore(self, state: dict) -> None:
+        """Continue from :meth:`snapshot` (on an engine built with the same configuration)."""
+        if state["config"]["strategy"] != self.config.strategy:
+            raise ValueError(f"snapshot of strategy {state['config']['strategy']!r}, engine of {self.config.strategy!r}")
+        self.portfolio = Portfolio.restore(state["portfolio"])
+        self.orders = {d["client_id"]: Order.from_dict(d) for d in state["orders"]}
+        self.fills = [Fill(**{**d, "side": Side(d["side"])}) for d in state["fills"]]
+        self._fill_ids = {f.fill_id for f in self.fills}
+        self.risk_events = [RiskEvent(**d) for d in state["risk_events"]]
+        self.kill, self.kill_reason = KillSwitch(state["kill"]), state["kill_reason"]
+        self._order_times = deque(state["order_times"])
+        self._peak, self._day_ref, self._day_end = state["peak"], state["day_ref"], state["day_end"]
+        for s, d in state["symbols"].items():
+            st = self._state(s)
+            st.last_ts = d["last_ts"]
+            st.last_close = math.nan if d["last_close"] is None else d["last_close"]
+            st.last_conv = math.nan if d["last_conv"] is None else d["last_conv"]
+            st.tail = list(d["tail"])
+            st.refused = math.nan if d["refused"] is None else d["refused"]
+            st.live = set(d["live"])
+            self._refresh(st)
+        self._unknown = sum(1 for o in self.orders.values() if o.state is OrderState.UNKNOWN)
+        self._update_floor()
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x != x else x
+
+
+def _next_day_end(ts_ms: int, boundary: DayBoundary) -> int:
+    moment = datetime.fromtimestamp(ts_ms / 1000, UTC)
+    if boundary is DayBoundary.UTC:
+        start = datetime(moment.year, moment.month, moment.day, tzinfo=UTC)
+        return int((start + timedelta(days=1)).timestamp() * 1000)
+    local = moment.astimezone(ZoneInfo("America/New_York"))
+    end = local.replace(hour=17, minute=0, second=0, microsecond=0)
+    if local >= end:
+        end = (end + timedelta(days=1)).replace(hour=17)
+    return int(end.timestamp() * 1000)
