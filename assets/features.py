@@ -105,6 +105,7 @@ def ml_features(
         require_upstream(context, "aggregates", symbol, days)
         parts = list(chunks(days, days_per_chunk))
         cuts_per_chunk = -(-_LOOKAHEAD_CUTS // len(parts))
+        first_batch = 0
         for chunk in parts:
             start, end = day_start(chunk[0]), day_start(chunk[-1]) + timedelta(days=1)
             with warehouse.session() as session:
@@ -140,10 +141,14 @@ def ml_features(
                     offenders[f"{tf.value}:{name}"] = max(diff, offenders.get(f"{tf.value}:{name}", 0.0))
             written = pl.concat(frames) if frames else None
             with warehouse.session() as session:
-                session.replace(feature_writes(symbol, version, chunk, written if written is not None else _empty_rows()))
+                batch = session.replace(feature_writes(symbol, version, chunk, written if written is not None else _empty_rows()),
+                                        cleanup=False)
+                first_batch = first_batch or batch
             external_rows += external.values.height if external.values is not None else 0
             events += external.events.height if external.events is not None else 0
             progress.advance(symbol, chunk, f"{0 if written is None else written.height:,} feature rows")
+        with warehouse.session() as session:  # what earlier runs stored for these days: one delete per run
+            session.remove_superseded(feature_writes(symbol, version, days, _empty_rows()), before=first_batch)
     total = sum(rows_per_tf.values())
     nan_ratio = {name: round(n / total, 4) for name, n in null_counts.items()} if total else {}
     worst = dict(sorted(nan_ratio.items(), key=lambda kv: -kv[1])[:15])

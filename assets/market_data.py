@@ -230,6 +230,7 @@ def market_ticks(
         serves_ticks = any(vendor.serves_ticks(symbol) for vendor in vendors)
         if not serves_ticks:
             no_tick_routes.append(symbol)
+        first_batch = 0
         for chunk in chunks(days, vendors[0].max_fetch_days):
             t0 = time.perf_counter()
             raw = _filed_by_day(_fetch(vendors[0], symbol, day_start(chunk[0]), day_start(chunk[-1]) + timedelta(days=1)), chunk)
@@ -246,7 +247,8 @@ def market_ticks(
             clean_rows = pl.concat(clean)
             quarantine = pl.concat(rejected, how="diagonal_relaxed")
             with warehouse.session() as session:
-                session.replace(*ticks_writes(symbol, chunk, clean_rows, quarantine))
+                batch = session.replace(*ticks_writes(symbol, chunk, clean_rows, quarantine), cleanup=False)
+                first_batch = first_batch or batch
                 stored = read_ticks(session, symbol, day_start(chunk[0]), day_start(chunk[-1]) + timedelta(days=1))
             tally["stored"] += stored.height
             tally["quarantined"] += quarantine.height
@@ -265,6 +267,8 @@ def market_ticks(
                 first_ts = min(filter(None, [first_ts, stored["ts"].min()]))
                 last_ts = max(filter(None, [last_ts, stored["ts"].max()]))
             progress.advance(symbol, chunk, f"{stored.height:,} ticks, {quarantine.height:,} quarantined")
+        with warehouse.session() as session:  # what earlier runs stored for these days: one delete per run
+            session.remove_superseded(*ticks_writes(symbol, days, clean_rows.clear(), quarantine.clear()), before=first_batch)
     if tally["received"] != tally["stored"] + tally["quarantined"]:
         raise Failure(description=f"rows unaccounted for: received {tally['received']:,}, stored {tally['stored']:,}, "
                                   f"quarantined {tally['quarantined']:,}", allow_retries=False)
@@ -351,6 +355,7 @@ def vendor_candles(
         require_upstream(context, "market_ticks", symbol, days)
         vendors = _vendors_or_fail(market_data, symbol)
         band, asset_class = conventions.band(symbol), instrument(symbol).asset_class
+        first_batch = 0
         for chunk in chunks(days, max(v.max_fetch_days for v in vendors)):
             start, end = day_start(chunk[0]), day_start(chunk[-1]) + timedelta(days=1)
             tick_minutes = read_tick_minutes(warehouse, symbol, start, end)
@@ -385,7 +390,8 @@ def vendor_candles(
             quarantine = _filed_by_day(pl.concat(rejected, how="diagonal_relaxed"), chunk) if rejected else \
                 pl.DataFrame(schema=_CANDLE_QUARANTINE_SCHEMA)
             with warehouse.session() as session:
-                session.replace(*vendor_candle_writes(symbol, chunk, rows, quarantine))
+                batch = session.replace(*vendor_candle_writes(symbol, chunk, rows, quarantine), cleanup=False)
+                first_batch = first_batch or batch
                 stored = read_vendor_candles(session, symbol, start, end)
             tally["stored"] += stored.height
             tally["quarantined"] += quarantine.height
@@ -400,6 +406,8 @@ def vendor_candles(
                 if found.height:
                     gaps.append(found.select(pl.lit(symbol).alias("symbol"), pl.all()))
             progress.advance(symbol, chunk, f"{stored.height:,} bars used, {quarantine.height:,} quarantined")
+        with warehouse.session() as session:
+            session.remove_superseded(*vendor_candle_writes(symbol, days, rows.clear(), quarantine.clear()), before=first_batch)
     if tally["received"] != tally["stored"] + tally["quarantined"]:
         raise Failure(description=f"bars unaccounted for: received {tally['received']:,}, stored {tally['stored']:,}, "
                                   f"quarantined {tally['quarantined']:,}", allow_retries=False)
@@ -437,9 +445,9 @@ def _overlaps(bars: pl.DataFrame, minutes: pl.Series) -> pl.Series:
     return pl.Series(first_inside < np.searchsorted(points, opens + lengths, side="left"))
 
 
-def _bar_check_results(
-    bars: pl.DataFrame, duplicates: int, expected: Mapping[str, int], counted: Mapping[str, int], boundary
-) -> Iterable[AssetCheckResult]:
+def _bar_faults(bars: pl.DataFrame, boundary) -> Counter:
+    """Stored bars that break a rule, counted per chunk (only the counts are kept: a run of
+    ten years holds one chunk of bars in memory at a time)."""
     price_ok = (
         ~inconsistent_ohlc()
         & (pl.col("low") > 0)
@@ -447,20 +455,24 @@ def _bar_check_results(
         & (pl.col("spread_mean").fill_null(0) >= 0)
         & (pl.col("bid_close").fill_null(0) <= pl.col("ask_close").fill_null(float("inf")))
     )
-    broken = bars.filter(~price_ok)
-    yield AssetCheckResult(
-        check_name="ohlc_consistent",
-        passed=broken.is_empty(),
-        metadata={"inconsistent_bars": broken.height, "bars": bars.height},
-    )
     misaligned = sum(
         bars.filter((pl.col("timeframe") == tf.value) & (bar_open_expr(pl.col("ts"), tf, boundary) != pl.col("ts"))).height
         for tf in ALL_TIMEFRAMES
     )
+    return Counter({"bars": bars.height, "inconsistent": bars.filter(~price_ok).height, "misaligned": misaligned,
+                    "duplicates": bars.height - bars.unique(["timeframe", "ts"]).height})
+
+
+def _bar_check_results(faults: Counter, expected: Mapping[str, int], counted: Mapping[str, int]) -> Iterable[AssetCheckResult]:
+    yield AssetCheckResult(
+        check_name="ohlc_consistent",
+        passed=faults["inconsistent"] == 0,
+        metadata={"inconsistent_bars": faults["inconsistent"], "bars": faults["bars"]},
+    )
     yield AssetCheckResult(
         check_name="bars_unique_and_aligned",
-        passed=misaligned == 0 and duplicates == 0,
-        metadata={"misaligned_bars": misaligned, "duplicate_bars": duplicates},
+        passed=faults["misaligned"] == 0 and faults["duplicates"] == 0,
+        metadata={"misaligned_bars": faults["misaligned"], "duplicate_bars": faults["duplicates"]},
     )
     yield AssetCheckResult(
         check_name="every_tick_in_a_bar",
@@ -502,11 +514,12 @@ def aggregates(
     per_timeframe: Counter = Counter()
     expected: Counter = Counter()
     counted: Counter = Counter()
-    duplicates = ticks_read = vendor_used = 0
-    stored_all: list[pl.DataFrame] = []
+    ticks_read = vendor_used = 0
+    faults: Counter = Counter()
     first_ts = last_ts = None
     for symbol, days in partitions.items():
         require_upstream(context, "market_ticks", symbol, days)
+        first_batch = 0
         for chunk in chunks(days, _BAR_CHUNK_DAYS):
             start, end = day_start(chunk[0]), day_start(chunk[-1]) + timedelta(days=1)
             lookback = window_lookback_start(start, ALL_TIMEFRAMES, boundary)
@@ -520,9 +533,9 @@ def aggregates(
                 (pl.min_horizontal(pl.col("closes"), pl.lit(end).cast(TS)).dt.offset_by("-1ms").dt.truncate("1d")
                  .dt.offset_by("1d")).alias("covered_until")).drop("closes")
             with warehouse.session() as session:
-                session.replace(bar_writes(symbol, chunk, bars))
+                batch = session.replace(bar_writes(symbol, chunk, bars), cleanup=False)
+                first_batch = first_batch or batch
                 stored = read_filed_bars(session, symbol, start, end)
-            duplicates += stored.height - stored.unique(["timeframe", "ts"]).height
             # what the day's intraday bars must count: its ticks, and the ticks behind vendor
             # bars of each timeframe up to the bar's own (a vendor's H1 is in H1, not in M1)
             in_range = pl.col("ts") >= start
@@ -536,17 +549,17 @@ def aggregates(
                 expected[tf.value] += ticks_in_range + int(used.filter(pl.col("timeframe").is_in(finer))["tick_count"].sum())
                 counted[tf.value] += int(stored.filter((pl.col("timeframe") == tf.value) & in_range)["tick_count"].sum())
             per_timeframe.update(dict(stored.group_by("timeframe").len().iter_rows()))
-            stored_all.append(stored.select("timeframe", "ts", "open", "high", "low", "close", "tick_count",
-                                            "spread_mean", "bid_close", "ask_close"))
+            faults.update(_bar_faults(stored, boundary))
             if stored.height:
                 first_ts = min(filter(None, [first_ts, stored["ts"].min()]))
                 last_ts = max(filter(None, [last_ts, stored["ts"].max()]))
             progress.advance(symbol, chunk, f"{stored.height:,} bars from {ticks_in_range:,} ticks and {used.height:,} vendor bars")
-    everything = pl.concat(stored_all) if stored_all else pl.DataFrame(schema={"timeframe": pl.String(), "ts": TS})
-    context.log.info(f"{progress.describe()}: {everything.height:,} bars {dict(per_timeframe)}")
+        with warehouse.session() as session:
+            session.remove_superseded(bar_writes(symbol, days, bars.clear()), before=first_batch)
+    context.log.info(f"{progress.describe()}: {faults['bars']:,} bars {dict(per_timeframe)}")
     return MaterializeResult(
         metadata={
-            "dagster/row_count": everything.height,
+            "dagster/row_count": faults["bars"],
             **{f"bars_{tf.value}": per_timeframe.get(tf.value, 0) for tf in ALL_TIMEFRAMES},
             "ticks_read": ticks_read,
             "vendor_bars_used": vendor_used,
@@ -555,7 +568,7 @@ def aggregates(
             **_time_range_metadata(first_ts, last_ts),
             "duration_seconds": round(time.perf_counter() - started, 3),
         },
-        check_results=list(_bar_check_results(everything, duplicates, expected, counted, boundary)),
+        check_results=list(_bar_check_results(faults, expected, counted)),
     )
 
 

@@ -33,6 +33,18 @@ def postgres_storage_yaml() -> str:
     )
 
 
+def sqlite_event_log_yaml(home: Path) -> str:
+    """The embedded instance's event log: Dagster's SQLite storage with kept connections and
+    WAL commits (orchestration/storage.py), at Dagster's default place."""
+    return (
+        "event_log_storage:\n"
+        "  module: orchestration.storage\n"
+        "  class: FastSqliteEventLogStorage\n"
+        "  config:\n"
+        f"    base_dir: {home / 'history' / 'runs'}\n"
+    )
+
+
 def uses_postgres() -> bool:
     configured = [name for name in POSTGRES_VARIABLES if os.environ.get(name) is not None]
     if configured and len(configured) < len(POSTGRES_VARIABLES):
@@ -52,8 +64,7 @@ def ensure_dagster_home() -> Path:
     target = home / "dagster.yaml"
     if not target.exists() or target.read_text().startswith(_MARKER):
         text = _MARKER + _TEMPLATE.read_text()
-        if uses_postgres():
-            text += "\n" + postgres_storage_yaml()
+        text += "\n" + (postgres_storage_yaml() if uses_postgres() else sqlite_event_log_yaml(home))
         target.write_text(text)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
