@@ -279,3 +279,33 @@ def test_each_recursion_reproduces_ta_lib_once_its_start_is_forgotten():
     }
     worst = {name: float(np.max(np.abs(np.array(mine[name])[WARMUP_BARS:] - reference[name][WARMUP_BARS:]))) for name in reference}
     assert all(diff < 1e-9 for diff in worst.values()), worst
+
+
+def test_rolling_shape_from_polars_and_from_windows_equals_a_direct_computation():
+    """The batch path (polars' rolling moments) and the live path (central moments of the few
+    newest windows) against scipy's population skewness and excess kurtosis, window by window,
+    NaNs included."""
+    import numpy as np
+    from scipy.stats import kurtosis, skew
+
+    from models.features.compute import _FEW_ROWS, _rolling_shape
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_t(4, 900) * 1e-4
+    x[[0, 300]] = np.nan
+    n = 60
+    expected_skew = np.full(len(x), np.nan)
+    expected_kurt = np.full(len(x), np.nan)
+    for t in range(n - 1, len(x)):
+        window = x[t - n + 1: t + 1]
+        if not np.isnan(window).any():
+            expected_skew[t], expected_kurt[t] = skew(window), kurtosis(window)
+    batch = _rolling_shape(x, n)  # polars: many rows
+    live = _rolling_shape(x, n, first=len(x) - _FEW_ROWS)  # windows: the newest rows only
+    for got, want in ((batch[0], expected_skew), (batch[1], expected_kurt)):
+        assert np.array_equal(np.isnan(got), np.isnan(want))
+        assert np.nanmax(np.abs(got - want)) < 1e-9
+    tail = slice(len(x) - _FEW_ROWS, None)
+    for got, want in ((live[0], expected_skew), (live[1], expected_kurt)):
+        assert np.allclose(got[tail], want[tail], atol=1e-9, equal_nan=True)
+        assert np.isnan(got[: len(x) - _FEW_ROWS]).all()
