@@ -115,7 +115,9 @@ def test_import_loads_an_mt5_export_through_the_file_vendor(user_env, tmp_path):
                      "nope.csv: no such file")
 
 
-def test_a_rejected_file_is_one_line_and_never_poisons_a_later_import(user_env, tmp_path):
+def test_a_rejected_file_is_one_line_and_never_poisons_a_later_import(user_env, tmp_path, capsys, monkeypatch):
+    from orchestration.cli import main
+
     good = tmp_path / "good.csv"
     good.write_text(mt5_ticks(30))
     bad = {
@@ -129,13 +131,16 @@ def test_a_rejected_file_is_one_line_and_never_poisons_a_later_import(user_env, 
     expected = {"empty.csv": "empty file", "header_only.csv": "no rows", "unknown.csv": "--columns ts=",
                 "binary.csv": "binary content", "corrupt.parquet": "not a readable Parquet file",
                 "dates.csv": "timestamps do not parse"}
+    monkeypatch.setenv("TRADEFORGE_HOME", user_env["TRADEFORGE_HOME"])  # the command's own entry point, in-process
     for name, content in bad.items():
         path = tmp_path / name
         path.write_bytes(content)
-        one_line_failure(tradeforge("import", str(path), "--symbol", "EURUSD", env=user_env, cwd=tmp_path), name, expected[name])
+        assert main(["import", str(path), "--symbol", "EURUSD", "--no-ingest"]) == 1
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("tradeforge: ") and name in err[0] and expected[name] in err[0], err
     folder = tmp_path / "state" / "imports" / "EURUSD"
     assert not folder.exists() or not any(folder.iterdir())  # nothing of a rejected file stays behind
-    # a file with one bad sibling is refused whole: nothing joins the folder, nothing is ingested
+    # as a user runs it: a file with one bad sibling is refused whole, nothing joins the folder
     one_line_failure(tradeforge("import", str(good), str(tmp_path / "unknown.csv"), "--symbol", "EURUSD",
                                 env=user_env, cwd=tmp_path), "unknown.csv")
     assert not folder.exists() or not any(folder.iterdir())
