@@ -139,6 +139,7 @@ class _Tracked:
     claimed: bool = True  # False: found at the broker but not (yet) asked for by the engine
     silent: bool = False  # history the engine has booked: its fills are not reported again
     setup_ms: int = 0  # UTC, when MetaTrader received it (orders found in the history)
+    sent: float = 0.0  # units sent, when the lot step rounded the engine's quantity down
     held: list[BrokerEvent] = field(default_factory=list)  # events of an unclaimed order
 
     def status(self) -> OrderStatus:
@@ -323,6 +324,8 @@ class MT5Broker(BrokerPort):
         request = {"action": action, "symbol": order.symbol, "volume": volume, "type": type_, "price": price, "sl": sl,
                    "tp": tp, "deviation": self.config.deviation_points, "magic": self.config.magic,
                    "comment": order.client_id, "type_time": C.ORDER_TIME_GTC, "type_filling": self._filling(info)}
+        if rounded:
+            tracked.sent = volume * info.trade_contract_size
         self._track(tracked)
         ack = self._send(request, tracked)
         if ack.status is not AckStatus.REJECTED and rounded:
@@ -708,10 +711,16 @@ class MT5Broker(BrokerPort):
                     -(deal.commission + deal.fee), deal.time_msc - self.offset_s * 1000, conv, mid, how)
         tracked.avg = (tracked.avg * tracked.filled + deal.price * units) / (tracked.filled + units)
         tracked.filled += units
+        rest = ""
         if tracked.state not in (OrderState.CANCELLED, OrderState.EXPIRED):
             done = tracked.filled >= tracked.qty * (1 - 1e-9) or tracked.virtual or tracked.reduce_only
-            tracked.state = OrderState.FILLED if done else OrderState.PARTIALLY_FILLED
+            if not done and tracked.sent and tracked.filled >= tracked.sent * (1 - 1e-9):
+                rest = f"the rest ({tracked.qty - tracked.filled:g} units) is below the lot step: not sent"
+            tracked.state = OrderState.FILLED if done else OrderState.CANCELLED if rest else OrderState.PARTIALLY_FILLED
         self._emit(deal.symbol, BrokerEvent(OrderEvent.FILL, tracked.client_id, fill.ts, how, fill), tracked)
+        if rest:
+            tracked.reason = rest
+            self._emit(deal.symbol, BrokerEvent(OrderEvent.CANCEL, tracked.client_id, fill.ts, rest), tracked)
 
     def _half_spread(self, symbol: str) -> float:
         """Half the current spread: the best estimate of a fill's distance from the mid for

@@ -305,6 +305,16 @@ class FakeTerminal:
                    "type_filling": C.ORDER_FILLING_FOK, "comment": "manual"}
         return self._execute(self._request(request), reason=C.ORDER_REASON_CLIENT)
 
+    def close_manual(self, ticket: int, volume: float | None = None) -> OrderSendResult:
+        """Close (part of) a position by hand in the terminal."""
+        pos = self.positions[ticket]
+        quote = self.quotes[pos.symbol]
+        buy = pos.type == C.POSITION_TYPE_SELL
+        request = {"action": C.TRADE_ACTION_DEAL, "symbol": pos.symbol, "volume": volume or pos.volume, "position": ticket,
+                   "type": C.ORDER_TYPE_BUY if buy else C.ORDER_TYPE_SELL, "price": quote.ask if buy else quote.bid,
+                   "type_filling": C.ORDER_FILLING_FOK, "comment": "closed by hand"}
+        return self._execute(self._request(request), reason=C.ORDER_REASON_CLIENT)
+
     # -- the package's functions: connection --------------------------------------------------
     def initialize(self, path: str | None = None, *, login: int | None = None, password: str | None = None,
                    server: str | None = None, timeout: int | None = None, portable: bool = False) -> bool:
@@ -787,7 +797,7 @@ class FakeTerminal:
             hits = []
             for order in self.open_orders.values():
                 if order.symbol == symbol and order.type in _PENDING_TYPES:
-                    hit = _crossing(old, new, order.price, order.type)
+                    hit = _crossing(old, new, order.price_open, order.type)
                     if hit is not None:
                         hits.append((hit[0], 1, order.ticket, "order", order, hit[1]))
             for pos in self.positions.values():
@@ -944,6 +954,8 @@ def _jump_price(item: Any, kind: str, new: _Quote) -> float:
 
 
 def _floor_step(volume: float, step: float) -> float:
+    if math.isinf(volume):
+        return volume
     return round(math.floor(volume / step + 1e-9) * step, 8)
 
 
