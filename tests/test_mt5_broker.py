@@ -576,3 +576,15 @@ def test_a_working_order_the_broker_does_not_know_is_a_mismatch():
     ledger = Ledger.from_snapshot({"portfolio": {"positions": {}}, "orders": [ghost.to_dict()], "symbols": {}})
     report = broker.reconcile(ledger)
     assert not report.ok and "working in the ledger but unknown to the broker" in report.mismatches[0]
+
+
+def test_choosing_the_mt5_broker_on_linux_is_one_clear_line_and_the_fake_dry_run_works(subprocess_env):
+    run = [sys.executable, "-m", "orchestration.cli", "broker", "check"]
+    done = subprocess.run(run, env=subprocess_env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("tradeforge: the MetaTrader 5 broker needs the MetaTrader5 "
+                                                                   "package, which exists only for Windows")
+    dry = subprocess.run([*run, "--fake", "--symbols", "EURUSD", "XAUUSD"], env=subprocess_env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    assert "hedging" in dry.stdout and "XAUUSD: contract 100, lots 0.01-50.0 step 0.01" in dry.stdout
