@@ -381,8 +381,8 @@ class MT5Broker(BrokerPort):
         self._track(tracked)
         self._children.setdefault(parent.client_id, []).append(order.client_id)
         position = self._open_position_of(parent)
-        if position is None:
-            return SubmitAck(AckStatus.ACCEPTED, "" if parent.filled == 0 else "")
+        if position is None:  # the entry is pending (or its answer was lost): the level travels with it
+            return SubmitAck(AckStatus.ACCEPTED)
         want_sl = order.type is OrderType.STOP
         current = position.sl if want_sl else position.tp
         if current:
@@ -510,8 +510,8 @@ class MT5Broker(BrokerPort):
             return SubmitAck(AckStatus.REJECTED, "unknown order")
         if tracked.state in (OrderState.FILLED, OrderState.CANCELLED, OrderState.REJECTED, OrderState.EXPIRED) \
                 or tracked.type is OrderType.MARKET:
-            reason = f"order is {tracked.state.value}" if tracked.type is not OrderType.MARKET or tracked.state is not OrderState.ACCEPTED \
-                else "a market order executes at once: nothing left to cancel"
+            reason = ("a market order executes at once: nothing left to cancel" if tracked.type is OrderType.MARKET
+                      else f"order is {tracked.state.value}")
             if not (tracked.state is OrderState.FILLED or tracked.filled):  # a fill on its way settles it
                 self._emit(tracked.symbol, BrokerEvent(OrderEvent.CANCEL_REJECT, client_id, -1, reason))
             return SubmitAck(AckStatus.REJECTED, reason)
