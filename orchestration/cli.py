@@ -459,6 +459,46 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_broker_check(args: argparse.Namespace) -> int:
+    """Connect to the MetaTrader 5 terminal (or the fake one) and show what the runner would
+    trade with: account, margin mode, server time zone, each symbol's lots and filling."""
+    from resources.brokers.mt5.broker import MT5Broker, MT5Config, load_mt5_module, magic_number
+
+    symbols = tuple(args.symbols)
+    if args.fake:
+        from resources.brokers.mt5.fake import FakeTerminal
+
+        mt5 = FakeTerminal()
+        for symbol in symbols:
+            mt5.add_symbol(symbol)
+        mt5.initialize()
+        for symbol in symbols:
+            price = mt5.symbols[symbol]
+            mid = {"EURUSD": 1.085}.get(symbol, 1.0)
+            mt5.set_quote(symbol, mid, mid + 2 * price.point)
+        clock = mt5.utc_now
+    else:
+        mt5, clock = load_mt5_module(), None
+    magic = magic_number(args.strategy)
+    broker = MT5Broker(mt5, MT5Config(magic=magic, symbols=symbols), **({"clock": clock} if clock else {}))
+    env = os.environ
+    broker.connect(login=int(env["MT5_LOGIN"]) if env.get("MT5_LOGIN") and not args.fake else None,
+                   password=env.get("MT5_PASSWORD"), server=env.get("MT5_SERVER"),
+                   path=None if args.fake else env.get("MT5_TERMINAL_PATH"))
+    account = mt5.account_info()
+    _print(f"account {account.login} on {account.server} ({account.company}): {account.currency} balance "
+           f"{account.balance:,.2f}, equity {account.equity:,.2f}, leverage 1:{account.leverage}, "
+           f"{'hedging' if broker.hedging else 'netting'}, server time UTC{broker.offset_s / 3600:+.1f}h")
+    _print(f"strategy {args.strategy}: magic {magic}; our positions {broker.positions() or 'none'}")
+    for symbol in symbols:
+        info = mt5.symbol_info(symbol)
+        modes = [n for n, f in (("FOK", 1), ("IOC", 2)) if info.filling_mode & f] or ["RETURN"]
+        _print(f"  {symbol}: contract {info.trade_contract_size:g}, lots {info.volume_min}-{info.volume_max} step "
+               f"{info.volume_step}, stops level {info.trade_stops_level} points, filling {'/'.join(modes)}")
+    broker.shutdown()
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -523,6 +563,15 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--param", type=_param, action="append", help="strategy parameter NAME=VALUE (repeatable)")
     bt.add_argument("--risk", type=_param, action="append", help="risk setting NAME=VALUE (repeatable)")
     bt.set_defaults(func=cmd_backtest)
+
+    broker = commands.add_parser("broker", help="the MetaTrader 5 broker")
+    broker_commands = broker.add_subparsers(dest="action", required=True)
+    check = broker_commands.add_parser("check", help="connect to the terminal (MT5_LOGIN, MT5_PASSWORD, MT5_SERVER, "
+                                                     "MT5_TERMINAL_PATH) and show the account and symbols")
+    check.add_argument("--symbols", nargs="+", type=str.upper, default=["EURUSD"])
+    check.add_argument("--strategy", default="default", help="the strategy whose magic number marks our orders")
+    check.add_argument("--fake", action="store_true", help="a dry run on the fake terminal (any platform)")
+    check.set_defaults(func=cmd_broker_check)
 
     ui = commands.add_parser("ui", help="start the Dagster UI on this project's instance")
     ui.add_argument("--host", default="127.0.0.1")

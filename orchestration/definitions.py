@@ -14,6 +14,7 @@ from dagster import (
 )
 
 from assets.backtests import backtest
+from assets.broker import BROKER_ASSETS
 from assets.external import (
     external_commodity_prices,
     external_economic_calendar,
@@ -76,7 +77,8 @@ def daily_calendar(context: ScheduleEvaluationContext):
 defs = Definitions(
     assets=[market_ticks, vendor_candles, aggregates, ml_features,
             external_fred_indicators, external_commodity_prices, external_economic_calendar,
-            backtest],
+            backtest,
+            *BROKER_ASSETS],
     jobs=[ingest_market_data, ingest_fred, ingest_commodities, ingest_calendar],
     schedules=[daily_market_data, weekly_fred, daily_commodities, daily_calendar],
     sensors=[labels_follow_candles],

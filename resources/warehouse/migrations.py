@@ -336,6 +336,96 @@ MIGRATIONS: tuple[Migration, ...] = (
               for table in ("backtest_runs", "backtest_trades", "backtest_equity")),
         ),
     ),
+    # -- broker data (MetaTrader 5): 16-17 ------------------------------------------------------
+    # Streams sampled from the broker and drained idempotently: a row redelivered (the bus, a
+    # rerun) replaces itself by its key, so these are ReplacingMergeTree read with FINAL, not
+    # partition-replaced tables.
+    Migration(
+        16,
+        "broker data: account snapshots, quotes (kept 24 hours), the account's deals",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS broker_account (
+                login UInt64,
+                server LowCardinality(String),
+                ts DateTime64(3, 'UTC') COMMENT 'when the snapshot was taken',
+                currency LowCardinality(String),
+                balance Float64,
+                equity Float64,
+                margin Float64,
+                margin_free Float64,
+                margin_level Nullable(Float64) COMMENT 'equity / margin in percent; null while no margin is used',
+                profit Float64 COMMENT 'floating profit of the open positions',
+                leverage UInt32,
+                received_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = ReplacingMergeTree(received_at)
+            PARTITION BY toYYYYMM(ts)
+            ORDER BY (login, ts)
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS broker_quotes (
+                server LowCardinality(String),
+                symbol LowCardinality(String),
+                ts DateTime64(3, 'UTC') COMMENT 'the tick time, converted from the server clock',
+                bid Float64,
+                ask Float64,
+                received_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = ReplacingMergeTree(received_at)
+            PARTITION BY toDate(ts)
+            ORDER BY (server, symbol, ts)
+            TTL toDateTime(received_at) + INTERVAL 24 HOUR
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS broker_trades (
+                login UInt64,
+                server LowCardinality(String),
+                deal UInt64 COMMENT 'the deal ticket',
+                order_ticket UInt64,
+                position_id UInt64,
+                ts DateTime64(3, 'UTC'),
+                symbol LowCardinality(String),
+                side Int8 COMMENT '+1 buy, -1 sell',
+                entry LowCardinality(String) COMMENT 'in, out, inout (a reversal), out_by',
+                volume Float64 COMMENT 'lots',
+                units Float64 COMMENT 'volume x contract size',
+                price Float64,
+                commission Float64,
+                swap Float64,
+                fee Float64,
+                profit Float64 COMMENT 'account currency, on closing deals',
+                magic UInt64,
+                reason LowCardinality(String) COMMENT 'client, mobile, web, expert, sl, tp, so, ...',
+                comment String,
+                client_id Nullable(String) COMMENT 'our client order id when the deal is ours',
+                received_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = ReplacingMergeTree(received_at)
+            PARTITION BY toYYYYMM(ts)
+            ORDER BY (login, deal)
+            """,
+        ),
+    ),
+    Migration(
+        17,
+        "broker_quotes_m1: the broker's quotes per minute, kept after the raw quotes expire",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS broker_quotes_m1 (
+                server LowCardinality(String),
+                symbol LowCardinality(String),
+                ts DateTime('UTC') COMMENT 'minute open',
+                bid_close Float64 COMMENT 'the last quote of the minute',
+                ask_close Float64,
+                mid_close Float64,
+                spread_mean Float64 COMMENT 'mean ask - bid over the quotes of the minute',
+                spread_max Float64,
+                quotes UInt32 COMMENT 'quotes aggregated: the most complete version of a minute wins',
+                computed_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = ReplacingMergeTree(quotes)
+            PARTITION BY toYYYYMM(ts)
+            ORDER BY (server, symbol, ts)
+            """,
+        ),
+    ),
 )
 
 
