@@ -114,7 +114,7 @@ def ml_features(
                           for tf in conventions.timeframes}
                 first_bar = min((bars["ts"].min() for bars, _ in loaded.values() if bars.height), default=start)
                 external = read_external(session, symbol, first_bar, end)
-            horizon_seen = max(filter(None, [horizon_seen, horizon]))
+            horizon_seen = max(filter(None, [horizon_seen, horizon]), default=None)
             frames = []
             for tf, (bars, history) in loaded.items():
                 in_chunk = bars.filter((pl.col("ts") >= start) & (pl.col("ts") < end)).height

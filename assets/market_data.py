@@ -59,6 +59,7 @@ from resources.warehouse import WarehouseResource
 from resources.warehouse.market import (
     bar_writes,
     read_filed_bars,
+    read_tick_count,
     read_tick_minutes,
     read_ticks,
     read_vendor_candles,
@@ -84,7 +85,7 @@ _GAP_CHECK = "no_gaps_in_trading_hours"
 # Vendor outages and rate limits pass: retry the run with exponential backoff.
 _VENDOR_RETRY = RetryPolicy(max_retries=3, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
 _MAX_LISTED_GAPS = 20
-_BAR_CHUNK_DAYS = 31  # candles of a month at a time: ticks since the week's start and a month of them fit in memory
+_TICKS_PER_CHUNK = 3_000_000  # candles from this many ticks at a time (plus the week before): memory stays flat
 
 
 def _tick_check_specs() -> list[AssetCheckSpec]:
@@ -147,6 +148,18 @@ def _filed_by_day(rows: pl.DataFrame, days: Sequence[date]) -> pl.DataFrame:
     first, last = days[0], days[-1]
     own = pl.col("ts").dt.date()
     return rows.with_columns(pl.when(own.is_between(first, last)).then(own).otherwise(pl.lit(first)).alias("day"))
+
+
+def _days_of(raw: pl.DataFrame, chunk: Sequence[date], every_day: bool):
+    """(day, its rows) for the days to validate: every day where ticks are expected (its
+    silences may need a backup), only days with rows for a bars-only route."""
+    days = chunk if every_day or raw.height else []
+    if raw.height and not every_day:
+        days = sorted(set(raw["day"].to_list()))
+    for day in days:
+        yield day, raw.filter(pl.col("day") == day).drop("day")
+    if not days:  # an empty chunk still writes (and commits) its days: nothing, validated as nothing
+        yield chunk[0], raw.drop("day")
 
 
 def _ticks_of_day(
@@ -231,13 +244,12 @@ def market_ticks(
         if not serves_ticks:
             no_tick_routes.append(symbol)
         first_batch = 0
-        for chunk in chunks(days, vendors[0].max_fetch_days):
+        for chunk in chunks(days, vendors[0].fetch_days(symbol)):
             t0 = time.perf_counter()
             raw = _filed_by_day(_fetch(vendors[0], symbol, day_start(chunk[0]), day_start(chunk[-1]) + timedelta(days=1)), chunk)
             tally["received"] += raw.height
             clean, rejected = [], []
-            for day in chunk:
-                rows = raw.filter(pl.col("day") == day).drop("day")
+            for day, rows in _days_of(raw, chunk, serves_ticks or bool(vendors[1:])):
                 kept, quarantined, out_of_order = _ticks_of_day(
                     symbol, day, rows, vendors[1:], conventions, band, context, tally, backup_errors)
                 clean.append(kept)
@@ -254,7 +266,7 @@ def market_ticks(
             tally["quarantined"] += quarantine.height
             reasons.update(dict(quarantine.group_by("reason").len().iter_rows()))
             per_source.update(dict(stored.group_by("source").len().iter_rows()))
-            for day in chunk:
+            for day in chunk if stored.height or serves_ticks else []:  # a bars-only route stores no tick to check
                 start = day_start(day)
                 of_day = stored.filter(pl.col("ts").dt.date() == day)
                 in_store.update(stored_violations(of_day, symbol, start, start + timedelta(days=1), conventions.tick_rules, band))
@@ -356,7 +368,7 @@ def vendor_candles(
         vendors = _vendors_or_fail(market_data, symbol)
         band, asset_class = conventions.band(symbol), instrument(symbol).asset_class
         first_batch = 0
-        for chunk in chunks(days, max(v.max_fetch_days for v in vendors)):
+        for chunk in chunks(days, max(v.fetch_days(symbol) for v in vendors)):
             start, end = day_start(chunk[0]), day_start(chunk[-1]) + timedelta(days=1)
             tick_minutes = read_tick_minutes(warehouse, symbol, start, end)
             taken = tick_minutes  # minute starts some source covers
@@ -520,7 +532,7 @@ def aggregates(
     for symbol, days in partitions.items():
         require_upstream(context, "market_ticks", symbol, days)
         first_batch = 0
-        for chunk in chunks(days, _BAR_CHUNK_DAYS):
+        for chunk in chunks(days, _bar_chunk_days(warehouse, symbol, days)):
             start, end = day_start(chunk[0]), day_start(chunk[-1]) + timedelta(days=1)
             lookback = window_lookback_start(start, ALL_TIMEFRAMES, boundary)
             with warehouse.session() as session:
@@ -570,6 +582,13 @@ def aggregates(
         },
         check_results=list(_bar_check_results(faults, expected, counted)),
     )
+
+
+def _bar_chunk_days(warehouse: WarehouseResource, symbol: str, days: Sequence[date]) -> int:
+    """Days per chunk for the candles: a month of busy ticks, up to a year of bars-only days."""
+    ticks = read_tick_count(warehouse, symbol, day_start(days[0]), day_start(days[-1]) + timedelta(days=1))
+    per_day = ticks / len(days)
+    return int(min(366, max(7, _TICKS_PER_CHUNK // max(per_day, 1))))
 
 
 def _close_of(bars: pl.DataFrame, boundary) -> pl.Expr:

@@ -91,8 +91,7 @@ class MarketDataVendor(ConfigurableResource):
         none: a day without ticks is then no gap)."""
         return True
 
-    @property
-    def max_fetch_days(self) -> int:
+    def fetch_days(self, symbol: str) -> int:
         """How many days one fetch may span in a range run: one for network vendors (a day of
         quotes is pages enough), more for local files."""
         return 1

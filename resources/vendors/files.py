@@ -229,9 +229,9 @@ class FileImportResource(MarketDataVendor):
     def source(self) -> str:
         return self.source_name
 
-    @property
-    def max_fetch_days(self) -> int:
-        return 31  # a month per read: files are local, and a month of ticks fits in memory
+    def fetch_days(self, symbol: str) -> int:
+        # files are local: a month of ticks fits in memory, a year of bars easily
+        return 31 if self.serves_ticks(symbol) else 366
 
     def root(self) -> Path:
         from resources.warehouse.client import default_home

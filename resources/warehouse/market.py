@@ -218,3 +218,10 @@ def read_tick_minutes(warehouse: Warehouse, symbol: str, start: datetime, end: d
     if frame.is_empty():
         return pl.Series("minute", [], dtype=TS)
     return seconds_to_datetime(frame, "minute")["minute"]
+
+
+def read_tick_count(warehouse: Warehouse, symbol: str, start: datetime, end: datetime) -> int:
+    """How many ticks of ``symbol`` are stored in ``[start, end)`` (to size a run's chunks)."""
+    frame = warehouse.query_frame(f"SELECT count() AS n FROM market_ticks WHERE {_TS_WINDOW} AND {visible('market_ticks')}",
+                                  {"symbol": symbol, "start": start, "end": end})
+    return int(frame["n"][0])
