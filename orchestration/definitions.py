@@ -22,6 +22,8 @@ from assets.features import ml_features
 from assets.market_data import aggregates, market_ticks, vendor_candles
 from assets.partitions import SYMBOLS, day_symbol_key
 from orchestration.resources import resources_from_env
+from assets.training import champion_model, trained_model
+from sensors.training import retrain_on_new_features, train_models, weekly_retrain
 
 ingest_market_data = define_asset_job(
     "ingest_market_data",
@@ -72,8 +74,10 @@ def daily_calendar(context: ScheduleEvaluationContext):
 
 defs = Definitions(
     assets=[market_ticks, vendor_candles, aggregates, ml_features,
-            external_fred_indicators, external_commodity_prices, external_economic_calendar],
-    jobs=[ingest_market_data, ingest_fred, ingest_commodities, ingest_calendar],
-    schedules=[daily_market_data, weekly_fred, daily_commodities, daily_calendar],
+            external_fred_indicators, external_commodity_prices, external_economic_calendar,
+            trained_model, champion_model],
+    jobs=[ingest_market_data, ingest_fred, ingest_commodities, ingest_calendar, train_models],
+    schedules=[daily_market_data, weekly_fred, daily_commodities, daily_calendar, weekly_retrain],
+    sensors=[retrain_on_new_features],
     resources=resources_from_env(),
 )

@@ -16,7 +16,10 @@ from resources.conventions import MarketConventionsResource
 from resources.external.calendar import EconomicCalendarResource
 from resources.external.fred import FredResource
 from resources.external.yahoo import YahooFinanceResource
+from resources.bus.resource import bus_from_env
 from resources.market_data import MarketDataResource, SyntheticMarketResource
+from resources.registry.resource import registry_from_env
+from resources.training import training_from_env
 from resources.vendors.dukascopy import DukascopyResource
 from resources.vendors.files import FileImportResource
 from resources.vendors.polygon import PolygonResource
@@ -68,4 +71,8 @@ def resources_from_env() -> dict[str, Any]:
         "fred": FredResource(api_key=EnvVar("FRED_API_KEY"), **_urls(env, base_url="FRED_BASE_URL")),
         "yahoo": YahooFinanceResource(**_urls(env, base_url="YAHOO_BASE_URL")),
         "calendar": EconomicCalendarResource(directory=calendar_dir, **_urls(env, feed_url="CALENDAR_FEED_URL")),
+        # training (issue 10): MLflow, NATS, model specs
+        "registry": registry_from_env(),
+        "bus": bus_from_env(),
+        "training": training_from_env(),
     }

@@ -1,0 +1,83 @@
+"""Retraining: when new features land (a sensor) and on a schedule.
+
+The sensor keeps the `model_specs` partitions in step with the specs file (a new spec
+becomes a partition without code) and, when `ml_features` partitions were materialized
+since its last tick, requests one training run per spec whose universe holds one of their
+symbols, at most one per spec per tick. The weekly schedule retrains every spec.
+"""
+
+
+from dagster import (
+    AddDynamicPartitionsRequest,
+    AssetKey,
+    AssetRecordsFilter,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    RunRequest,
+    ScheduleEvaluationContext,
+    SensorEvaluationContext,
+    SensorResult,
+    define_asset_job,
+    schedule,
+    sensor,
+)
+
+from assets.training import MODEL_SPECS, champion_model, trained_model
+from resources.training import TrainingResource
+
+train_models = define_asset_job(
+    "train_models",
+    selection=[trained_model, champion_model],
+    partitions_def=MODEL_SPECS,
+    description="Train a model spec, gate it, and promote it to champion when the gate passes.",
+)
+
+_BATCH = 1000
+
+
+def _symbol_of(partition_key: str | None) -> str | None:
+    """The symbol of an `ml_features` partition key ("2024-03-04|EURUSD": day|symbol)."""
+    if not partition_key or "|" not in partition_key:
+        return None
+    return partition_key.split("|")[1]
+
+
+@sensor(job=train_models, minimum_interval_seconds=1800, default_status=DefaultSensorStatus.STOPPED)
+def retrain_on_new_features(context: SensorEvaluationContext, training: TrainingResource) -> SensorResult:
+    specs = training.specs()
+    known = set(context.instance.get_dynamic_partitions(MODEL_SPECS.name))
+    new_specs = sorted(set(specs) - known)
+    after = int(context.cursor) if context.cursor else None
+    symbols: set[str] = set()
+    last = after
+    while True:
+        records = context.instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey("ml_features"), after_storage_id=last), limit=_BATCH, ascending=True
+        ).records
+        for record in records:
+            symbol = _symbol_of(record.partition_key)
+            if symbol:
+                symbols.add(symbol)
+            last = record.storage_id
+        if len(records) < _BATCH:
+            break
+    requests = []
+    if after is not None and symbols:  # the first tick only sets the cursor: no retrain of all history
+        for name, spec in sorted(specs.items()):
+            if symbols & set(spec.symbols):
+                requests.append(RunRequest(run_key=f"{name}:{last}", partition_key=name,
+                                           tags={"tradeforge/trigger": "new_features"}))
+    return SensorResult(
+        run_requests=requests,
+        cursor=str(last if last is not None else 0),
+        dynamic_partitions_requests=[AddDynamicPartitionsRequest(MODEL_SPECS.name, new_specs)] if new_specs else [],
+    )
+
+
+@schedule(cron_schedule="0 3 * * 6", job=train_models, execution_timezone="UTC", default_status=DefaultScheduleStatus.STOPPED)
+def weekly_retrain(context: ScheduleEvaluationContext, training: TrainingResource):
+    """Saturday 03:00 UTC, with FX closed: every spec that is a partition."""
+    known = set(context.instance.get_dynamic_partitions(MODEL_SPECS.name))
+    week = context.scheduled_execution_time.date().isoformat()
+    for name in sorted(set(training.specs()) & known):
+        yield RunRequest(run_key=f"{week}|{name}", partition_key=name, tags={"tradeforge/trigger": "schedule"})
