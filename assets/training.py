@@ -150,6 +150,7 @@ def trained_model(
             "gate": outcome.gate.decision,
             "gate_reason": outcome.gate.reason,
             "comparison": MetadataValue.md(_table(outcome.comparison, metrics)),
+            "comparison_values": MetadataValue.json({k: {m: _num(v) for m, v in c.items()} for k, c in outcome.comparison.items()}),
             "per_fold": MetadataValue.md(_table(per_fold, metrics)),
             "rows": outcome.dataset["rows"],
             "features": outcome.dataset["features"],

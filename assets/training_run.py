@@ -49,7 +49,6 @@ class Candidate:
     family: str
     params: dict[str, Any] = field(default_factory=dict)
     inputs: str = "features"
-    features: tuple[str, ...] | None = None  # a subset of the dataset's columns (the champion's)
     seed: int | None = None
 
 
@@ -232,6 +231,10 @@ class TrainingRun:
                 champion_value = refit.mean[spec.metric]
         metric = spec.metric
         blockers = [f"purge check failed: {p}" for p in problems]
+        if champion is not None and champion_value is None:
+            blockers += [f"{note}: refused, since the champion cannot be compared on the same folds (remove alias "
+                         f"{CHAMPION!r} from v{champion.version} to promote on the baselines alone)" for note in notes]
+            notes = []
         gate = decide(
             metric, model.mean[metric], {name: comparison[name][metric] for name in spec.gate.baselines},
             champion=champion_value, champion_version=champion.version if champion else None, margin=spec.gate.margin,
@@ -274,7 +277,6 @@ class TrainingRun:
     def _cv(self, candidate: Candidate, dataset: Dataset, folds: list[Fold], announce: bool = False) -> CVResult:
         task, k = dataset.target.task, dataset.target.n_classes
         settings = self.settings if candidate.seed is None else LearnerSettings(candidate.seed, self.settings.n_jobs, self.settings.device)
-        data = dataset if candidate.features is None else _subset(dataset, candidate.features)
         fold_started = [time.perf_counter()]
 
         def after_fold(index: int, metrics: dict[str, float], _: dict[str, float]) -> None:
@@ -284,7 +286,7 @@ class TrainingRun:
                               stage="cv", fold=index, folds=len(folds), metrics=metrics)
             fold_started[0] = time.perf_counter()
 
-        return cross_validate(candidate.name, data, folds,
+        return cross_validate(candidate.name, dataset, folds,
                               lambda: make_estimator(candidate.family, task, candidate.params, settings, k),
                               inputs=candidate.inputs, after_fold=after_fold)
 
@@ -323,21 +325,35 @@ class TrainingRun:
         return result
 
     def _refit_champion(self, champion: Any, dataset: Dataset, folds: list[Fold], notes: list[str]) -> CVResult | None:
-        """The champion's recorded recipe refitted on the challenger's folds (the same rows,
-        the same seed it was trained with): a same-folds comparison, deterministic."""
+        """The champion's recorded recipe refitted on the challenger's folds: the same rows
+        (its own feature columns read for them when it used others), the seed it was trained
+        with; deterministic, so an unchanged champion scores what it scored. None, with the
+        reason in ``notes``, when that is impossible: the gate then refuses."""
         try:
             recipe = self.registry.read_recipe(champion.run_id)
         except Exception as exc:
-            notes.append(f"champion v{champion.version} has no readable recipe ({exc}); judged against the baselines only")
+            notes.append(f"champion v{champion.version} has no readable recipe ({exc})")
             return None
-        missing = [name for name in recipe["features"] if name not in dataset.feature_names]
-        if missing or recipe.get("target") != dataset.target.name:
-            notes.append(f"champion v{champion.version} uses features this dataset lacks ({', '.join(missing[:5])}); "
-                         "judged against the baselines only")
+        if recipe.get("target") != dataset.target.name:
+            notes.append(f"champion v{champion.version} learned {recipe.get('target')}, not {dataset.target.name}")
             return None
-        candidate = Candidate("champion", recipe["family"], recipe["params"], features=tuple(recipe["features"]),
-                              seed=int(recipe["seed"]))
-        result = self._cv(candidate, dataset, folds)
+        features = tuple(recipe["features"])
+        if set(features) <= set(dataset.feature_names):
+            data = _subset(dataset, features)
+        else:
+            spec = self.spec
+            try:
+                rows = read_training_rows(self.warehouse, spec.symbols, spec.timeframe.value, dataset.feature_set,
+                                          spec.target, spec.start, spec.end, list(features))
+                data = build_dataset(rows, spec.target, dataset.feature_set, list(features))
+            except ValueError as exc:
+                notes.append(f"champion v{champion.version}'s features cannot be read for these rows ({exc})")
+                return None
+            if not data.keys.equals(dataset.keys):
+                notes.append(f"champion v{champion.version}'s features are missing on some of these rows")
+                return None
+        candidate = Candidate("champion", recipe["family"], recipe["params"], seed=int(recipe["seed"]))
+        result = self._cv(candidate, data, folds)
         self.progress(f"champion v{champion.version} ({recipe['family']}) refitted on these folds: {self._fmt(result.mean)}",
                       stage="champion", metrics=result.mean)
         return result

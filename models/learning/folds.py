@@ -29,6 +29,9 @@ from enum import StrEnum
 import numpy as np
 
 
+END_PAD_MS = 1000  # the last fold ends a second after the last close: whole seconds, as the warehouse stores times
+
+
 class Scheme(StrEnum):
     EXPANDING = "expanding"
     SLIDING = "sliding"
@@ -98,9 +101,9 @@ def _test_blocks(times: np.ndarray, config: FoldConfig) -> list[tuple[int, int]]
             raise ValueError(f"{n} distinct close times cannot make {config.n_folds} folds")
         starts = [n - (config.n_folds - k) * size for k in range(config.n_folds)]
         ends = [*starts[1:], n]
-        return [(int(times[s]), int(times[e]) if e < n else int(times[-1]) + 1) for s, e in zip(starts, ends, strict=True)]
+        return [(int(times[s]), int(times[e]) if e < n else int(times[-1]) + END_PAD_MS) for s, e in zip(starts, ends, strict=True)]
     width = _ms(config.test_window)
-    end = int(times[-1]) + 1
+    end = int(times[-1]) + END_PAD_MS
     first = end - config.n_folds * width
     if first <= int(times[0]):
         raise ValueError(f"{config.n_folds} test windows of {config.test_window} do not fit in the data")

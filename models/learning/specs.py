@@ -201,7 +201,8 @@ def parse_specs(document: dict[str, Any] | None) -> dict[str, ModelSpec]:
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "spec"
-            raise ValueError(f"model spec {name}: {where}: {first['msg']}") from None
+            message = str(first["msg"]).removeprefix("Value error, ")
+            raise ValueError(f"model spec {name}: {where}: {message}") from None
         if spec.name in specs:
             raise ValueError(f"model spec {spec.name} is defined twice")
         specs[spec.name] = spec

@@ -92,13 +92,7 @@ class ModelRegistry:
     @property
     def client(self) -> Any:
         if self._client is None:
-            from mlflow import MlflowClient
-
-            if self.tracking_uri.startswith("sqlite:///"):
-                Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-                for name in ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.store.model_registry.abstract_store"):
-                    logging.getLogger(name).setLevel(logging.WARNING)
-            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            self._client = _mlflow_client(self.tracking_uri)
         return self._client
 
     def describe(self) -> str:
@@ -254,6 +248,23 @@ class ModelRegistry:
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=self.tracking_uri)
             model = flavor.load_model(local)
         return model, found
+
+
+_CLIENTS: dict[str, Any] = {}
+
+
+def _mlflow_client(uri: str) -> Any:
+    """One ``MlflowClient`` per store and process: building one checks the store's schema,
+    which costs most of a second on SQLite."""
+    if uri not in _CLIENTS:
+        from mlflow import MlflowClient
+
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            for name in ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.store.model_registry.abstract_store"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        _CLIENTS[uri] = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return _CLIENTS[uri]
 
 
 def _flavor(family: str) -> Any:
