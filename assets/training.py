@@ -12,7 +12,6 @@ Specs are data (orchestration/model_specs.yaml): a new spec becomes a partition,
 
 import logging
 import math
-from typing import Any
 
 from dagster import (
     AllPartitionMapping,
@@ -216,11 +215,3 @@ def champion_model(
         "champion": f"{name} v{version}", "previous": f"v{current.version}" if current else "-", "changed": True,
         "reason": reason, "registered_model_url": MetadataValue.url(client.model_url(name, version)),
     })
-
-
-def spec_partitions(training: TrainingResource) -> list[str]:
-    return sorted(training.specs())
-
-
-def known_partitions(instance: Any) -> set[str]:
-    return set(instance.get_dynamic_partitions(MODEL_SPECS.name))

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -108,6 +108,7 @@ class TrainingRun:
         self.dagster_run_id = dagster_run_id
         self.n_trials = n_trials
         self.run_id = ""
+        self.dataset: Dataset | None = None
         self._sequence = 0
 
     # -- reporting -------------------------------------------------------------------------
@@ -460,7 +461,7 @@ class TrainingRun:
     def _run_row(self, outcome: TrainingOutcome | None, feature_set: str, started_at: datetime, started: float,
                  status: str = "completed", error: str = "") -> pl.DataFrame:
         spec = self.spec
-        dataset = getattr(self, "dataset", None)
+        dataset = self.dataset
         finished = datetime.now(UTC)
         return pl.DataFrame([{
             "run_id": self.run_id, "spec": spec.name, "model_name": spec.registered_model_name,
@@ -565,7 +566,3 @@ def promotion_row(model_name: str, version: int, run_id: str, gate: GateDecision
             "reason": reason or gate.reason, "metric": gate.metric, "challenger_value": _finite(gate.challenger),
             "champion_value": _finite(gate.champion) if gate.champion is not None else None,
             "champion_version": int(gate.champion_version) if gate.champion_version else None, "margin": gate.margin}
-
-
-def gap_text(seconds: float) -> str:
-    return str(timedelta(seconds=round(seconds)))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from benchmarks.candles import bench_candles
 from benchmarks.features import bench_features
+from benchmarks.training import bench_training
 from benchmarks.vendors import bench_vendors
 from benchmarks.warehouse import bench_warehouse
 
@@ -23,6 +24,7 @@ def main() -> int:
         "warehouse": bench_warehouse(quick=args.quick),
         "features": bench_features(quick=args.quick),
         "vendors": bench_vendors(quick=args.quick),
+        "training": bench_training(quick=args.quick),
     }
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import date, timedelta
-from pathlib import Path
 
 DEMO_SYMBOLS = ("EURUSD", "XAUUSD", "BTCUSD")
 # Ten days with a closed FX weekend and the US switch to daylight saving time (2024-03-10).
@@ -367,7 +366,11 @@ def _train_spec(instance, resources, spec_name: str, n_trials: int | None = None
     for line in _format_summary(meta, checks):
         _print(line)
     _print(f"registered: {meta['registered_model'].value}  {meta['registered_model_url'].value}")
-    _print(f"MLflow run: {meta['mlflow_run'].value}")
+    _print(f"MLflow run: {meta['mlflow_run'].value}  (open with: tradeforge mlflow ui)")
+    bus = resources["bus"].process_config_and_initialize().get_client()
+    events = meta["bus_events"].value
+    _print(f"bus: {events} events on training.*.{meta['run_id'].value} via {bus.describe()}" if events
+           else f"bus: {bus.describe()} unreachable; no events published (the training went on)")
     if "champion_model" in materialized:
         _print(f"champion: {materialized['champion_model']['champion'].value}")
     elif not checks.get("promotion_gate") or checks["promotion_gate"].passed:
@@ -422,6 +425,8 @@ def demo_training(instance, resources, symbols: Sequence[str]) -> int:
 
 @_one_line
 def cmd_mlflow(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from resources.registry import ModelRegistry
 
     registry = ModelRegistry()
@@ -435,7 +440,8 @@ def cmd_mlflow(args: argparse.Namespace) -> int:
     Path(registry.artifact_root).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
     _print(f"{registry.describe()} -> http://{args.host}:{args.port}")
     os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", registry.tracking_uri, "--default-artifact-root",
-                      Path(registry.artifact_root).as_uri(), "--host", args.host, "--port", str(args.port)])  # type: ignore[arg-type]
+                      Path(registry.artifact_root).as_uri(), "--host", args.host, "--port", str(args.port),  # type: ignore[arg-type]
+                      "--workers", "1"])
     return 0  # not reached
 
 

@@ -8,8 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from resources.bus import TRAINING_STREAM, BlockingBus, EmbeddedNatsServer, EventPublisher, NatsBus, StreamSpec
 from tests.natsserver import dead_url, free_port, nats_server  # noqa: F401  (fixture)
 
@@ -66,7 +64,7 @@ def test_events_reach_the_stream_and_an_unreachable_bus_is_only_logged(nats_serv
     dead = EventPublisher(lambda: BlockingBus(NatsBus(dead_url(), connect_timeout_s=0.3)), TRAINING_STREAM)
     started = time.perf_counter()
     for i in range(20):
-        dead.publish(f"training.progress.r2", {"i": i}, msg_id=f"r2.{i}")  # never raises
+        dead.publish("training.progress.r2", {"i": i}, msg_id=f"r2.{i}")  # never raises
     assert dead.available is False and dead.published == 0 and "bus unreachable" in dead.problem
     assert time.perf_counter() - started < 10  # one connection attempt, not one per event
     assert sum("bus unreachable" in r.getMessage() for r in caplog.records) == 1

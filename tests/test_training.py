@@ -20,9 +20,9 @@ from dagster import AssetMaterialization
 
 from assets.training import MODEL_SPECS, champion_model, trained_model
 from models.learning.synthetic import SIGNAL_FEATURES, planted_features
-from resources.bus import BlockingBus, NatsBus
+from resources.bus import NatsBus
 from resources.bus.resource import BusResource
-from resources.registry import CHALLENGER, CHAMPION, ModelRegistry
+from resources.registry import CHALLENGER, CHAMPION
 from resources.registry.resource import RegistryResource
 from resources.training import TrainingResource
 from resources.warehouse.features import FEATURE_COLUMNS
