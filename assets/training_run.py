@@ -232,18 +232,15 @@ class TrainingRun:
                 champion_value = refit.mean[spec.metric]
         metric = spec.metric
         blockers = [f"purge check failed: {p}" for p in problems]
-        if champion is not None and champion_value is None:
-            blockers += [f"{note}: refused, since the champion cannot be compared on the same folds (remove alias "
-                         f"{CHAMPION!r} from v{champion.version} to promote on the baselines alone)" for note in notes]
-            notes = []
+        # A champion that cannot be refitted on these rows cannot be compared: refuse rather
+        # than promote on the baselines alone, which could replace a better model.
+        blockers += [f"{note}: refused, since the champion cannot be compared on the same folds (remove alias "
+                     f"{CHAMPION!r} from v{champion.version} to promote on the baselines alone)" for note in notes]
         gate = decide(
             metric, model.mean[metric], {name: comparison[name][metric] for name in spec.gate.baselines},
             champion=champion_value, champion_version=champion.version if champion else None, margin=spec.gate.margin,
             blockers=blockers,
         )
-        if notes:
-            gate = GateDecision(gate.passed, gate.reasons + notes, gate.metric, gate.challenger, gate.champion,
-                                gate.champion_version, gate.margin, gate.baselines)
         beats_default = is_better(metric, model.mean[metric], comparison[BASELINE_DEFAULT][metric])
         verdict = "beats" if beats_default else "does not beat"
         self.progress(
@@ -262,7 +259,7 @@ class TrainingRun:
             run_url=self.registry.run_url(self.run_id), model_url="", dataset=info, fingerprint=dataset.fingerprint,
             folds=folds, purge_problems=problems, label_gaps_s=gaps, label_balance=balance, metric=metric, params=params,
             model=model, comparison=comparison, beats_default=beats_default, gate=gate, search=search, seconds=0.0,
-            learner_seconds=sum(r.learner_seconds for r in results.values()) + learner_final,
+            learner_seconds=sum(r.learner_seconds for r in {id(r): r for r in results.values()}.values()) + learner_final,
         )
         self._log(outcome, results, final)
         outcome.seconds = time.perf_counter() - started

@@ -273,6 +273,9 @@ def _one_line(command):
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
+        except KeyboardInterrupt:
+            print("tradeforge: interrupted (a search resumes where it stopped: run the same command again)", file=sys.stderr)
+            return 130
         except (ValueError, RuntimeError):
             raise  # main() prints these as one line
         except Exception as exc:

@@ -50,6 +50,12 @@ def retrain_on_new_features(context: SensorEvaluationContext, training: Training
     after = int(context.cursor) if context.cursor else None
     symbols: set[str] = set()
     last = after
+    if after is None:  # the first tick only remembers where the history ends: no retrain of all of it
+        newest = context.instance.fetch_materializations(AssetKey("ml_features"), limit=1).records
+        return SensorResult(
+            cursor=str(newest[0].storage_id if newest else 0),
+            dynamic_partitions_requests=[AddDynamicPartitionsRequest(MODEL_SPECS.name, new_specs)] if new_specs else [],
+        )
     while True:
         records = context.instance.fetch_materializations(
             AssetRecordsFilter(asset_key=AssetKey("ml_features"), after_storage_id=last), limit=_BATCH, ascending=True
@@ -62,7 +68,7 @@ def retrain_on_new_features(context: SensorEvaluationContext, training: Training
         if len(records) < _BATCH:
             break
     requests = []
-    if after is not None and symbols:  # the first tick only sets the cursor: no retrain of all history
+    if symbols:
         for name, spec in sorted(specs.items()):
             if symbols & set(spec.symbols):
                 requests.append(RunRequest(run_key=f"{name}:{last}", partition_key=name,

@@ -192,6 +192,10 @@ def test_the_gate_promotes_a_better_model_refuses_a_worse_one_and_reproduces_exa
     assert again == meta1["trained_model"]["comparison_values"].value
     columns = ["symbol", "ts", "fold", "prediction", "prob_up", "prob_down"]
     assert read_predictions(loaded, name, 3).select(columns).equals(read_predictions(loaded, name, 1).select(columns))
+    rows = loaded.query_frame("SELECT rsi_14, adx_14 FROM ml_features LIMIT 200").to_pandas()
+    first_model, _ = registry.load_model(name, version="1")
+    again_model, _ = registry.load_model(name, version="3")
+    assert np.array_equal(first_model.predict_proba(rows), again_model.predict_proba(rows))  # the same model
 
 
 def test_an_unreachable_bus_does_not_fail_training_and_a_search_runs_its_budget(tmp_path, loaded, mlflow_dir):

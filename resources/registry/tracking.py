@@ -234,10 +234,10 @@ class ModelRegistry:
         for key, value in tags.items():
             self.client.set_model_version_tag(name, version, key, _text(value))
 
-    def load_model(self, name: str, alias: str = CHAMPION) -> tuple[Any, VersionInfo]:
-        """The native model (LightGBM/XGBoost/CatBoost scikit-learn object) holding ``alias``,
-        with its version's tags (family, task, target, features)."""
-        found = self.alias(name, alias)
+    def load_model(self, name: str, alias: str = CHAMPION, version: str | None = None) -> tuple[Any, VersionInfo]:
+        """The native model (LightGBM/XGBoost/CatBoost scikit-learn object) holding ``alias``
+        (or ``version``), with its version's tags (family, task, target, classes)."""
+        found = self.version(name, version) if version else self.alias(name, alias)
         if found is None:
             raise LookupError(f"registered model {name} has no version with alias {alias!r}")
         flavor = _flavor(found.tags.get("family", ""))

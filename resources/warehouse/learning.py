@@ -44,8 +44,8 @@ def read_training_rows(
     features: list[str] | None = None,
 ) -> pl.DataFrame:
     """Warm `ml_features` rows of one feature set whose ``target`` is known, bars opening in
-    ``[start, end)`` (either open), every symbol of ``symbols``. Read with FINAL: the table is
-    a ReplacingMergeTree and a re-materialized day must count once."""
+    ``[start, end)`` (either open), every symbol of ``symbols``, in no particular order. Read
+    with FINAL: the table is a ReplacingMergeTree and a re-materialized day must count once."""
     target = learning_target(target).name  # a known label column, never free text in the SQL
     wanted = list(dict.fromkeys([*(features or FEATURE_NAMES), PREVIOUS_RETURN]))
     unknown = [name for name in wanted if name not in FEATURE_NAMES]
@@ -62,10 +62,12 @@ def read_training_rows(
     if end is not None:
         where.append("ts < {end:DateTime('UTC')}")
         params["end"] = _day_start(end)
-    columns = [*KEY_COLUMNS, "feature_set", "warm", *wanted, target]
+    # Features travel as Float32, what the learners use: half the bytes. The dataset sorts the
+    # rows itself (polars), cheaper than an ORDER BY in the embedded engine.
+    features = ", ".join(f"CAST({name} AS Nullable(Float32)) AS {name}" for name in wanted)
+    columns = ", ".join([*KEY_COLUMNS, "feature_set", "warm"])
     frame = warehouse.query_frame(
-        f"SELECT {', '.join(columns)} FROM ml_features FINAL WHERE {' AND '.join(where)} ORDER BY close_ts, symbol",
-        params,
+        f"SELECT {columns}, {features}, {target} FROM ml_features FINAL WHERE {' AND '.join(where)}", params,
     )
     return seconds_to_datetime(frame, "ts", "close_ts") if frame.height else frame
 
