@@ -23,7 +23,7 @@ from assets.market_data import aggregates, market_ticks, vendor_candles
 from assets.partitions import SYMBOLS, day_symbol_key
 from orchestration.resources import resources_from_env
 from assets.training import champion_model, trained_model
-from sensors.training import retrain_on_new_features, train_models, weekly_retrain
+from sensors.training import retrain_on_new_features, sync_model_specs, train_models, weekly_retrain
 
 ingest_market_data = define_asset_job(
     "ingest_market_data",
@@ -78,6 +78,6 @@ defs = Definitions(
             trained_model, champion_model],
     jobs=[ingest_market_data, ingest_fred, ingest_commodities, ingest_calendar, train_models],
     schedules=[daily_market_data, weekly_fred, daily_commodities, daily_calendar, weekly_retrain],
-    sensors=[retrain_on_new_features],
+    sensors=[retrain_on_new_features, sync_model_specs],
     resources=resources_from_env(),
 )

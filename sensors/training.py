@@ -1,9 +1,10 @@
 """Retraining: when new features land (a sensor) and on a schedule.
 
-The sensor keeps the `model_specs` partitions in step with the specs file (a new spec
-becomes a partition without code) and, when `ml_features` partitions were materialized
-since its last tick, requests one training run per spec whose universe holds one of their
-symbols, at most one per spec per tick. The weekly schedule retrains every spec.
+`sync_model_specs` (on by default, cheap) keeps the `model_specs` partitions in step with
+the specs file: a spec added there appears in Dagster within a minute, no code, no reload.
+`retrain_on_new_features`, when `ml_features` partitions were materialized since its last
+tick, requests one training run per spec whose universe holds one of their symbols, at most
+one per spec per tick. The weekly schedule retrains every spec.
 """
 
 
@@ -17,6 +18,7 @@ from dagster import (
     ScheduleEvaluationContext,
     SensorEvaluationContext,
     SensorResult,
+    SkipReason,
     define_asset_job,
     schedule,
     sensor,
@@ -42,11 +44,23 @@ def _symbol_of(partition_key: str | None) -> str | None:
     return partition_key.split("|")[1]
 
 
+def _add_new_specs(context: SensorEvaluationContext, training: TrainingResource) -> list[AddDynamicPartitionsRequest]:
+    new = sorted(set(training.specs()) - set(context.instance.get_dynamic_partitions(MODEL_SPECS.name)))
+    return [AddDynamicPartitionsRequest(MODEL_SPECS.name, new)] if new else []
+
+
+@sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING)
+def sync_model_specs(context: SensorEvaluationContext, training: TrainingResource) -> SensorResult | SkipReason:
+    requests = _add_new_specs(context, training)
+    if not requests:
+        return SkipReason("every spec in the specs file is a partition")
+    return SensorResult(dynamic_partitions_requests=requests)
+
+
 @sensor(job=train_models, minimum_interval_seconds=1800, default_status=DefaultSensorStatus.STOPPED)
 def retrain_on_new_features(context: SensorEvaluationContext, training: TrainingResource) -> SensorResult:
     specs = training.specs()
-    known = set(context.instance.get_dynamic_partitions(MODEL_SPECS.name))
-    new_specs = sorted(set(specs) - known)
+    new_specs = _add_new_specs(context, training)  # a spec added since the last sync can train at once
     after = int(context.cursor) if context.cursor else None
     symbols: set[str] = set()
     last = after
@@ -54,7 +68,7 @@ def retrain_on_new_features(context: SensorEvaluationContext, training: Training
         newest = context.instance.fetch_materializations(AssetKey("ml_features"), limit=1).records
         return SensorResult(
             cursor=str(newest[0].storage_id if newest else 0),
-            dynamic_partitions_requests=[AddDynamicPartitionsRequest(MODEL_SPECS.name, new_specs)] if new_specs else [],
+            dynamic_partitions_requests=new_specs,
         )
     while True:
         records = context.instance.fetch_materializations(
@@ -76,7 +90,7 @@ def retrain_on_new_features(context: SensorEvaluationContext, training: Training
     return SensorResult(
         run_requests=requests,
         cursor=str(last if last is not None else 0),
-        dynamic_partitions_requests=[AddDynamicPartitionsRequest(MODEL_SPECS.name, new_specs)] if new_specs else [],
+        dynamic_partitions_requests=new_specs,
     )
 
 

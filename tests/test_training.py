@@ -27,7 +27,7 @@ from resources.registry.resource import RegistryResource
 from resources.training import TrainingResource
 from resources.warehouse.features import FEATURE_COLUMNS
 from resources.warehouse.learning import read_folds, read_predictions, read_promotions, read_training_runs
-from sensors.training import retrain_on_new_features
+from sensors.training import retrain_on_new_features, sync_model_specs
 from tests.natsserver import dead_url, fresh_mlflow_store, nats_server  # noqa: F401  (fixture)
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -240,6 +240,9 @@ def test_new_features_trigger_the_specs_that_use_them(tmp_path, warehouse, mlflo
         assert [r.partition_key for r in second.run_requests] == ["fx"]
         quiet = retrain_on_new_features(build_sensor_context(instance=instance, cursor=second.cursor, resources={"training": training}))
         assert not quiet.run_requests
+        path.write_text(yaml.safe_dump({"specs": [*specs, spec("gold", "c", symbols=["XAUUSD"])]}))  # a spec is added: data
+        synced = sync_model_specs(build_sensor_context(instance=instance, resources={"training": training}))
+        assert synced.dynamic_partitions_requests[0].partition_keys == ["gold"]
 
 
 @pytest.mark.parametrize(("family", "target_name", "params"), [
