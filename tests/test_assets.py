@@ -179,6 +179,7 @@ def test_definitions_load_and_the_schedule_covers_every_symbol():
     assert {a.key.to_user_string() for a in defs.resolve_all_asset_specs()} == {
         "market_ticks", "vendor_candles", "aggregates", "ml_features",
         "external_fred_indicators", "external_commodity_prices", "external_economic_calendar",
+        "trained_model", "champion_model",  # training (issue 10)
     }
 
     with instance_for_test() as persistent:  # schedules read symbols from a stored instance

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import date
+from pathlib import Path
 
 import pytest
 import yaml
@@ -48,7 +49,8 @@ def user(tmp_path, warehouse_dir, mlflow_db, dagster_home, monkeypatch):
     return WarehouseResource(embedded_path=str(warehouse_dir), database=database)
 
 
-def test_train_prints_progress_and_says_when_a_model_does_not_beat_the_baseline(user, capsys):
+def test_train_prints_progress_and_says_when_a_model_does_not_beat_the_baseline(user, mlflow_db, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where a stray ./mlruns would appear
     user.insert_frame("ml_features", planted_features(["EURUSD", "BTCUSD"], date(2024, 3, 4), 4, feature_set="planted",
                                                       signal=0.0).select(FEATURE_COLUMNS))
     assert main(["train", "noise"]) == 0
@@ -59,6 +61,8 @@ def test_train_prints_progress_and_says_when_a_model_does_not_beat_the_baseline(
     assert "lightgbm does not beat the baseline (LightGBM with defaults)" in out
     assert "gate: refused: does not beat the majority baseline" in out
     assert "registered: direction_1h.M5.cli v1" in out and "champion: unchanged" in out
+    store = Path(mlflow_db.removeprefix("sqlite:///")).parent
+    assert (store / "artifacts" / "direction_1h.M5.cli").is_dir() and not (tmp_path / "mlruns").exists()
     for candidate in ("model", "lightgbm_default", "majority", "previous_direction"):
         assert f"\n  {candidate:<20}" in out
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import yaml
-from dagster import DagsterInstance, build_sensor_context, materialize
+from dagster import DagsterInstance, build_schedule_context, build_sensor_context, instance_for_test, materialize
 from dagster import AssetMaterialization
 
 from assets.training import MODEL_SPECS, champion_model, trained_model
@@ -27,7 +27,7 @@ from resources.registry.resource import RegistryResource
 from resources.training import TrainingResource
 from resources.warehouse.features import FEATURE_COLUMNS
 from resources.warehouse.learning import read_folds, read_predictions, read_promotions, read_training_runs
-from sensors.training import retrain_on_new_features, sync_model_specs
+from sensors.training import retrain_on_new_features, sync_model_specs, weekly_retrain
 from tests.natsserver import dead_url, fresh_mlflow_store, nats_server  # noqa: F401  (fixture)
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -230,7 +230,7 @@ def test_new_features_trigger_the_specs_that_use_them(tmp_path, warehouse, mlflo
     path = tmp_path / "specs.yaml"
     path.write_text(yaml.safe_dump({"specs": specs}))
     training = TrainingResource(specs_path=str(path))
-    with DagsterInstance.ephemeral() as instance:
+    with instance_for_test() as instance:  # schedules need a stored instance
         first = retrain_on_new_features(build_sensor_context(instance=instance, resources={"training": training}))
         assert not first.run_requests  # the first tick only remembers where it is
         assert first.dynamic_partitions_requests[0].partition_keys == ["crypto", "fx"]
@@ -243,6 +243,10 @@ def test_new_features_trigger_the_specs_that_use_them(tmp_path, warehouse, mlflo
         path.write_text(yaml.safe_dump({"specs": [*specs, spec("gold", "c", symbols=["XAUUSD"])]}))  # a spec is added: data
         synced = sync_model_specs(build_sensor_context(instance=instance, resources={"training": training}))
         assert synced.dynamic_partitions_requests[0].partition_keys == ["gold"]
+        saturday = datetime(2024, 3, 9, 3, tzinfo=UTC)
+        with build_schedule_context(instance, scheduled_execution_time=saturday, resources={"training": training}) as context:
+            weekly = list(weekly_retrain(context))  # the context closes the instance it opened
+        assert [(r.partition_key, r.run_key) for r in weekly] == [("crypto", "2024-03-09|crypto"), ("fx", "2024-03-09|fx")]
 
 
 @pytest.mark.parametrize(("family", "target_name", "params"), [

@@ -83,7 +83,7 @@ class ModelRegistry:
         self.embedded = not (tracking_uri or env_uri)
         home = default_tracking_dir()
         self.tracking_uri = tracking_uri or env_uri or f"sqlite:///{home / 'mlflow.db'}"
-        self.artifact_root = artifact_root or (str(home / "artifacts") if self.embedded else None)
+        self.artifact_root = artifact_root or _artifact_root(self.tracking_uri, home)
         self.ui_url = (ui_url or os.environ.get("MLFLOW_UI_URL")
                        or (self.tracking_uri if self.tracking_uri.startswith("http") else "http://127.0.0.1:5000")).rstrip("/")
         self._client: Any = None
@@ -248,6 +248,19 @@ class ModelRegistry:
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=self.tracking_uri)
             model = flavor.load_model(local)
         return model, found
+
+
+def _artifact_root(tracking_uri: str, home: Path) -> str | None:
+    """Where new experiments keep artifacts: a server decides for itself; a database URI
+    would otherwise default to ``./mlruns`` in whatever folder the process runs in, so
+    SQLite keeps them beside its file and other databases under ``MLFLOW_ARTIFACT_ROOT`` or
+    ``$TRADEFORGE_HOME/mlflow/artifacts``."""
+    scheme = tracking_uri.split(":", 1)[0].lower()
+    if scheme in ("http", "https", "databricks"):
+        return None
+    if tracking_uri.startswith("sqlite:///"):
+        return str(Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts")
+    return os.environ.get("MLFLOW_ARTIFACT_ROOT") or str(home / "artifacts")
 
 
 _CLIENTS: dict[str, Any] = {}
