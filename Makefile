@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test ui bench clean
+.PHONY: install demo test ui bench clean mlflow
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "tradeforge needs Python 3.11, found " + sys.version' 
@@ -23,6 +23,9 @@ test: install  ## the full test suite, on real engines it starts itself
 
 ui: install  ## the Dagster UI on the demo's instance and warehouse
 	$(BIN)/tradeforge ui
+
+mlflow: install  ## the MLflow UI on the demo's tracking store
+	$(BIN)/tradeforge mlflow ui
 
 bench: install  ## throughput benchmarks against their baselines
 	$(BIN)/python -m benchmarks

@@ -11,6 +11,7 @@ from dagster import AssetExecutionContext, AutomationCondition, Config, Material
 from models.broker.analysis import predictions_vs_trades, price_deviation, quote_minutes, spread_by_hour
 from models.market.instruments import instrument
 from models.market.timeframes import Timeframe
+from resources.warehouse.commits import visible
 from resources.warehouse import WarehouseResource
 from resources.warehouse.broker import read_quote_minutes, read_quotes, read_trades, write_quote_minutes
 from resources.warehouse.market import read_bars
@@ -80,7 +81,7 @@ def broker_vs_vendor(context: AssetExecutionContext, config: BrokerWindow, wareh
     })
 
 
-@asset(group_name=GROUP, deps=["model_predictions"], automation_condition=AutomationCondition.on_cron("0 * * * *"),
+@asset(group_name=GROUP, deps=["trained_model"], automation_condition=AutomationCondition.on_cron("0 * * * *"),
        description="The user's trades (broker_trades) against the system's predictions known when each opened: aligned "
                    "or divergent, win rates, the prediction's hit rate.")
 def predictions_vs_user_trades(context: AssetExecutionContext, config: PredictionWindow,
@@ -97,7 +98,7 @@ def predictions_vs_user_trades(context: AssetExecutionContext, config: Predictio
     predictions = warehouse.query_frame(
         "SELECT model_name, model_version, symbol, timeframe, ts, close_ts, fold, target, prediction, prob_up, feature_set "
         "FROM model_predictions WHERE symbol IN {symbols:Array(String)} AND close_ts >= {start:DateTime('UTC')} "
-        "AND close_ts < {end:DateTime('UTC')}",
+        f"AND close_ts < {{end:DateTime('UTC')}} AND {visible('model_predictions')}",
         {"symbols": symbols, "start": start - timedelta(days=1), "end": end},
     )
     if predictions.is_empty():

@@ -11,6 +11,7 @@ from benchmarks.backtest import bench_backtest
 from benchmarks.candles import bench_candles
 from benchmarks.features import bench_features
 from benchmarks.history import bench_history
+from benchmarks.training import bench_training
 from benchmarks.vendors import bench_vendors
 from benchmarks.warehouse import bench_warehouse
 
@@ -21,6 +22,7 @@ BENCHMARKS = {
     "features": bench_features,
     "vendors": bench_vendors,
     "history": bench_history,
+    "training": bench_training,
     "backtest": bench_backtest,
 }
 

@@ -7,6 +7,7 @@ traceback (``TRADEFORGE_DEBUG=1`` shows it); commands that use local state say w
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -193,6 +194,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _print(_summary_tables(session, symbols))
     _print(f"done in {time.perf_counter() - started:.1f}s: {len(symbols) * args.days} partitions of market_ticks, "
            f"vendor_candles, aggregates, ml_features" + (f" ({warnings} check warnings above)" if warnings else ""))
+    if demo_training(instance, resources, symbols):
+        return 1
     _print("")
     _print("Open the Dagster UI on the same data:")
     _print("  make ui        (or: .venv/bin/tradeforge ui)  ->  http://127.0.0.1:3000")
@@ -370,6 +373,210 @@ def cmd_features(args: argparse.Namespace) -> int:
         print(catalog_markdown())
     else:
         print(f"{feature_set_version()}: {len(FEATURES)} features")
+    return 0
+
+
+# -- training (issue 10) ------------------------------------------------------------------
+DEMO_SPEC = "demo_lightgbm_direction_1h"
+DEMO_MIN_ROWS = 500
+
+
+def _one_line(command):
+    """Any error of a training command becomes one line and exit 1, never a traceback."""
+    import functools
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except KeyboardInterrupt:
+            print("tradeforge: interrupted (a search resumes where it stopped: run the same command again)", file=sys.stderr)
+            return 130
+        except (ValueError, RuntimeError):
+            raise  # main() prints these as one line
+        except Exception as exc:
+            raise RuntimeError(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+
+    return run
+
+
+class _Lines(logging.Handler):
+    """Log records as plain lines on whatever ``sys.stdout`` is at the time."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"  {record.getMessage()}", flush=True)
+
+
+def _progress_lines() -> None:
+    """Training progress (the `tradeforge.training` logger) as plain lines on stdout."""
+    logger = logging.getLogger("tradeforge.training")
+    if not any(isinstance(h, _Lines) for h in logger.handlers):
+        logger.addHandler(_Lines())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _failure_line(result) -> str:
+    """The reason a Dagster run failed, as one line: the Failure's description, or the
+    innermost error of the step that failed."""
+    for event in result.all_events:
+        if not event.is_step_failure:
+            continue
+        data = event.step_failure_data
+        if data.user_failure_data is not None and data.user_failure_data.description:
+            return data.user_failure_data.description
+        error = data.error
+        while error is not None and error.cause is not None:
+            error = error.cause
+        if error is not None:
+            return error.message.strip().splitlines()[-1] if error.message.strip() else error.cls_name or "unknown error"
+    return "the run failed; see it in the Dagster UI"
+
+
+def _format_summary(meta: dict, checks: dict) -> list[str]:
+    comparison = meta["comparison_values"].value
+    metric = meta["metric"].value
+    names = ["model", "lightgbm_default", "majority", "previous_direction", "champion"]
+    columns = list(comparison["model"])
+    lines = [f"out of sample (mean over folds; {metric} decides):",
+             "  " + f"{'candidate':<20}" + "".join(f"{c:>10}" for c in columns)]
+    for name in names:
+        if name in comparison:
+            values = comparison[name]
+            lines.append("  " + f"{name:<20}" + "".join(f"{'-' if values[c] is None else format(values[c], '.5f'):>10}" for c in columns))
+    value, baseline = meta[metric].value, meta[f"baseline_{metric}"].value
+    verdict = "beats" if meta["beats_baseline"].value else "does not beat"
+    lines.append(f"{meta['family'].value} {verdict} the baseline (LightGBM with defaults): {metric} "
+                 f"{value:.5f} vs {baseline:.5f}")
+    gate = checks.get("promotion_gate")
+    if gate is not None:
+        lines.append(f"gate: {'approved' if gate.passed else 'refused'}: {gate.description}")
+    return lines
+
+
+def _train_spec(instance, resources, spec_name: str, n_trials: int | None = None) -> int:
+    """Materialize `trained_model` (and `champion_model`, run only when the gate passes) for
+    one spec; progress lines, then the summary. A refused challenger is an answer, not an
+    error: exit 0. A failed training is one line and exit 1."""
+    from dagster import materialize
+
+    from assets.training import MODEL_SPECS, champion_model, trained_model
+
+    spec = resources["training"].spec(spec_name)
+    instance.add_dynamic_partitions(MODEL_SPECS.name, [spec.name])
+    registry = resources["registry"].process_config_and_initialize().get_client()
+    _print(f"training {spec.name}: {spec.family} on {spec.target}, {spec.timeframe.value} {', '.join(spec.symbols)} "
+           f"-> registered model {spec.registered_model_name}")
+    _print(f"  tracking: {registry.describe()}")
+    _progress_lines()
+    # Dagster's console would print a failed step's traceback: the summary says it in one line.
+    run_config: dict = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+    if n_trials:
+        run_config["ops"] = {"trained_model": {"config": {"n_trials": n_trials}}}
+    t0 = time.perf_counter()
+    result = materialize([trained_model, champion_model], partition_key=spec.name, instance=instance, resources=resources,
+                         run_config=run_config, raise_on_error=False, tags={"tradeforge/source": "cli"})
+    materialized = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    if "trained_model" not in materialized:
+        print(f"tradeforge: training {spec.name} failed: {_failure_line(result)}", file=sys.stderr)
+        return 1
+    meta = materialized["trained_model"]
+    for line in _format_summary(meta, checks):
+        _print(line)
+    _print(f"registered: {meta['registered_model'].value}  {meta['registered_model_url'].value}")
+    _print(f"MLflow run: {meta['mlflow_run'].value}  (open with: tradeforge mlflow ui)")
+    bus = resources["bus"].process_config_and_initialize().get_client()
+    events = meta["bus_events"].value
+    _print(f"bus: {events} events on training.*.{meta['run_id'].value} via {bus.describe()}" if events
+           else f"bus: {bus.describe()} unreachable; no events published (the training went on)")
+    if "champion_model" in materialized:
+        _print(f"champion: {materialized['champion_model']['champion'].value}")
+    elif not checks.get("promotion_gate") or checks["promotion_gate"].passed:
+        print(f"tradeforge: promotion of {meta['registered_model'].value} failed: {_failure_line(result)}", file=sys.stderr)
+        return 1
+    else:
+        _print("champion: unchanged (the challenger stays `challenger`)")
+    _print(f"done in {time.perf_counter() - t0:.1f}s (Dagster run {result.run_id})")
+    return 0
+
+
+@_one_line
+def cmd_train(args: argparse.Namespace) -> int:
+    from dagster import DagsterInstance
+
+    from orchestration.instance import ensure_dagster_home
+    from orchestration.resources import resources_from_env
+    from resources.training import TrainingResource
+
+    ensure_dagster_home()
+    resources = resources_from_env()
+    if args.specs:
+        resources["training"] = TrainingResource(specs_path=args.specs)
+    if args.list:
+        for name, spec in resources["training"].specs().items():
+            _print(f"{name:<40} {spec.family:<9} {spec.target:<13} {spec.timeframe.value:<4} {spec.registered_model_name}")
+        return 0
+    if not args.spec:
+        raise ValueError("name a model spec (tradeforge train --list shows them)")
+    return _train_spec(DagsterInstance.get(), resources, args.spec, args.trials)
+
+
+def demo_training(instance, resources, symbols: Sequence[str]) -> int:
+    """The demo's last step: train and register the demo's LightGBM on the features just built
+    (skipped, with the reason, when the demo ran too few days for warm feature rows)."""
+    from models.features.registry import feature_set_version
+    from resources.warehouse.commits import visible
+
+    _print("")
+    spec = resources["training"].spec(DEMO_SPEC)
+    warehouse = resources["warehouse"].process_config_and_initialize()
+    rows = warehouse.query_frame(
+        f"SELECT count() AS n FROM ml_features WHERE feature_set = {{fs:String}} AND timeframe = {{tf:String}} "
+        f"AND symbol IN {{symbols:Array(String)}} AND warm = 1 AND {spec.target} IS NOT NULL AND {visible('ml_features')}",
+        {"fs": feature_set_version(), "tf": spec.timeframe.value, "symbols": list(symbols)},
+    )["n"][0]
+    if rows < DEMO_MIN_ROWS:
+        _print(f"training: skipped, {rows:,} warm {spec.timeframe.value} rows with a {spec.target} label (at least "
+               f"{DEMO_MIN_ROWS:,} needed; the warm-up takes ~5.2 days of M5 bars: run the demo with --days 7 or more)")
+        return 0
+    return _train_spec(instance, resources, DEMO_SPEC)
+
+
+@_one_line
+def cmd_mlflow(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from resources.registry import ModelRegistry
+
+    registry = ModelRegistry()
+    if not registry.embedded:
+        _print(f"MLFLOW_TRACKING_URI selects {registry.describe()}: open {registry.ui_url} in a browser")
+        return 0
+    mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or shutil.which("mlflow")
+    if mlflow is None:
+        _print("mlflow is not installed in this environment; run `make demo` first")
+        return 1
+    Path(registry.artifact_root).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
+    _print(f"{registry.describe()} -> http://{args.host}:{args.port}")
+    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", registry.tracking_uri, "--default-artifact-root",
+                      Path(registry.artifact_root).as_uri(), "--host", args.host, "--port", str(args.port),  # type: ignore[arg-type]
+                      "--workers", "1"])
+    return 0  # not reached
+
+
+@_one_line
+def cmd_bus(args: argparse.Namespace) -> int:
+    from resources.bus import EmbeddedNatsServer
+
+    server = EmbeddedNatsServer()
+    if args.action == "stop":
+        _print(f"stopped the embedded nats-server on {server.url}" if server.stop() else "no embedded nats-server was running")
+    elif args.action == "start":
+        server.ensure()
+        _print(f"embedded nats-server on {server.url}, JetStream under {server.store_dir}")
+    else:
+        _print(f"{server.url}: {'running' if server.running() else 'not running'} (JetStream under {server.store_dir})")
     return 0
 
 
@@ -572,6 +779,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--strategy", default="default", help="the strategy whose magic number marks our orders")
     check.add_argument("--fake", action="store_true", help="a dry run on the fake terminal (any platform)")
     check.set_defaults(func=cmd_broker_check)
+
+    train = commands.add_parser("train", help="train a model spec (orchestration/model_specs.yaml), gate it, register it")
+    train.add_argument("spec", nargs="?", help="the spec's name")
+    train.add_argument("--list", action="store_true", help="list the specs")
+    train.add_argument("--trials", type=_positive_int, default=None, help="override the spec's search budget")
+    train.add_argument("--specs", default="", help="another specs file (default: orchestration/model_specs.yaml)")
+    train.set_defaults(func=cmd_train)
+
+    mlflow = commands.add_parser("mlflow", help="MLflow: the UI on the embedded tracking store")
+    mlflow.add_argument("action", choices=["ui"])
+    mlflow.add_argument("--host", default="127.0.0.1")
+    mlflow.add_argument("--port", type=int, default=5000)
+    mlflow.set_defaults(func=cmd_mlflow)
+
+    bus = commands.add_parser("bus", help="the embedded NATS server: status, start, stop")
+    bus.add_argument("action", choices=["status", "start", "stop"])
+    bus.set_defaults(func=cmd_bus)
 
     ui = commands.add_parser("ui", help="start the Dagster UI on this project's instance")
     ui.add_argument("--host", default="127.0.0.1")

@@ -25,6 +25,8 @@ from assets.market_data import aggregates, market_ticks, vendor_candles
 from assets.partitions import SYMBOLS, day_symbol_key
 from orchestration.resources import resources_from_env
 from sensors.labels import labels_follow_candles
+from assets.training import champion_model, trained_model
+from sensors.training import retrain_on_new_features, sync_model_specs, train_models, weekly_retrain
 
 ingest_market_data = define_asset_job(
     "ingest_market_data",
@@ -78,9 +80,9 @@ defs = Definitions(
     assets=[market_ticks, vendor_candles, aggregates, ml_features,
             external_fred_indicators, external_commodity_prices, external_economic_calendar,
             backtest,
-            *BROKER_ASSETS],
-    jobs=[ingest_market_data, ingest_fred, ingest_commodities, ingest_calendar],
-    schedules=[daily_market_data, weekly_fred, daily_commodities, daily_calendar],
-    sensors=[labels_follow_candles],
+            *BROKER_ASSETS, trained_model, champion_model],
+    jobs=[ingest_market_data, ingest_fred, ingest_commodities, ingest_calendar, train_models],
+    schedules=[daily_market_data, weekly_fred, daily_commodities, daily_calendar, weekly_retrain],
+    sensors=[labels_follow_candles, retrain_on_new_features, sync_model_specs],
     resources=resources_from_env(),
 )

@@ -19,6 +19,9 @@ from resources.external.calendar import EconomicCalendarResource
 from resources.external.fred import FredResource
 from resources.external.yahoo import YahooFinanceResource
 from resources.market_data import MarketDataResource, SyntheticMarketResource, check_vendor_names
+from resources.bus.resource import bus_from_env
+from resources.registry.resource import registry_from_env
+from resources.training import training_from_env
 from resources.vendors.dukascopy import DukascopyResource
 from resources.vendors.files import FileImportResource
 from resources.vendors.polygon import PolygonResource
@@ -100,4 +103,8 @@ def resources_from_env() -> dict[str, Any]:
         "calendar": EconomicCalendarResource(
             directory=calendar_dir, **_urls(env, feed_url="CALENDAR_FEED_URL"), **_budget(env, "CALENDAR")
         ),
+        # training: MLflow, NATS, model specs
+        "registry": registry_from_env(),
+        "bus": bus_from_env(),
+        "training": training_from_env(),
     }

@@ -183,7 +183,8 @@ def test_definitions_load_and_the_schedule_covers_every_symbol():
         "market_ticks", "vendor_candles", "aggregates", "ml_features",
         "external_fred_indicators", "external_commodity_prices", "external_economic_calendar", "backtest",
         # broker data (MT5 slice); model_predictions is the training slice's table, declared as its input
-        "broker_quotes_m1", "broker_vs_vendor", "predictions_vs_user_trades", "model_predictions",
+        "broker_quotes_m1", "broker_vs_vendor", "predictions_vs_user_trades",
+        "trained_model", "champion_model",
     }
 
     with instance_for_test() as persistent:  # schedules read symbols from a stored instance

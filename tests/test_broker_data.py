@@ -8,6 +8,10 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import polars as pl
+
+from resources.warehouse.client import TableWrite
+from resources.warehouse.commits import PARTITIONED
+from resources.warehouse.learning import PREDICTION_COLUMNS
 import pytest
 from dagster import DagsterInstance, materialize
 
@@ -195,16 +199,13 @@ def test_the_broker_assets_on_the_warehouse(warehouse):
     bars = _vendor_bars(start, 60)
     days = sorted({d.date() for d in bars["ts"].to_list()})
     write_bars(warehouse, "EURUSD", days, bars)
-    # model_predictions belongs to the training slice (migration 10); until it lands, the test creates it with its columns
-    warehouse.command("""
-        CREATE TABLE IF NOT EXISTS model_predictions (
-            model_name LowCardinality(String), model_version String, symbol LowCardinality(String),
-            timeframe LowCardinality(String), ts DateTime('UTC'), close_ts DateTime('UTC'), fold UInt16,
-            target LowCardinality(String), prediction Float64, prob_up Nullable(Float64), feature_set LowCardinality(String)
-        ) ENGINE = MergeTree ORDER BY (model_name, symbol, timeframe, ts)""")
+    # the model's out-of-sample predictions, stored as a training stores them (one committed model version)
     preds = _predictions().with_columns(pl.col("ts", "close_ts") + (start - datetime(2024, 3, 4, 10, 0, tzinfo=UTC)))
-    warehouse.insert_frame("model_predictions", preds.with_columns(pl.col("ts", "close_ts").dt.cast_time_unit("ms"),
-                                                                   pl.col("fold").cast(pl.UInt16)))
+    preds = preds.with_columns(pl.col("ts", "close_ts").dt.cast_time_unit("ms"), pl.col("fold").cast(pl.Int16),
+                               pl.col("model_version").cast(pl.UInt32), run_id=pl.lit("r1"), label=pl.lit(1.0),
+                               prob_down=1 - pl.col("prob_up"), prob_flat=pl.lit(None, pl.Float64))
+    warehouse.replace(TableWrite("model_predictions", "model_name = 'lgbm'", {}, preds.select(PREDICTION_COLUMNS),
+                                 [PARTITIONED["model_predictions"].scope("lgbm", 3)]))
     trades = _trades().with_columns(pl.col("ts") + (start - datetime(2024, 3, 4, 10, 0, tzinfo=UTC)))
     write_trades(warehouse, trades.with_columns(login=pl.lit(1), server=pl.lit("s"), order_ticket=pl.col("deal"), volume=pl.lit(0.1),
                                                 units=pl.lit(10_000.0), price=pl.lit(1.1), magic=pl.lit(0), reason=pl.lit("client"),

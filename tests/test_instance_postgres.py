@@ -78,4 +78,6 @@ def test_sqlite_is_the_default(monkeypatch, tmp_path):
     home = ensure_dagster_home()
     with DagsterInstance.get() as instance:
         assert type(instance.run_storage).__name__ == "SqliteRunStorage"
-    assert (home / "dagster.yaml").read_text().count("storage:") == 0
+        assert type(instance.event_log_storage).__name__ == "FastSqliteEventLogStorage"
+    text = (home / "dagster.yaml").read_text()
+    assert "\nstorage:" not in text and "postgres" not in text

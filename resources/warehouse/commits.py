@@ -52,7 +52,10 @@ PARTITIONED: dict[str, Partitioned] = {
         Partitioned("external_fred_indicators", "toString(week)", ("week",)),
         Partitioned("external_commodity_prices", "toString(date)", ("day",)),
         Partitioned("external_economic_calendar", _DAY.format("ts"), ("day",)),
-        *(Partitioned(table, "run_id", ("run_id",)) for table in ("backtest_runs", "backtest_trades", "backtest_equity")),
+        *(Partitioned(table, "concat(model_name, '|', toString(model_version))", ("model_name", "model_version"))
+          for table in ("model_predictions", "model_folds")),
+        *(Partitioned(table, "run_id", ("run_id",))
+          for table in ("training_runs", "training_metrics", "backtest_runs", "backtest_trades", "backtest_equity")),
     )
 }
 

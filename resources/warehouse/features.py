@@ -102,3 +102,12 @@ def read_external(warehouse: Warehouse, symbol: str, first_bar: datetime, end: d
     events = read_calendar(warehouse, list(instrument(symbol).currencies), first_bar - timedelta(days=31), end + timedelta(days=31))
     values = pl.concat([fred_values(vintages), commodity_values(prices)])
     return ExternalData(values=values, events=symbol_events(events, instrument(symbol).currencies))
+
+
+def store_feature_rows(warehouse: Warehouse, rows: pl.DataFrame) -> None:
+    """Write feature rows made elsewhere (a file, a test's planted frame): per symbol and
+    feature set, every UTC day they span replaced, as the asset writes them."""
+    for (symbol, feature_set), part in rows.partition_by("symbol", "feature_set", as_dict=True).items():
+        first, last = part["ts"].min().date(), part["ts"].max().date()
+        days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
+        write_features(warehouse, symbol, feature_set, days, part)

@@ -262,6 +262,137 @@ MIGRATIONS: tuple[Migration, ...] = (
             lambda client: _rebuild(client, "ml_features", "ORDER BY (symbol, timeframe, feature_set, ts)"),
         ),
     ),
+    # -- training (issue 10): migrations 10 and 11 ------------------------------------------
+    Migration(
+        10,
+        "model_predictions (out-of-sample only) and model_folds",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS model_predictions (
+                model_name LowCardinality(String) COMMENT 'registered model: target.timeframe.universe',
+                model_version UInt32 COMMENT 'MLflow model version',
+                run_id String COMMENT 'MLflow run',
+                symbol LowCardinality(String),
+                timeframe LowCardinality(String),
+                ts DateTime('UTC') COMMENT 'bar open',
+                close_ts DateTime('UTC') COMMENT 'bar close: when the prediction could be made',
+                fold UInt16 COMMENT 'walk-forward fold whose test rows hold the bar',
+                target LowCardinality(String),
+                label Float64 COMMENT 'the realized target (a return, or -1/0/+1)',
+                prediction Float64 COMMENT 'classes: -1/+1 (binary: up or not), -1/0/+1 (barrier); returns: the forecast',
+                prob_up Nullable(Float64) COMMENT 'classifiers: P(target > 0)',
+                prob_down Nullable(Float64) COMMENT 'binary: P(not up); barrier: P(lower barrier first)',
+                prob_flat Nullable(Float64) COMMENT 'barrier: P(neither barrier)',
+                feature_set LowCardinality(String),
+                written_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = MergeTree
+            PARTITION BY toYYYYMM(ts)
+            ORDER BY (model_name, model_version, symbol, timeframe, ts)
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS model_folds (
+                model_name LowCardinality(String),
+                model_version UInt32,
+                run_id String,
+                fold Int16 COMMENT '0.. walk-forward folds; -1 the registered model, fitted on every row',
+                symbols Array(String),
+                timeframe LowCardinality(String),
+                target LowCardinality(String),
+                scheme LowCardinality(String),
+                train_start DateTime('UTC') COMMENT 'bar open of the first training row',
+                train_end DateTime('UTC') COMMENT 'bar open of the last training row',
+                train_label_end DateTime('UTC') COMMENT 'when the last training label was known: its close + horizon',
+                test_start Nullable(DateTime('UTC')) COMMENT 'the fold boundary: bars closing from here are tested',
+                test_end Nullable(DateTime('UTC')) COMMENT 'the next boundary (exclusive)',
+                train_rows UInt32,
+                test_rows UInt32,
+                purged_rows UInt32 COMMENT 'rows whose label window reached the test fold',
+                embargoed_rows UInt32,
+                embargo_s UInt32,
+                horizon_s UInt32,
+                feature_set LowCardinality(String),
+                written_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = MergeTree
+            ORDER BY (model_name, model_version, fold)
+            """,
+            # a training's rows are replaced all or nothing (resources/warehouse/commits.py)
+            *(f"ALTER TABLE {table} {', '.join(hidden_columns_sql(table))}" for table in ('model_predictions', 'model_folds')),
+        ),
+    ),
+    Migration(
+        11,
+        "training_runs, training_metrics, model_promotions",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS training_runs (
+                run_id String COMMENT 'MLflow run',
+                spec LowCardinality(String),
+                model_name LowCardinality(String),
+                model_version Nullable(UInt32),
+                family LowCardinality(String),
+                target LowCardinality(String),
+                timeframe LowCardinality(String),
+                symbols Array(String),
+                feature_set LowCardinality(String),
+                fingerprint String,
+                rows UInt32,
+                features UInt16,
+                data_start Nullable(DateTime('UTC')),
+                data_end Nullable(DateTime('UTC')),
+                folds UInt16,
+                params String COMMENT 'JSON: the parameters the model was fitted with',
+                search_trials UInt32,
+                metric LowCardinality(String) COMMENT 'the deciding metric (search objective, gate)',
+                value Nullable(Float64) COMMENT 'mean out-of-fold value of the metric',
+                baseline_value Nullable(Float64) COMMENT 'LightGBM with defaults, same folds',
+                beats_baselines UInt8,
+                gate_decision LowCardinality(String),
+                status LowCardinality(String) COMMENT 'completed | failed',
+                error String,
+                seed Int64,
+                code_version String,
+                dagster_run_id String,
+                started_at DateTime64(3, 'UTC'),
+                finished_at DateTime64(3, 'UTC'),
+                seconds Float64,
+                learner_seconds Float64
+            ) ENGINE = MergeTree
+            ORDER BY (spec, started_at, run_id)
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS training_metrics (
+                run_id String,
+                model_name LowCardinality(String),
+                model_version Nullable(UInt32),
+                candidate LowCardinality(String) COMMENT 'model | majority | previous_direction | lightgbm_default | champion',
+                scope LowCardinality(String) COMMENT 'fold | mean (over folds) | overall (all out-of-sample rows)',
+                fold Int16 COMMENT '-1 unless scope = fold',
+                metric LowCardinality(String),
+                value Nullable(Float64),
+                written_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = MergeTree
+            ORDER BY (run_id, candidate, scope, fold, metric)
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS model_promotions (
+                model_name LowCardinality(String),
+                model_version UInt32,
+                run_id String,
+                decision LowCardinality(String) COMMENT 'approved | refused (the gate) | promoted (alias moved)',
+                reason String,
+                metric LowCardinality(String),
+                challenger_value Nullable(Float64),
+                champion_value Nullable(Float64),
+                champion_version Nullable(UInt32) COMMENT 'the champion it was compared with or replaced',
+                margin Float64,
+                decided_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = MergeTree
+            ORDER BY (model_name, decided_at, model_version)
+            """,
+            # a training's rows are replaced all or nothing (resources/warehouse/commits.py)
+            *(f"ALTER TABLE {table} {', '.join(hidden_columns_sql(table))}" for table in ('training_runs', 'training_metrics')),
+        ),
+    ),
     Migration(
         12,
         "backtests: runs with their headline numbers, trades, equity per bar",

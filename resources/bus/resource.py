@@ -1,0 +1,36 @@
+"""The Dagster resource over the bus client (kept apart so the client imports without Dagster)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from dagster import ConfigurableResource, EnvVar
+from pydantic import Field
+
+from resources.bus.client import DEFAULT_PORT, TRAINING_STREAM, BlockingBus, EventPublisher, NatsBus
+
+
+class BusResource(ConfigurableResource):
+    """NATS: ``url`` (``NATS_URL``) selects a server or cluster; unset, a local nats-server
+    with JetStream under ``$TRADEFORGE_HOME/nats`` is started on demand."""
+
+    url: str | None = Field(default=None, description="nats://host:4222 (several: comma-separated); unset: embedded")
+    store_dir: str | None = Field(default=None, description="JetStream folder of the embedded server")
+    embedded_port: int = Field(default=DEFAULT_PORT, description="port of the embedded server on 127.0.0.1")
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+
+    def get_client(self) -> NatsBus:
+        return NatsBus(self.url or None, self.store_dir, self.connect_timeout_s, embedded_port=self.embedded_port)
+
+    def blocking(self) -> BlockingBus:
+        return BlockingBus(self.get_client())
+
+    def training_events(self, logger: logging.Logger | None = None) -> EventPublisher:
+        """Publisher of ``training.*`` events; never raises."""
+        return EventPublisher(self.blocking, TRAINING_STREAM, logger)
+
+
+def bus_from_env() -> BusResource:
+    """``NATS_URL`` stays an ``EnvVar`` (it may carry a token or credentials)."""
+    return BusResource(url=EnvVar("NATS_URL")) if os.environ.get("NATS_URL") else BusResource()
