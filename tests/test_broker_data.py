@@ -8,10 +8,6 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import polars as pl
-
-from resources.warehouse.client import TableWrite
-from resources.warehouse.commits import PARTITIONED
-from resources.warehouse.learning import PREDICTION_COLUMNS
 import pytest
 from dagster import DagsterInstance, materialize
 
@@ -33,6 +29,9 @@ from resources.warehouse.broker import (
 )
 from resources.warehouse.market import write_bars
 from models.trading.orders import Order, OrderType, Side
+from resources.warehouse.client import TableWrite
+from resources.warehouse.commits import PARTITIONED
+from resources.warehouse.learning import PREDICTION_COLUMNS
 
 T0 = 1_709_546_400_000  # 2024-03-04 10:00 UTC
 
