@@ -1,0 +1,81 @@
+"""Wire formats on the bus that several programs share: a closed bar on ``bars.{SYM}.{TF}``.
+
+A bar travels as JSON: the columns of :data:`models.market.candles.BAR_SCHEMA`, ``ts`` (the
+bar's open) and ``close_ts`` as epoch milliseconds UTC. Its ``Nats-Msg-Id`` is
+``bar:{SYM}:{TF}:{ts}``, so a bar published twice (a replay restarted, a collector reconnecting)
+is stored once by JetStream. :func:`decode_bar` refuses anything a runner must not act on
+with a :class:`BadMessage` naming the reason (the runner counts, publishes and skips it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from models.market.timeframes import Timeframe
+
+BAR_FIELDS = ("symbol", "timeframe", "ts", "close_ts", "open", "high", "low", "close", "bid_close", "ask_close",
+              "volume", "tick_count", "quote_count", "spread_mean", "spread_max", "vwap", "source")
+_PRICES = ("open", "high", "low", "close")
+_OPTIONAL = ("bid_close", "ask_close", "spread_mean", "spread_max")
+
+
+class BadMessage(ValueError):
+    """A message that is not a usable bar; ``reason`` is a short code for counting."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def bar_msg_id(symbol: str, timeframe: str, ts_ms: int) -> str:
+    return f"bar:{symbol}:{timeframe}:{ts_ms}"
+
+
+def encode_bar(bar: dict[str, Any]) -> bytes:
+    """A bar (a row of BAR_SCHEMA plus ``close_ts``; datetimes or epoch ms) as JSON bytes."""
+    out = {}
+    for name in BAR_FIELDS:
+        value = bar.get(name)
+        if hasattr(value, "timestamp"):
+            value = round(value.timestamp() * 1000)
+        out[name] = value
+    return json.dumps(out, separators=(",", ":")).encode()
+
+
+def decode_bar(payload: bytes, subject: str | None = None) -> dict[str, Any]:
+    """The bar in ``payload``, checked: JSON object, every field, a known timeframe, a symbol
+    and timeframe that match ``subject``, integral times with ``close_ts > ts``, finite
+    positive prices, low <= open, close <= high, non-negative volume and counts."""
+    try:
+        bar = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadMessage("malformed", f"not JSON ({exc})") from None
+    if not isinstance(bar, dict):
+        raise BadMessage("malformed", f"a JSON {type(bar).__name__}, not an object")
+    missing = [name for name in BAR_FIELDS if name not in bar]
+    if missing:
+        raise BadMessage("malformed", f"missing {', '.join(missing)}")
+    if bar["timeframe"] not in Timeframe.__members__:
+        raise BadMessage("malformed", f"unknown timeframe {bar['timeframe']!r}")
+    if subject is not None and subject != f"bars.{bar['symbol']}.{bar['timeframe']}":
+        raise BadMessage("wrong_subject", f"a {bar['symbol']} {bar['timeframe']} bar on {subject}")
+    for name in ("ts", "close_ts"):
+        if not isinstance(bar[name], int) or isinstance(bar[name], bool):
+            raise BadMessage("malformed", f"{name} is not epoch milliseconds: {bar[name]!r}")
+    if bar["close_ts"] <= bar["ts"]:
+        raise BadMessage("impossible", f"close_ts {bar['close_ts']} not after ts {bar['ts']}")
+    for name in (*_PRICES, "vwap", *_OPTIONAL, "volume", "tick_count", "quote_count"):
+        value = bar[name]
+        if value is None and name in _OPTIONAL:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise BadMessage("impossible", f"{name} is {value!r}")
+    if min(bar[name] for name in (*_PRICES, "vwap")) <= 0:
+        raise BadMessage("impossible", "a price is not positive")
+    if bar["low"] > min(bar["open"], bar["close"]) or bar["high"] < max(bar["open"], bar["close"]):
+        raise BadMessage("impossible", f"low {bar['low']} / high {bar['high']} do not hold open {bar['open']} and close {bar['close']}")
+    if bar["volume"] < 0 or bar["tick_count"] < 0 or bar["quote_count"] < 0:
+        raise BadMessage("impossible", "negative volume or count")
+    return bar
