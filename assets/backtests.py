@@ -3,8 +3,9 @@ bars by the trading engine; results to backtest_runs/trades/equity, tearsheet to
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import polars as pl
@@ -25,6 +26,7 @@ from models.backtest.runner import BacktestResult, run_backtest
 from models.backtest.spec import BacktestSpec
 from models.backtest.tearsheet import tearsheet_html
 from models.market.instruments import instrument
+from models.market.timeframes import Timeframe
 from models.trading.currency import ConvMode, conversion_mode, cross_pair
 from resources.warehouse import WarehouseResource, default_home
 from resources.warehouse.backtests import write_backtest
@@ -60,6 +62,30 @@ def tearsheet_dir() -> Path:
     return default_home() / "backtests"
 
 
+def load_bars(warehouse: WarehouseResource, symbols: Sequence[str], timeframe: Timeframe, start: datetime, end: datetime,
+              warmup: int, account_currency: str, say: Callable[[str], None] = lambda _: None,
+              ) -> tuple[pl.DataFrame, dict[str, pl.DataFrame]]:
+    """Bars of ``symbols`` opening in ``[start, end)`` with ``warmup`` bars before, and the bars
+    of the pairs that convert cross pairs' PnL. One clear error when something is missing."""
+    frames, rates = [], {}
+    with warehouse.session() as session:
+        for symbol in symbols:
+            bars, history = bars_around(session, symbol, timeframe, start, end, warmup)
+            if bars.height == history:
+                raise ValueError(f"no {timeframe.value} bars of {symbol} in {start:%Y-%m-%d} .. {end:%Y-%m-%d} "
+                                 f"in the warehouse: ingest them first (tradeforge demo, or the ingest_market_data job)")
+            frames.append(bars)
+            say(f"  {symbol}: {bars.height - history:,} bars (+{history} warm-up)")
+            spec_ = instrument(symbol)
+            if conversion_mode(spec_, account_currency) is ConvMode.CROSS:
+                pair, _ = cross_pair(spec_.quote_currency, account_currency)
+                rates[pair] = read_bars(session, pair, timeframe, None, end)
+                if rates[pair].is_empty():
+                    raise ValueError(f"{symbol} in a {account_currency} account needs {pair} {timeframe.value} bars "
+                                     f"to convert its PnL: ingest {pair} too")
+    return pl.concat(frames), rates
+
+
 @dataclass
 class BacktestRun:
     run_id: str
@@ -75,23 +101,8 @@ def execute_backtest(warehouse: WarehouseResource, spec: BacktestSpec, source: s
     say = progress or (lambda _: None)
     started = time.perf_counter()
     strategy, config = spec.build()
-    frames, rates = [], {}
-    with warehouse.session() as session:
-        for symbol in spec.symbols:
-            bars, history = bars_around(session, symbol, spec.timeframe, spec.start, spec.end, strategy.warmup + 1)
-            if bars.height == history:
-                raise ValueError(f"no {spec.timeframe.value} bars of {symbol} in {spec.start:%Y-%m-%d} .. {spec.end:%Y-%m-%d} "
-                                 f"in the warehouse: ingest them first (tradeforge demo, or the ingest_market_data job)")
-            frames.append(bars)
-            say(f"  {symbol}: {bars.height - history:,} bars (+{history} warm-up)")
-            spec_ = instrument(symbol)
-            if conversion_mode(spec_, spec.account_currency) is ConvMode.CROSS:
-                pair, _ = cross_pair(spec_.quote_currency, spec.account_currency)
-                rates[pair] = read_bars(session, pair, spec.timeframe, None, spec.end)
-                if rates[pair].is_empty():
-                    raise ValueError(f"{symbol} in a {spec.account_currency} account needs {pair} {spec.timeframe.value} bars "
-                                     f"to convert its PnL: ingest {pair} too")
-    bars = pl.concat(frames)
+    bars, rates = load_bars(warehouse, spec.symbols, spec.timeframe, spec.start, spec.end, strategy.warmup + 1,
+                            spec.account_currency, say)
     total = bars.height
     result = run_backtest(bars, strategy, config, rates=rates, name=spec.name, trade_from=spec.start,
                           progress=lambda done, n: say(f"  engine: {done:,}/{n:,} bars ({done / n:.0%})"))

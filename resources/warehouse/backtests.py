@@ -24,7 +24,9 @@ def _num(value: Any) -> float:
 
 
 def write_backtest(warehouse: Warehouse, run_id: str, result: BacktestResult, *, name: str, params: dict, config: dict,
-                   tearsheet: str, source: str) -> None:
+                   tearsheet: str, source: str, model_name: str = "", model_version: int | None = None,
+                   mlflow_run_id: str = "") -> None:
+    """``model_name``/``model_version``: the registered model a model backtest judged."""
     m = result.metrics
     eq = result.equity
     run = pl.DataFrame([{
@@ -36,8 +38,8 @@ def write_backtest(warehouse: Warehouse, run_id: str, result: BacktestResult, *,
                                    "win_rate", "profit_factor", "exposure")},
         "trades": int(m["trades"]), "costs": _num(m["commission"] + m["spread_slippage"]),
         "buy_hold_return": m.get("buy_hold_return"), "metrics": json.dumps(m, default=str), "tearsheet": tearsheet,
-        "source": source,
-    }]).with_columns(pl.col("start", "end").dt.cast_time_unit("ms").dt.truncate("1s"))
+        "source": source, "model_name": model_name, "model_version": model_version, "mlflow_run_id": mlflow_run_id,
+    }], schema_overrides={"model_version": pl.UInt32}).with_columns(pl.col("start", "end").dt.cast_time_unit("ms").dt.truncate("1s"))
     trades = result.trades.select(_TRADE_COLUMNS).with_columns(pl.lit(run_id).alias("run_id"), pl.col("trade_id").cast(pl.UInt32))
     equity = eq.select("ts", "equity", "drawdown", "exposure", "margin",
                        pl.col("buy_hold") if "buy_hold" in eq.columns else pl.lit(None, pl.Float64).alias("buy_hold"))
