@@ -3,9 +3,8 @@ bars by the trading engine; results to backtest_runs/trades/equity, tearsheet to
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import polars as pl
@@ -25,13 +24,8 @@ from dagster import (
 from models.backtest.runner import BacktestResult, run_backtest
 from models.backtest.spec import BacktestSpec
 from models.backtest.tearsheet import tearsheet_html
-from models.market.instruments import instrument
-from models.market.timeframes import Timeframe
-from models.trading.currency import ConvMode, conversion_mode, cross_pair
-from resources.warehouse import WarehouseResource, default_home
-from resources.warehouse.backtests import write_backtest
-from resources.warehouse.features import bars_around
-from resources.warehouse.market import read_bars
+from resources.warehouse import WarehouseResource
+from resources.warehouse.backtests import load_bars, tearsheet_dir, write_backtest
 
 SPECS_FILE = Path(__file__).resolve().parents[1] / "orchestration" / "backtests.yaml"
 
@@ -56,34 +50,6 @@ def load_specs(path: Path | None = None) -> dict[str, BacktestSpec]:
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{path}: {exc}") from None
     return specs
-
-
-def tearsheet_dir() -> Path:
-    return default_home() / "backtests"
-
-
-def load_bars(warehouse: WarehouseResource, symbols: Sequence[str], timeframe: Timeframe, start: datetime, end: datetime,
-              warmup: int, account_currency: str, say: Callable[[str], None] = lambda _: None,
-              ) -> tuple[pl.DataFrame, dict[str, pl.DataFrame]]:
-    """Bars of ``symbols`` opening in ``[start, end)`` with ``warmup`` bars before, and the bars
-    of the pairs that convert cross pairs' PnL. One clear error when something is missing."""
-    frames, rates = [], {}
-    with warehouse.session() as session:
-        for symbol in symbols:
-            bars, history = bars_around(session, symbol, timeframe, start, end, warmup)
-            if bars.height == history:
-                raise ValueError(f"no {timeframe.value} bars of {symbol} in {start:%Y-%m-%d} .. {end:%Y-%m-%d} "
-                                 f"in the warehouse: ingest them first (tradeforge demo, or the ingest_market_data job)")
-            frames.append(bars)
-            say(f"  {symbol}: {bars.height - history:,} bars (+{history} warm-up)")
-            spec_ = instrument(symbol)
-            if conversion_mode(spec_, account_currency) is ConvMode.CROSS:
-                pair, _ = cross_pair(spec_.quote_currency, account_currency)
-                rates[pair] = read_bars(session, pair, timeframe, None, end)
-                if rates[pair].is_empty():
-                    raise ValueError(f"{symbol} in a {account_currency} account needs {pair} {timeframe.value} bars "
-                                     f"to convert its PnL: ingest {pair} too")
-    return pl.concat(frames), rates
 
 
 @dataclass

@@ -23,7 +23,6 @@ from typing import Any
 
 import polars as pl
 
-from assets.backtests import load_bars, tearsheet_dir
 from models.backtest.model import ModelBacktest, check_out_of_sample, run_model_backtest, strategy_params
 from models.backtest.spec import build_config
 from models.backtest.tearsheet import tearsheet_html
@@ -32,7 +31,7 @@ from models.market.timeframes import Timeframe
 from resources.bus.client import EventPublisher
 from resources.bus.subjects import backtest as backtest_subject
 from resources.registry.tracking import ModelRegistry, VersionInfo
-from resources.warehouse.backtests import write_backtest
+from resources.warehouse.backtests import load_bars, tearsheet_dir, write_backtest
 from resources.warehouse.client import WarehouseResource
 from resources.warehouse.learning import read_folds, read_predictions
 

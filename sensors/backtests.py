@@ -6,7 +6,6 @@ alias `challenger` for each registered model the specs file trains; a version wi
 challengers are backtested too: the numbers are what a trader reads next to the refusal.
 """
 
-
 from dagster import (
     AddDynamicPartitionsRequest,
     AssetKey,
