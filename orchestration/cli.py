@@ -633,6 +633,12 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     from models.backtest.spec import BacktestSpec
     from models.trading.strategy import STRATEGIES
 
+    if args.model and args.strategy:
+        raise ValueError("backtest either --strategy or --model, not both")
+    if args.model:
+        return backtest_model(args)
+    if not args.strategy:
+        raise ValueError("name what to backtest: --strategy NAME or --model NAME@alias")
     specs = load_specs()
     overrides = {k: v for k, v in {
         "symbols": args.symbols, "timeframe": args.timeframe,
@@ -663,6 +669,59 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     _print(f"summary ({run.result.equity.height:,} bars in {run.seconds:.1f}s, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC):")
     _print(_summary_table(run))
     _print(f"tearsheet: {run.tearsheet}")
+    return 0
+
+
+def backtest_model(args: argparse.Namespace, source: str = "cli") -> int:
+    """``tradeforge backtest --model NAME@alias``: the version's out-of-sample predictions (its
+    spec's backtest settings; ``--risk`` overrides), optionally ``--symbols`` and a window."""
+    from datetime import UTC, datetime
+
+    from assets.model_backtest_run import execute_model_backtest, resolve_model
+    from resources.bus.resource import bus_from_env
+    from resources.registry import ModelRegistry
+    from resources.training import training_from_env
+
+    if args.param or args.timeframe:
+        raise ValueError("--param and --timeframe apply to --strategy; a model backtest takes its thresholds and timeframe "
+                         "from the model's spec (its backtest section), --risk NAME=VALUE overrides its risk settings")
+    registry = ModelRegistry()
+    version = resolve_model(registry, args.model)
+    try:
+        specs = training_from_env().specs()
+    except ValueError as exc:
+        _print(f"  {exc}: default backtest settings")
+        specs = {}
+    spec = specs.get(version.tags.get("spec", ""))
+    if spec is not None and args.risk:
+        specs = {**specs, spec.name: spec.model_copy(update={"backtest": spec.backtest.model_validate(
+            {**spec.backtest.model_dump(), "risk": {**spec.backtest.risk, **dict(args.risk)}})})}
+    elif args.risk:
+        raise ValueError(f"--risk needs the spec of {version.name} v{version.version} ({version.tags.get('spec', '?')}) in the specs file")
+    start = args.start and datetime(args.start.year, args.start.month, args.start.day, tzinfo=UTC)
+    end = args.end and datetime(args.end.year, args.end.month, args.end.day, tzinfo=UTC)
+    _print(f"tradeforge backtest {args.model} -> v{version.version} ({version.tags.get('family', '?')}, spec "
+           f"{version.tags.get('spec', '?')}, gate {version.tags.get('gate.decision', '?')}), out-of-sample folds only")
+    _print(f"  tracking: {registry.describe()}")
+    warehouse = _warehouse()
+    _print(f"  warehouse: {warehouse.describe()}")
+    bus = bus_from_env().process_config_and_initialize()
+    events = bus.backtest_events(logging.getLogger("tradeforge.backtest"))
+    try:
+        run = execute_model_backtest(warehouse, registry, events, version, specs, symbols=args.symbols, start=start, end=end,
+                                     source=source, say=_print)
+    finally:
+        events.close()
+    _print(f"summary ({run.backtest.result.equity.height:,} bars in {run.seconds:.1f}s, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC):")
+    _print(_summary_table(run.backtest))
+    _print("out-of-sample folds:")
+    for row in run.backtest.folds.iter_rows(named=True):
+        _print(f"  fold {row['fold']}: {row['test_start']:%Y-%m-%d %H:%M} .. {row['test_end']:%Y-%m-%d %H:%M}  {row['bars']:>6,} bars  "
+               f"return {row['return']:>8.2%}  max drawdown {row['max_drawdown']:>8.2%}  {row['trades']:>4} trades")
+    _print(f"tearsheet: {run.tearsheet}")
+    _print(f"MLflow run: {run.mlflow_url}  (tearsheet under artifacts/backtest)")
+    _print(f"bus: {events.published} events on backtest.*.{run.run_id}" if events.published
+           else f"bus: {events.problem or 'no events published'} (the backtest went on)")
     return 0
 
 
@@ -762,7 +821,9 @@ def build_parser() -> argparse.ArgumentParser:
     features.set_defaults(func=cmd_features)
 
     bt = commands.add_parser("backtest", help="backtest a strategy spec (orchestration/backtests.yaml) or a registered strategy")
-    bt.add_argument("--strategy", required=True, help="a spec name, or a registered strategy (sma_cross, donchian_breakout)")
+    bt.add_argument("--strategy", help="a spec name, or a registered strategy (sma_cross, donchian_breakout)")
+    bt.add_argument("--model", help="a registered model, NAME@alias or NAME@VERSION (e.g. direction_1h.M5.demo@challenger): "
+                                    "walk-forward over its out-of-sample predictions")
     bt.add_argument("--symbols", nargs="+", type=str.upper, help="overrides the spec's symbols")
     bt.add_argument("--start", type=date.fromisoformat, help="first UTC day (YYYY-MM-DD)")
     bt.add_argument("--end", type=date.fromisoformat, help="UTC day after the last (YYYY-MM-DD)")
