@@ -46,6 +46,14 @@ def split_key(key: str) -> tuple[str, str]:
     return name, version
 
 
+def _say(context: AssetExecutionContext):
+    def say(message: str) -> None:
+        context.log.info(message)
+        log.info(message)  # the command line shows progress from here
+
+    return say
+
+
 def _numbers(m: dict) -> dict:
     keys = ("total_return", "annual_return", "sharpe", "sortino", "calmar", "max_drawdown", "win_rate", "profit_factor",
             "exposure", "costs_pct", "final_equity", "buy_hold_return")
@@ -99,7 +107,7 @@ def model_backtest(context: AssetExecutionContext, warehouse: WarehouseResource,
         except ValueError as exc:  # a broken specs file: the model's settings are unknown, not the backtest
             context.log.warning(f"{exc}: default backtest settings")
             specs = {}
-        run = execute_model_backtest(warehouse, client, events, version, specs, source="dagster", say=context.log.info)
+        run = execute_model_backtest(warehouse, client, events, version, specs, source="dagster", say=_say(context))
     except ValueError as exc:  # in-sample predictions, missing bars: retrying reads the same
         raise Failure(description=str(exc), allow_retries=False) from exc
     finally:
