@@ -123,7 +123,7 @@ class _Scan:
     """A block's arrays for the quiet-bar test on long runs of bars: the bid/ask highs and lows,
     and for each bar and each side the next bar (from there on) with that signal."""
 
-    __slots__ = ("n", "ts", "close", "conv", "ha", "la", "hb", "lb", "next_side", "next_other")
+    __slots__ = ("n", "ts", "close", "conv", "ha", "la", "hb", "lb", "next_side", "next_other", "day")
 
     @classmethod
     def of(cls, block: BarBlock, first: int) -> _Scan | None:
@@ -136,6 +136,7 @@ class _Scan:
                 and np.isfinite(block.half_spread[first:]).all()):
             return None
         self = cls()
+        self.day = (None, 0)
         n = self.n = len(ts)
         hs = block.half_spread
         self.ts, self.close, self.conv = ts, block.close, block.conv
@@ -162,7 +163,9 @@ class _Scan:
 
     def next_at_or_after(self, ts_ms: int, i: int) -> int:
         """The first bar at or after ``i`` opening at or after ``ts_ms`` (a new day)."""
-        return max(i, int(np.searchsorted(self.ts, ts_ms, side="left")))
+        if ts_ms != self.day[0]:  # the day's end changes once a day: one search each
+            self.day = (ts_ms, int(np.searchsorted(self.ts, ts_ms, side="left")))
+        return max(i, self.day[1])
 
 
 def _next_true(mask: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
@@ -302,10 +305,11 @@ class TradingEngine:
         st.last_ts, st.last_close, st.last_conv = block.ts[-1].item(), block.close[-1].item(), block.conv[-1].item()
         st.tail = self._ranges[-self.risk.config.atr_period:].tolist()
         equity, units = np.full(n, np.nan), np.full(n, np.nan)
-        bounds = [s[0] for s in segments[1:]] + [n]
-        for (start, b, qq, aa), stop in zip(segments, bounds):
-            equity[start:stop] = b + qq * (block.close[start:stop] - aa) * block.conv[start:stop]
-            units[start:stop] = qq
+        starts = np.array([s[0] for s in segments], dtype=np.int64)
+        lengths = np.diff(np.r_[starts, n])
+        base, qty, avg = (np.repeat(np.array([s[k] for s in segments], dtype=np.float64), lengths) for k in (1, 2, 3))
+        equity[first:] = base + qty * (block.close[first:] - avg) * block.conv[first:]  # each segment's marks, at once
+        units[first:] = qty
         return BlockResult(equity, units, n - first)
 
     def _run_listed(self, st: _SymbolState, block: BarBlock, first: int, segments: list) -> None:
