@@ -28,21 +28,37 @@ import polars as pl
 
 from models.market.instruments import Instrument
 from models.market.timeframes import DayBoundary
-from models.trading.broker import AckStatus, BrokerEvent, BrokerPort, BrokerTimeout, Fill
-from models.trading.currency import ConvMode, conversion_mode
+from models.trading.broker import ACK_ACCEPTED, ACK_REJECTED, BrokerEvent, BrokerPort, BrokerTimeout, Fill
+from models.trading.currency import CM_CROSS, CM_INVERSE, ConvMode, conversion_mode
 from models.trading.fills import half_spreads
 from models.trading.orders import (
+    EV_ACCEPT,
+    EV_CANCEL,
+    EV_CANCEL_REQUEST,
+    EV_EXPIRE,
+    EV_FILL,
+    EV_REJECT,
+    EV_SUBMIT,
+    EV_TIMEOUT,
+    OT_LIMIT,
+    OT_MARKET,
+    OT_STOP,
+    ST_ACCEPTED,
+    ST_CANCELLED,
+    ST_EXPIRED,
+    ST_FILLED,
+    ST_NEW,
+    ST_REJECTED,
+    ST_SUBMITTED,
+    ST_UNKNOWN,
     WORKING,
     IllegalTransition,
     Order,
-    OrderEvent,
-    OrderState,
-    OrderType,
     Side,
     client_order_id,
 )
 from models.trading.portfolio import Portfolio
-from models.trading.risk import EntryContext, KillSwitch, RiskModel, mean_true_range, true_ranges
+from models.trading.risk import KS_OFF, EntryContext, KillSwitch, RiskModel, mean_true_range, true_ranges
 
 _INF = math.inf
 _SIDE = {1: Side.BUY, -1: Side.SELL}  # an Enum call costs microseconds; a lookup does not
@@ -219,7 +235,7 @@ class TradingEngine:
         self.orders: dict[str, Order] = {}
         self.fills: list[Fill] = []
         self.risk_events: list[RiskEvent] = []
-        self.kill = KillSwitch.OFF
+        self.kill = KS_OFF
         self.kill_reason = ""
         self._fill_ids: set[str] = set()
         self._order_times: deque[int] = deque()
@@ -248,9 +264,9 @@ class TradingEngine:
             sig = pl.DataFrame({"side": [signal.get("side")], "confidence": [signal.get("confidence", 1.0)],
                                 "prob": [signal.get("prob")]}, schema={"side": pl.Float64, "confidence": pl.Float64, "prob": pl.Float64})
         rates = None
-        if st.conv_mode is ConvMode.INVERSE:
+        if st.conv_mode is CM_INVERSE:
             rates = np.array([1.0 / float(bar["close"])])
-        elif st.conv_mode is ConvMode.CROSS:
+        elif st.conv_mode is CM_CROSS:
             if conv is None:
                 raise ValueError(f"{symbol} is a cross in a {self.config.account_currency} account: pass conv")
             rates = np.array([conv])
@@ -411,7 +427,7 @@ class TradingEngine:
                 before[0] = self._peak
                 before[1:] = peaks[:-1]
                 floor = np.full(len(e), -_INF)
-                if self.kill is KillSwitch.OFF:
+                if self.kill is KS_OFF:
                     if c.max_drawdown is not None:
                         floor = before * (1 - c.max_drawdown)
                     if c.max_daily_loss is not None:
@@ -444,9 +460,9 @@ class TradingEngine:
             marked = pos.units * (prev_close - pos.avg) * prev_conv if pos.units else 0.0
             self._day_ref = self._base(symbol) + marked
             self._day_end = _next_day_end(ts, self.config.day_boundary)
-            if self.kill is not KillSwitch.OFF and self.kill_reason.startswith("daily loss"):
+            if self.kill is not KS_OFF and self.kill_reason.startswith("daily loss"):
                 self._record(ts, symbol, "kill_switch", True, "daily loss limit lifted: a new day")
-                self.kill, self.kill_reason = KillSwitch.OFF, ""
+                self.kill, self.kill_reason = KS_OFF, ""
                 for other in self._symbols.values():
                     other.refused = math.nan
             self._update_floor()
@@ -485,7 +501,7 @@ class TradingEngine:
             if not decision.approved:
                 st.refused = float(side)  # the kill switch: refused until it or the position changes
                 return
-            self._submit(Order(exit_id, symbol, _SIDE[-cur], OrderType.MARKET, abs(pos.units), "exit", ts,
+            self._submit(Order(exit_id, symbol, _SIDE[-cur], OT_MARKET, abs(pos.units), "exit", ts,
                                reduce_only=True, reason="signal"), st, ts)
         if side == 0:
             return
@@ -514,14 +530,14 @@ class TradingEngine:
         entry_id = client_order_id(self.config.strategy, symbol, ts, "entry")
         self._record(ts, symbol, "entry", decision.approved, decision.reason, entry_id, decision.qty)
         if not decision.approved:
-            if self.kill is not KillSwitch.OFF:
+            if self.kill is not KS_OFF:
                 st.refused = float(side)
             return
-        entry = Order(entry_id, symbol, _SIDE[side], OrderType.MARKET, decision.qty, "entry", ts,
+        entry = Order(entry_id, symbol, _SIDE[side], OT_MARKET, decision.qty, "entry", ts,
                       stop_loss=decision.stop, take_profit=decision.target, reason=decision.reason)
         if not self._submit(entry, st, ts):
             return
-        for intent, level, kind in (("sl", decision.stop, OrderType.STOP), ("tp", decision.target, OrderType.LIMIT)):
+        for intent, level, kind in (("sl", decision.stop, OT_STOP), ("tp", decision.target, OT_LIMIT)):
             if level is not None:
                 self._submit(Order(client_order_id(self.config.strategy, symbol, ts, intent), symbol, _SIDE[-side], kind,
                                    decision.qty, intent, ts, price=level, reduce_only=True, parent_id=entry_id), st, ts)
@@ -533,26 +549,26 @@ class TradingEngine:
                          order.client_id)
             return False
         self.orders[order.client_id] = order
-        order.apply(OrderEvent.SUBMIT)
+        order.apply(EV_SUBMIT)
         st.live.add(order.client_id)
         if order.parent_id is None:
             self._order_times.append(ts)
         try:
             ack = self.broker.submit(order)
         except BrokerTimeout as exc:
-            order.apply(OrderEvent.TIMEOUT)
+            order.apply(EV_TIMEOUT)
             self._unknown += 1
             self._record(ts, order.symbol, "broker", False, f"no answer to {order.client_id} ({exc}): state unknown until the broker is asked",
                          order.client_id)
             self._refresh(st)
             return True
-        if ack.status is AckStatus.ACCEPTED:
-            order.apply(OrderEvent.ACCEPT)
-        elif ack.status is AckStatus.REJECTED:
-            order.apply(OrderEvent.REJECT, ack.reason)
+        if ack.status is ACK_ACCEPTED:
+            order.apply(EV_ACCEPT)
+        elif ack.status is ACK_REJECTED:
+            order.apply(EV_REJECT, ack.reason)
             self._record(ts, order.symbol, "broker", False, f"broker rejected {order.client_id}: {ack.reason}", order.client_id)
         self._refresh(st)
-        return order.state is not OrderState.REJECTED
+        return order.state is not ST_REJECTED
 
     def on_broker_events(self, events: list[BrokerEvent], ts: int | None = None, symbol: str | None = None) -> None:
         """Apply what the broker reported. A duplicate fill is ignored; an event the order's
@@ -567,7 +583,7 @@ class TradingEngine:
                 continue
             touched.add(order.symbol)
             try:
-                if event.kind is OrderEvent.FILL:
+                if event.kind is EV_FILL:
                     self._on_fill(order, event.fill)
                 else:
                     order.apply(event.kind, event.reason)
@@ -594,74 +610,74 @@ class TradingEngine:
         st.dn_ask = st.dn_bid = -_INF
         for cid in list(st.live):
             order = self.orders[cid]
-            if order.state not in WORKING and order.state is not OrderState.NEW:
+            if order.state not in WORKING and order.state is not ST_NEW:
                 st.live.discard(cid)
                 continue
-            if order.type is OrderType.MARKET:
+            if order.type is OT_MARKET:
                 st.working_market += 1
                 continue
-            if order.parent_id is not None and self.orders[order.parent_id].state is not OrderState.FILLED:
+            if order.parent_id is not None and self.orders[order.parent_id].state is not ST_FILLED:
                 continue
             level = order.price
             if order.side > 0:
-                if order.type is OrderType.STOP:
+                if order.type is OT_STOP:
                     st.up_ask = min(st.up_ask, level)
                 else:
                     st.dn_ask = max(st.dn_ask, level)
-            elif order.type is OrderType.STOP:
+            elif order.type is OT_STOP:
                 st.dn_bid = max(st.dn_bid, level)
             else:
                 st.up_bid = min(st.up_bid, level)
         if self._unknown:
-            self._unknown = sum(1 for o in self.orders.values() if o.state is OrderState.UNKNOWN)
+            self._unknown = sum(1 for o in self.orders.values() if o.state is ST_UNKNOWN)
 
     def _resolve_unknown(self, ts: int, symbol: str) -> None:
         """Ask the broker about every order it did not answer for; never resend one."""
-        for order in [o for o in self.orders.values() if o.state is OrderState.UNKNOWN]:
+        for order in [o for o in self.orders.values() if o.state is ST_UNKNOWN]:
             try:
                 status = self.broker.order_status(order.client_id)
             except BrokerTimeout:
                 continue
             if status is None:
-                order.apply(OrderEvent.REJECT, "the broker never received it")
+                order.apply(EV_REJECT, "the broker never received it")
                 self._record(ts, order.symbol, "broker", False, f"{order.client_id} was not placed: the broker never received it",
                              order.client_id)
             else:
-                kind = {OrderState.REJECTED: OrderEvent.REJECT, OrderState.CANCELLED: OrderEvent.CANCEL,
-                        OrderState.EXPIRED: OrderEvent.EXPIRE}.get(status.state, OrderEvent.ACCEPT)
+                kind = {ST_REJECTED: EV_REJECT, ST_CANCELLED: EV_CANCEL,
+                        ST_EXPIRED: EV_EXPIRE}.get(status.state, EV_ACCEPT)
                 order.apply(kind, status.reason)
                 self._record(ts, order.symbol, "broker", True, f"{order.client_id} settled by asking the broker: {status.state.value}",
                              order.client_id)
             self._refresh(self._symbols[order.symbol])
-        self._unknown = sum(1 for o in self.orders.values() if o.state is OrderState.UNKNOWN)
+        self._unknown = sum(1 for o in self.orders.values() if o.state is ST_UNKNOWN)
 
     # -- the kill switch -------------------------------------------------------------------
     def set_kill_switch(self, mode: KillSwitch, reason: str = "manual", flatten: bool = False) -> None:
         """Halt, reduce-only or off; ``flatten`` also closes every position at the next open
         and cancels working entry orders. Protective stops stay at the broker."""
         ts = max((s.last_ts for s in self._symbols.values()), default=0)
-        self.kill, self.kill_reason = mode, reason if mode is not KillSwitch.OFF else ""
+        self.kill, self.kill_reason = mode, reason if mode is not KS_OFF else ""
         for st in self._symbols.values():
             st.refused = math.nan
-        self._record(ts, "", "kill_switch", mode is KillSwitch.OFF, f"kill switch {mode.value}: {reason}")
+        self._record(ts, "", "kill_switch", mode is KS_OFF, f"kill switch {mode.value}: {reason}")
         self._update_floor()
         if flatten:
             for symbol, st in self._symbols.items():
                 pos = self.portfolio.position(symbol)
                 for cid in list(st.live):
                     order = self.orders[cid]
-                    if not order.reduce_only and order.state in (OrderState.ACCEPTED, OrderState.SUBMITTED):
-                        order.apply(OrderEvent.CANCEL_REQUEST)
+                    if not order.reduce_only and order.state in (ST_ACCEPTED, ST_SUBMITTED):
+                        order.apply(EV_CANCEL_REQUEST)
                         try:
                             self.broker.cancel(cid)  # the outcome comes back as an event
                         except BrokerTimeout:
-                            order.apply(OrderEvent.TIMEOUT)
+                            order.apply(EV_TIMEOUT)
                             self._unknown += 1
                 if pos.units:
                     side = Side(-1 if pos.units > 0 else 1)
                     cid = client_order_id(self.config.strategy, symbol, st.last_ts, "flatten")
                     self._record(st.last_ts, symbol, "exit", True, f"flatten: {reason}", cid, abs(pos.units))
-                    self._submit(Order(cid, symbol, side, OrderType.MARKET, abs(pos.units), "flatten", st.last_ts,
+                    self._submit(Order(cid, symbol, side, OT_MARKET, abs(pos.units), "flatten", st.last_ts,
                                        reduce_only=True, reason=reason), st, st.last_ts)
 
     def _breach(self, equity: float, ts: int, symbol: str) -> None:
@@ -677,7 +693,7 @@ class TradingEngine:
     def _update_floor(self) -> None:
         c = self.risk.config
         floor = -_INF
-        if self.kill is KillSwitch.OFF:
+        if self.kill is KS_OFF:
             if c.max_drawdown is not None:
                 floor = max(floor, self._peak * (1 - c.max_drawdown))
             if c.max_daily_loss is not None:
@@ -751,7 +767,7 @@ class TradingEngine:
             st.refused = math.nan if d["refused"] is None else d["refused"]
             st.live = set(d["live"])
             self._refresh(st)
-        self._unknown = sum(1 for o in self.orders.values() if o.state is OrderState.UNKNOWN)
+        self._unknown = sum(1 for o in self.orders.values() if o.state is ST_UNKNOWN)
         self._update_floor()
 
 
