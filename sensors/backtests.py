@@ -43,7 +43,10 @@ def _backtested(context: SensorEvaluationContext, key: str) -> bool:
 def backtest_new_challengers(context: SensorEvaluationContext, registry: RegistryResource,
                              training: TrainingResource) -> SensorResult | SkipReason:
     client = registry.get_client()
-    names = sorted({spec.registered_model_name for spec in training.specs().values()})
+    try:
+        names = sorted({spec.registered_model_name for spec in training.specs().values()})
+    except ValueError as exc:  # a broken specs file: say so on the tick, try again next minute
+        return SkipReason(str(exc))
     known = set(context.instance.get_dynamic_partitions(MODEL_VERSIONS.name))
     new_keys, requests = [], []
     for name in names:
