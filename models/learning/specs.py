@@ -28,11 +28,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from models.backtest.spec import build_config
 from models.learning.datasets import TARGETS, Task
 from models.learning.estimators import FAMILIES
 from models.learning.folds import FoldConfig, Scheme
 from models.learning.metrics import HIGHER_IS_BETTER, PRIMARY, metric_names
 from models.market.timeframes import Timeframe
+from models.trading.strategy import ModelStrategy
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -122,9 +124,6 @@ class BacktestSettings(_Strict):
 
     @model_validator(mode="after")
     def _valid(self) -> BacktestSettings:
-        from models.backtest.spec import build_config
-        from models.trading.strategy import ModelStrategy
-
         ModelStrategy(**self.params)
         build_config(self.initial_equity, self.account_currency, self.risk, self.fill)
         return self
