@@ -196,6 +196,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
            f"vendor_candles, aggregates, ml_features" + (f" ({warnings} check warnings above)" if warnings else ""))
     if demo_training(instance, resources, symbols):
         return 1
+    if demo_backtest(instance, resources):
+        return 1
     _print("")
     _print("Open the Dagster UI on the same data:")
     _print("  make ui        (or: .venv/bin/tradeforge ui)  ->  http://127.0.0.1:3000")
@@ -407,9 +409,9 @@ class _Lines(logging.Handler):
         print(f"  {record.getMessage()}", flush=True)
 
 
-def _progress_lines() -> None:
-    """Training progress (the `tradeforge.training` logger) as plain lines on stdout."""
-    logger = logging.getLogger("tradeforge.training")
+def _progress_lines(name: str = "tradeforge.training") -> None:
+    """Progress of training (the `tradeforge.training` logger) or another logger as plain lines on stdout."""
+    logger = logging.getLogger(name)
     if not any(isinstance(h, _Lines) for h in logger.handlers):
         logger.addHandler(_Lines())
         logger.setLevel(logging.INFO)
@@ -543,6 +545,55 @@ def demo_training(instance, resources, symbols: Sequence[str]) -> int:
     return _train_spec(instance, resources, DEMO_SPEC)
 
 
+def demo_backtest(instance, resources) -> int:
+    """The demo's backtest: the challenger it just trained, walk-forward over its out-of-sample
+    folds (a `model_backtest` run, as the registry sensor would start), summary and tearsheet."""
+    import json
+
+    import polars as pl
+    from dagster import materialize
+
+    from assets.model_backtests import MODEL_VERSIONS, model_backtest, version_key
+    from resources.registry import CHALLENGER
+    from resources.warehouse.backtests import read_runs
+
+    spec = resources["training"].spec(DEMO_SPEC)
+    registry = resources["registry"].process_config_and_initialize().get_client()
+    challenger = registry.alias(spec.registered_model_name, CHALLENGER)
+    if challenger is None:
+        return 0  # nothing was trained (demo_training said why)
+    key = version_key(spec.registered_model_name, challenger.version)
+    _print("")
+    _print(f"backtest of the challenger {key}: its out-of-sample predictions only, through the model strategy "
+           f"{spec.backtest.params or '(default thresholds)'}, costs {spec.backtest.fill or '(defaults)'}")
+    instance.add_dynamic_partitions(MODEL_VERSIONS.name, [key])
+    _progress_lines("tradeforge.backtest")
+    t0 = time.perf_counter()
+    result = materialize([model_backtest], partition_key=key, instance=instance, resources=resources, raise_on_error=False,
+                         run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
+                         tags={"tradeforge/source": "demo"})
+    events = result.get_asset_materialization_events()
+    if not events:
+        print(f"tradeforge: backtest of {key} failed: {_failure_line(result)}", file=sys.stderr)
+        return 1
+    meta = events[0].materialization.metadata
+    warehouse = resources["warehouse"].process_config_and_initialize()
+    row = read_runs(warehouse).filter(pl.col("run_id") == meta["run_id"].value).row(0, named=True)
+    _print(f"summary ({meta['dagster/row_count'].value:,} bars, {meta['predictions'].value:,} predictions, "
+           f"{time.perf_counter() - t0:.1f}s):")
+    _print(_summary_table(json.loads(row["metrics"])))
+    version = registry.version(spec.registered_model_name, challenger.version)
+    decision = version.tags.get("gate.decision", "?")
+    _print(f"gate: {decision}: {version.tags.get('gate.reason', '')}")
+    if decision != "approved":
+        _print("  on the demo's random-walk market there is nothing to learn: the challenger does not beat the naive baselines, "
+               "and its backtest after costs shows what trading it would have cost; it stays `challenger`")
+    _print(f"tearsheet: {meta['tearsheet'].value}")
+    _print(f"MLflow: {meta['mlflow_run'].value}  (the backtest's run, nested under the training run; tearsheet under "
+           f"artifacts/backtest)")
+    return 0
+
+
 @_one_line
 def cmd_mlflow(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -606,10 +657,10 @@ def _param(text: str) -> tuple[str, object]:
     return key.strip(), yaml.safe_load(value)
 
 
-def _summary_table(run) -> str:
-    m = run.result.metrics
+def _summary_table(m: dict) -> str:
     rows = [
-        ("total return", f"{m['total_return']:.2%}"), ("buy and hold", f"{m.get('buy_hold_return', float('nan')):.2%}"),
+        ("total return", f"{m['total_return']:.2%}"),
+        ("buy and hold", f"{m['buy_hold_return']:.2%}" if m.get("buy_hold_return") is not None else "- (several symbols)"),
         ("annual return", f"{m['annual_return']:.2%}"), ("annual volatility", f"{m['annual_volatility']:.2%}"),
         ("Sharpe", f"{m['sharpe']:.2f}"), ("Sortino", f"{m['sortino']:.2f}"), ("Calmar", f"{m['calmar']:.2f}"),
         ("max drawdown", f"{m['max_drawdown']:.2%} ({m['max_drawdown_days']:.1f} days)"),
@@ -633,6 +684,12 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     from models.backtest.spec import BacktestSpec
     from models.trading.strategy import STRATEGIES
 
+    if args.model and args.strategy:
+        raise ValueError("backtest either --strategy or --model, not both")
+    if args.model:
+        return backtest_model(args)
+    if not args.strategy:
+        raise ValueError("name what to backtest: --strategy NAME or --model NAME@alias")
     specs = load_specs()
     overrides = {k: v for k, v in {
         "symbols": args.symbols, "timeframe": args.timeframe,
@@ -661,8 +718,61 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     _print(f"  warehouse: {warehouse.describe()}")
     run = execute_backtest(warehouse, spec, source="cli", progress=_print)
     _print(f"summary ({run.result.equity.height:,} bars in {run.seconds:.1f}s, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC):")
-    _print(_summary_table(run))
+    _print(_summary_table(run.result.metrics))
     _print(f"tearsheet: {run.tearsheet}")
+    return 0
+
+
+def backtest_model(args: argparse.Namespace, source: str = "cli") -> int:
+    """``tradeforge backtest --model NAME@alias``: the version's out-of-sample predictions (its
+    spec's backtest settings; ``--risk`` overrides), optionally ``--symbols`` and a window."""
+    from datetime import UTC, datetime
+
+    from assets.model_backtest_run import execute_model_backtest, resolve_model
+    from resources.bus.resource import bus_from_env
+    from resources.registry import ModelRegistry
+    from resources.training import training_from_env
+
+    if args.param or args.timeframe:
+        raise ValueError("--param and --timeframe apply to --strategy; a model backtest takes its thresholds and timeframe "
+                         "from the model's spec (its backtest section), --risk NAME=VALUE overrides its risk settings")
+    registry = ModelRegistry()
+    version = resolve_model(registry, args.model)
+    try:
+        specs = training_from_env().specs()
+    except ValueError as exc:
+        _print(f"  {exc}: default backtest settings")
+        specs = {}
+    spec = specs.get(version.tags.get("spec", ""))
+    if spec is not None and args.risk:
+        specs = {**specs, spec.name: spec.model_copy(update={"backtest": spec.backtest.model_validate(
+            {**spec.backtest.model_dump(), "risk": {**spec.backtest.risk, **dict(args.risk)}})})}
+    elif args.risk:
+        raise ValueError(f"--risk needs the spec of {version.name} v{version.version} ({version.tags.get('spec', '?')}) in the specs file")
+    start = args.start and datetime(args.start.year, args.start.month, args.start.day, tzinfo=UTC)
+    end = args.end and datetime(args.end.year, args.end.month, args.end.day, tzinfo=UTC)
+    _print(f"tradeforge backtest {args.model} -> v{version.version} ({version.tags.get('family', '?')}, spec "
+           f"{version.tags.get('spec', '?')}, gate {version.tags.get('gate.decision', '?')}), out-of-sample folds only")
+    _print(f"  tracking: {registry.describe()}")
+    warehouse = _warehouse()
+    _print(f"  warehouse: {warehouse.describe()}")
+    bus = bus_from_env().process_config_and_initialize()
+    events = bus.backtest_events(logging.getLogger("tradeforge.backtest"))
+    try:
+        run = execute_model_backtest(warehouse, registry, events, version, specs, symbols=args.symbols, start=start, end=end,
+                                     source=source, say=_print)
+    finally:
+        events.close()
+    _print(f"summary ({run.backtest.result.equity.height:,} bars in {run.seconds:.1f}s, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC):")
+    _print(_summary_table(run.metrics))
+    _print("out-of-sample folds:")
+    for row in run.backtest.folds.iter_rows(named=True):
+        _print(f"  fold {row['fold']}: {row['test_start']:%Y-%m-%d %H:%M} .. {row['test_end']:%Y-%m-%d %H:%M}  {row['bars']:>6,} bars  "
+               f"return {row['return']:>8.2%}  max drawdown {row['max_drawdown']:>8.2%}  {row['trades']:>4} trades")
+    _print(f"tearsheet: {run.tearsheet}")
+    _print(f"MLflow run: {run.mlflow_url}  (tearsheet under artifacts/backtest)")
+    _print(f"bus: {events.published} events on backtest.*.{run.run_id}" if events.published
+           else f"bus: {events.problem or 'no events published'} (the backtest went on)")
     return 0
 
 
@@ -762,7 +872,9 @@ def build_parser() -> argparse.ArgumentParser:
     features.set_defaults(func=cmd_features)
 
     bt = commands.add_parser("backtest", help="backtest a strategy spec (orchestration/backtests.yaml) or a registered strategy")
-    bt.add_argument("--strategy", required=True, help="a spec name, or a registered strategy (sma_cross, donchian_breakout)")
+    bt.add_argument("--strategy", help="a spec name, or a registered strategy (sma_cross, donchian_breakout)")
+    bt.add_argument("--model", help="a registered model, NAME@alias or NAME@VERSION (e.g. direction_1h.M5.demo@challenger): "
+                                    "walk-forward over its out-of-sample predictions")
     bt.add_argument("--symbols", nargs="+", type=str.upper, help="overrides the spec's symbols")
     bt.add_argument("--start", type=date.fromisoformat, help="first UTC day (YYYY-MM-DD)")
     bt.add_argument("--end", type=date.fromisoformat, help="UTC day after the last (YYYY-MM-DD)")

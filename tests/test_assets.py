@@ -185,6 +185,7 @@ def test_definitions_load_and_the_schedule_covers_every_symbol():
         # broker data (MT5 slice); model_predictions is the training slice's table, declared as its input
         "broker_quotes_m1", "broker_vs_vendor", "predictions_vs_user_trades",
         "trained_model", "champion_model",
+        "model_backtest",  # a registered model version over its out-of-sample folds
     }
 
     with instance_for_test() as persistent:  # schedules read symbols from a stored instance

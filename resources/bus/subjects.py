@@ -23,3 +23,15 @@ def features(symbol: str, timeframe: str) -> str:
 
 def signals(symbol: str) -> str:
     return f"signals.{symbol}"
+
+
+BACKTEST_EVENTS = ("started", "progress", "completed", "failed")
+
+
+def backtest(event: str, run_id: str) -> str:
+    """``backtest.{started|progress|completed|failed}.{run_id}`` (a run id is one token: no dots)."""
+    if event not in BACKTEST_EVENTS:
+        raise ValueError(f"unknown backtest event {event!r}")
+    if not run_id or any(c in run_id for c in ".*> "):
+        raise ValueError(f"a backtest run id is one subject token, got {run_id!r}")
+    return f"backtest.{event}.{run_id}"
