@@ -23,3 +23,23 @@ def features(symbol: str, timeframe: str) -> str:
 
 def signals(symbol: str) -> str:
     return f"signals.{symbol}"
+
+
+def ticks(symbol: str) -> str:
+    """``ticks.{SYM}``: every tick the collector receives (core NATS, not stored)."""
+    return f"ticks.{symbol}"
+
+
+def broker_account(login: int | str) -> str:
+    """``broker.account.{login}``: an MT5 account snapshot (stream ``BROKER_DATA``)."""
+    return f"broker.account.{login}"
+
+
+def broker_quote(symbol: str) -> str:
+    """``broker.quote.{SYM}``: the broker's bid/ask samples (stream ``BROKER_DATA``)."""
+    return f"broker.quote.{symbol}"
+
+
+def broker_deal(symbol: str) -> str:
+    """``broker.deal.{SYM}``: the account's deals (stream ``BROKER_DATA``)."""
+    return f"broker.deal.{symbol}"
