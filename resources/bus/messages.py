@@ -79,3 +79,29 @@ def decode_bar(payload: bytes, subject: str | None = None) -> dict[str, Any]:
     if bar["volume"] < 0 or bar["tick_count"] < 0 or bar["quote_count"] < 0:
         raise BadMessage("impossible", "negative volume or count")
     return bar
+
+
+TICK_FIELDS = ("ts", "bid", "ask", "price", "size", "vendor_seq")
+
+
+def encode_ticks(symbol: str, source: str, ticks: Any) -> bytes:
+    """Ticks of one symbol (a polars frame of :data:`models.market.ticks.TICK_SCHEMA`) as one
+    JSON object of columns on ``ticks.{SYM}``: ``ts`` in epoch ms, null where a tick has no
+    such value (a quote has no price, a trade no bid)."""
+    columns = {name: ticks[name].to_list() for name in TICK_FIELDS if name != "ts"}
+    columns["ts"] = ticks["ts"].dt.epoch("ms").to_list()
+    return json.dumps({"symbol": symbol, "source": source, **columns}, separators=(",", ":")).encode()
+
+
+def decode_ticks(payload: bytes) -> dict[str, Any]:
+    """The columns of a ``ticks.{SYM}`` message (see :func:`encode_ticks`)."""
+    try:
+        message = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadMessage("malformed", f"not JSON ({exc})") from None
+    if not isinstance(message, dict) or any(name not in message for name in ("symbol", *TICK_FIELDS)):
+        raise BadMessage("malformed", "not a ticks message")
+    lengths = {len(message[name]) for name in TICK_FIELDS if isinstance(message[name], list)}
+    if len(lengths) != 1 or any(not isinstance(message[name], list) for name in TICK_FIELDS):
+        raise BadMessage("malformed", "tick columns of different lengths")
+    return message
