@@ -838,6 +838,66 @@ def cmd_live_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_broker_publish(args: argparse.Namespace) -> int:
+    """Sample the MT5 terminal's account, quotes and deals and publish them to the BROKER_DATA
+    stream (run it next to the terminal); the drain_broker_data sensor stores them."""
+    import time
+
+    from live.broker_data import BrokerDataPublisher
+    from resources.brokers.mt5.broker import MT5Broker, MT5Config, load_mt5_module, magic_number
+    from resources.brokers.mt5.sampler import BrokerDataSampler
+
+    symbols = tuple(args.symbols)
+    if args.fake:
+        from resources.brokers.mt5.fake import FakeTerminal
+
+        mt5 = FakeTerminal()
+        for symbol in symbols:
+            mt5.add_symbol(symbol)
+        mt5.initialize()
+        for symbol in symbols:
+            point = mt5.symbols[symbol].point
+            mt5.set_quote(symbol, 1.0, 1.0 + 2 * point)
+        clock = mt5.utc_now
+    else:
+        mt5, clock = load_mt5_module(), time.time
+    magics = [magic_number(name) for name in args.strategies]
+    broker = MT5Broker(mt5, MT5Config(magic=magics[0], symbols=symbols), clock=clock)
+    env = os.environ
+    broker.connect(login=int(env["MT5_LOGIN"]) if env.get("MT5_LOGIN") and not args.fake else None,
+                   password=env.get("MT5_PASSWORD"), server=env.get("MT5_SERVER"),
+                   path=None if args.fake else env.get("MT5_TERMINAL_PATH"))
+    sampler = BrokerDataSampler(mt5, symbols, server_utc_offset_s=broker.offset_s, magics=magics, clock=clock)
+    bus = _nats_bus()
+    _print(f"tradeforge broker publish: account, {' '.join(symbols)} quotes and deals every {args.interval:g}s "
+           f"-> {bus.describe()}, stream BROKER_DATA; stop with Ctrl-C or SIGTERM")
+    publisher = BrokerDataPublisher(bus, sampler, progress=lambda line: _print(f"  {line}"))
+    if args.samples:
+        import asyncio
+
+        async def some() -> None:
+            await publisher.start()
+            try:
+                for n in range(args.samples):
+                    await publisher.publish_sample(deals=n == 0)
+                    if args.fake:
+                        mt5.advance_time(int(args.interval * 1000))  # the fake's clock moves only when told
+                    elif n + 1 < args.samples:
+                        await asyncio.sleep(args.interval)
+            finally:
+                await publisher.publisher.close()
+
+        asyncio.run(some())
+        stats = publisher.stats
+    else:
+        stats = _run_until_signalled(lambda: publisher.run(interval_s=args.interval), publisher.stop)
+    broker.shutdown()
+    p = stats.published
+    _print(f"published {p['account']:,} account snapshots, {p['quote']:,} quotes, {p['deal']:,} deals "
+           f"({stats.already_stored:,} already on the bus, {stats.failed_samples} samples failed)")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -911,6 +971,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--strategy", default="default", help="the strategy whose magic number marks our orders")
     check.add_argument("--fake", action="store_true", help="a dry run on the fake terminal (any platform)")
     check.set_defaults(func=cmd_broker_check)
+    publish = broker_commands.add_parser("publish", help="publish the terminal's account, quotes and deals to NATS "
+                                                         "(stream BROKER_DATA; the drain_broker_data sensor stores them)")
+    publish.add_argument("--symbols", nargs="+", type=str.upper, default=["EURUSD"])
+    publish.add_argument("--strategies", nargs="+", default=["default"], help="strategies whose magic numbers mark our deals")
+    publish.add_argument("--interval", type=float, default=1.0, help="seconds between samples (deals every 10 samples)")
+    publish.add_argument("--samples", type=int, default=0, help="stop after this many samples (0: run until stopped)")
+    publish.add_argument("--fake", action="store_true", help="a dry run on the fake terminal (any platform)")
+    publish.set_defaults(func=cmd_broker_publish)
 
     train = commands.add_parser("train", help="train a model spec (orchestration/model_specs.yaml), gate it, register it")
     train.add_argument("spec", nargs="?", help="the spec's name")

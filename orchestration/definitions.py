@@ -24,6 +24,7 @@ from assets.features import ml_features
 from assets.market_data import aggregates, market_ticks, vendor_candles
 from assets.partitions import SYMBOLS, day_symbol_key
 from orchestration.resources import resources_from_env
+from sensors.broker_data import drain_broker_data
 from sensors.labels import labels_follow_candles
 from assets.training import champion_model, trained_model
 from sensors.training import retrain_on_new_features, sync_model_specs, train_models, weekly_retrain
@@ -83,6 +84,6 @@ defs = Definitions(
             *BROKER_ASSETS, trained_model, champion_model],
     jobs=[ingest_market_data, ingest_fred, ingest_commodities, ingest_calendar, train_models],
     schedules=[daily_market_data, weekly_fred, daily_commodities, daily_calendar, weekly_retrain],
-    sensors=[labels_follow_candles, retrain_on_new_features, sync_model_specs],
+    sensors=[labels_follow_candles, retrain_on_new_features, sync_model_specs, drain_broker_data],
     resources=resources_from_env(),
 )
