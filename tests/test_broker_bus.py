@@ -176,5 +176,6 @@ def test_a_batch_fetched_but_never_acknowledged_is_delivered_again(nats, warehou
         return len(taken), first, second
 
     taken, first, second = asyncio.run(scenario())
-    assert taken == 3 and first.messages == 3 and first.stored["quote"] == 3 and second.messages == 0
+    # at least once: a write slower than the 1 s ack_wait gets the batch once more, and the rows replace themselves
+    assert taken == 3 and first.messages >= 3 and first.messages % 3 == 0 and second.messages == 0
     assert read_quotes(warehouse)["ts"].dt.epoch("ms").to_list() == [T0, T0 + 1, T0 + 2]
