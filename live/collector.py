@@ -47,7 +47,7 @@ from live.publishing import DurablePublisher
 from models.market.instruments import AssetClass, instrument
 from models.market.live_candles import LiveCandles, ceil_minute, floor_minute
 from models.market.ticks import TS
-from models.market.timeframes import ALL_TIMEFRAMES, DayBoundary, Timeframe, bar_close_at, bar_open_at
+from models.market.timeframes import DayBoundary, Timeframe, bar_close_at, bar_open_at
 from resources.bus.client import NatsBus, StreamSpec
 from resources.bus.messages import bar_msg_id, encode_bar, encode_ticks
 from resources.bus.streams import bars_stream, last_bar_ts
@@ -451,4 +451,4 @@ def _ms(moment: datetime) -> int:
     return round(moment.timestamp() * 1000)
 
 
-__all__ = ["ALL_TIMEFRAMES", "Collector", "CollectorConfig", "CollectorError", "CollectorStats", "Feed", "TickHistory", "feeds_of"]
+__all__ = ["Collector", "CollectorConfig", "CollectorError", "CollectorStats", "Feed", "TickHistory", "feeds_of"]
