@@ -249,7 +249,8 @@ class Collector:
                 raise CollectorError(f"Polygon refused the API key ({exc}): check POLYGON_API_KEY") from None
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # dropped (ConnectionClosedError), refused, timed out
+            except Exception as exc:  # dropped (ConnectionClosedError), refused, timed out; or a message this
+                # code could not process: handled as a drop too, so its minutes come from REST, not from a half-read batch
                 reason = f"{type(exc).__name__}: {exc}"
             finally:
                 self._clients.pop(feed.market, None)
