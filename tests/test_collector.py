@@ -291,3 +291,15 @@ def test_live_modules_import_without_dagster():
     code = ("import sys, live.collector, live.replay, live.broker_data, live.publishing; "
             "assert 'dagster' not in sys.modules, [m for m in sys.modules if m.startswith('dagster')][:3]")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_tradeforge_live_collect_without_a_key_is_one_line(monkeypatch, capsys):
+    from orchestration.cli import main
+
+    monkeypatch.delenv("POLYGON_API_KEY", raising=False)
+    assert main(["live", "collect", "--symbols", "EURUSD"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "POLYGON_API_KEY is not set" in err
+    monkeypatch.setenv("POLYGON_API_KEY", "k")
+    assert main(["live", "collect", "--symbols", "EURXYZ"]) == 1
+    assert "unknown instrument 'EURXYZ'" in capsys.readouterr().err
