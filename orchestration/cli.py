@@ -816,6 +816,198 @@ def cmd_broker_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- live feeds: the collector and the replay (bars onto the bus) ----------------------------
+
+
+def _nats_bus():
+    from resources.bus import NatsBus
+
+    return NatsBus(os.environ.get("NATS_URL") or None)
+
+
+def _day_boundary():
+    from models.market.timeframes import DayBoundary
+
+    text = os.environ.get("TRADEFORGE_DAY_BOUNDARY", "utc")
+    try:
+        return DayBoundary(text)
+    except ValueError:
+        raise CommandError(f"TRADEFORGE_DAY_BOUNDARY={text!r}: use utc or new_york_17") from None
+
+
+def _timeframe(text: str):
+    from models.market.timeframes import Timeframe
+
+    try:
+        return Timeframe(text.upper())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a timeframe ({' '.join(Timeframe.__members__)})") from None
+
+
+def _symbols(names: Sequence[str]) -> tuple[str, ...]:
+    from models.market.instruments import instrument
+
+    return tuple(instrument(name.upper()).symbol for name in names)  # an unknown name: one line
+
+
+def _replay_chunks(warehouse, symbols: Sequence[str], timeframe, start, end, days: int = 30):
+    """The stored bars of ``symbols`` in ``[start, end)``, a month at a time, in time order."""
+    import polars as pl
+
+    from resources.warehouse.market import read_bars
+
+    moment = start
+    while moment < end:
+        upto = min(moment + timedelta(days=days), end)
+        frames = [read_bars(warehouse, symbol, timeframe, moment, upto) for symbol in symbols]
+        yield pl.concat(frames).sort("ts", "symbol") if frames else pl.DataFrame()
+        moment = upto
+
+
+def _run_until_signalled(main_coro_factory, on_stop):
+    """Run a daemon coroutine; SIGTERM and Ctrl-C ask it to stop cleanly."""
+    import asyncio
+    import signal as signals
+
+    async def runner():
+        loop = asyncio.get_running_loop()
+        for sig in (signals.SIGTERM, signals.SIGINT):
+            try:
+                loop.add_signal_handler(sig, on_stop)
+            except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
+                pass
+        return await main_coro_factory()
+
+    return asyncio.run(runner())
+
+
+def cmd_live_replay(args: argparse.Namespace) -> int:
+    """Stored bars -> bars.{SYM}.{TF} at a chosen speed; a restart resumes after the stream's last bar."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    from live.replay import Replay, parse_speed
+
+    speed = parse_speed(args.speed)
+    symbols = _symbols(args.symbols)
+    start = datetime.combine(args.start, datetime.min.time(), UTC)
+    end = datetime.combine(args.end, datetime.min.time(), UTC)
+    if end <= start:
+        raise CommandError(f"--end {args.end} must be after --start {args.start}")
+    warehouse = _warehouse()
+    bus = _nats_bus()
+    pace = "as fast as the bus takes them" if speed is None else ("real time" if speed == 1 else f"x{speed:g}")
+    _print(f"tradeforge live replay: {' '.join(symbols)} {args.timeframe.value} bars, {args.start} .. {args.end} "
+           f"(end excluded), {pace}")
+    _print(f"  from {warehouse.describe()} to {bus.describe()}, stream BARS")
+    replay = Replay(bus, speed=speed, boundary=_day_boundary(), progress=lambda line: _print(f"  {line}"))
+    try:
+        stats = asyncio.run(replay.run(_replay_chunks(warehouse, symbols, args.timeframe, start, end), window=(start, end)))
+    except KeyboardInterrupt:
+        print("tradeforge: replay interrupted; run the same command again to resume after the last bar stored",
+              file=sys.stderr)
+        return 130
+    if stats.seen == 0:
+        raise CommandError(f"no {args.timeframe.value} bars of {', '.join(symbols)} from {args.start} to {args.end} in "
+                           f"{warehouse.describe()}: ingest those days first (tradeforge demo / import, or the Dagster UI)")
+    _print(f"done in {stats.seconds:.1f}s: {stats.published:,} bars published, {stats.already_on_bus:,} already on the "
+           f"bus (skipped), {stats.duplicates:,} refused as duplicates by the stream")
+    return 0
+
+
+def cmd_live_collect(args: argparse.Namespace) -> int:
+    """Polygon's WebSocket feed -> ticks.{SYM} and bars.{SYM}.{TF}, until SIGTERM or Ctrl-C."""
+    from live.collector import Collector, CollectorConfig
+    from resources.vendors.polygon import PolygonResource
+
+    key = os.environ.get("POLYGON_API_KEY", "").strip()
+    if not key:
+        raise CommandError("POLYGON_API_KEY is not set: the collector needs a Polygon (Massive) key with WebSocket "
+                           "access (export POLYGON_API_KEY=...)")
+    symbols = _symbols(args.symbols)
+    config = CollectorConfig(
+        symbols=symbols, timeframes=tuple(args.timeframes), boundary=_day_boundary(),
+        ws_url=os.environ.get("POLYGON_WS_URL", "").strip() or CollectorConfig.ws_url,
+        grace_s=args.grace, max_backfill_s=args.max_backfill_hours * 3600, publish_ticks=not args.no_ticks,
+    )
+    base_url = os.environ.get("POLYGON_BASE_URL", "").strip()
+    history = PolygonResource(api_key=key, **({"base_url": base_url} if base_url else {}))
+    bus = _nats_bus()
+    _print(f"tradeforge live collect: {' '.join(symbols)} -> ticks.SYM, bars.SYM.{{{','.join(t.value for t in config.timeframes)}}} "
+           f"on {bus.describe()} (grace {config.grace_s:g}s); stop with Ctrl-C or SIGTERM")
+
+    def line(text: str) -> None:
+        from datetime import UTC, datetime
+
+        _print(f"  {datetime.now(UTC):%H:%M:%S} {text}")
+
+    collector = Collector(config, key, bus, history, progress=line)
+    stats = _run_until_signalled(collector.run, collector.stop)
+    _print(f"stopped: {stats.bars_published:,} bars and {stats.ticks_published:,} ticks published, "
+           f"{stats.drops} drops, {len(stats.backfills)} backfills")
+    return 0
+
+
+def cmd_broker_publish(args: argparse.Namespace) -> int:
+    """Sample the MT5 terminal's account, quotes and deals and publish them to the BROKER_DATA
+    stream (run it next to the terminal); the drain_broker_data sensor stores them."""
+    import time
+
+    from live.broker_data import BrokerDataPublisher
+    from resources.brokers.mt5.broker import MT5Broker, MT5Config, load_mt5_module, magic_number
+    from resources.brokers.mt5.sampler import BrokerDataSampler
+
+    symbols = tuple(args.symbols)
+    if args.fake:
+        from resources.brokers.mt5.fake import FakeTerminal
+
+        mt5 = FakeTerminal()
+        for symbol in symbols:
+            mt5.add_symbol(symbol)
+        mt5.initialize()
+        for symbol in symbols:
+            point = mt5.symbols[symbol].point
+            mt5.set_quote(symbol, 1.0, 1.0 + 2 * point)
+        clock = mt5.utc_now
+    else:
+        mt5, clock = load_mt5_module(), time.time
+    magics = [magic_number(name) for name in args.strategies]
+    broker = MT5Broker(mt5, MT5Config(magic=magics[0], symbols=symbols), clock=clock)
+    env = os.environ
+    broker.connect(login=int(env["MT5_LOGIN"]) if env.get("MT5_LOGIN") and not args.fake else None,
+                   password=env.get("MT5_PASSWORD"), server=env.get("MT5_SERVER"),
+                   path=None if args.fake else env.get("MT5_TERMINAL_PATH"))
+    sampler = BrokerDataSampler(mt5, symbols, server_utc_offset_s=broker.offset_s, magics=magics, clock=clock)
+    bus = _nats_bus()
+    _print(f"tradeforge broker publish: account, {' '.join(symbols)} quotes and deals every {args.interval:g}s "
+           f"-> {bus.describe()}, stream BROKER_DATA; stop with Ctrl-C or SIGTERM")
+    publisher = BrokerDataPublisher(bus, sampler, progress=lambda line: _print(f"  {line}"))
+    if args.samples:
+        import asyncio
+
+        async def some() -> None:
+            await publisher.start()
+            try:
+                for n in range(args.samples):
+                    await publisher.publish_sample(deals=n == 0)
+                    if args.fake:
+                        mt5.advance_time(int(args.interval * 1000))  # the fake's clock moves only when told
+                    elif n + 1 < args.samples:
+                        await asyncio.sleep(args.interval)
+            finally:
+                await publisher.publisher.close()
+
+        asyncio.run(some())
+        stats = publisher.stats
+    else:
+        stats = _run_until_signalled(lambda: publisher.run(interval_s=args.interval), publisher.stop)
+    broker.shutdown()
+    p = stats.published
+    _print(f"published {p['account']:,} account snapshots, {p['quote']:,} quotes, {p['deal']:,} deals "
+           f"({stats.already_stored:,} already on the bus, {stats.failed_samples} samples failed)")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -891,6 +1083,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--strategy", default="default", help="the strategy whose magic number marks our orders")
     check.add_argument("--fake", action="store_true", help="a dry run on the fake terminal (any platform)")
     check.set_defaults(func=cmd_broker_check)
+    publish = broker_commands.add_parser("publish", help="publish the terminal's account, quotes and deals to NATS "
+                                                         "(stream BROKER_DATA; the drain_broker_data sensor stores them)")
+    publish.add_argument("--symbols", nargs="+", type=str.upper, default=["EURUSD"])
+    publish.add_argument("--strategies", nargs="+", default=["default"], help="strategies whose magic numbers mark our deals")
+    publish.add_argument("--interval", type=float, default=1.0, help="seconds between samples (deals every 10 samples)")
+    publish.add_argument("--samples", type=int, default=0, help="stop after this many samples (0: run until stopped)")
+    publish.add_argument("--fake", action="store_true", help="a dry run on the fake terminal (any platform)")
+    publish.set_defaults(func=cmd_broker_publish)
 
     train = commands.add_parser("train", help="train a model spec (orchestration/model_specs.yaml), gate it, register it")
     train.add_argument("spec", nargs="?", help="the spec's name")
@@ -913,6 +1113,25 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=cmd_ui)
+
+    live = commands.add_parser("live", help="the live side: bars onto the bus (collector, replay)")
+    live_commands = live.add_subparsers(dest="action", required=True)
+    replay = live_commands.add_parser("replay", help="stored bars -> bars.SYM.TF on NATS at a chosen speed (resumes)")
+    replay.add_argument("--symbols", nargs="+", required=True)
+    replay.add_argument("--timeframe", type=_timeframe, default="M5", help="M1 M5 M15 M30 H1 H4 D1 W1 (default M5)")
+    replay.add_argument("--start", type=_day, required=True, help="first UTC day (YYYY-MM-DD)")
+    replay.add_argument("--end", type=_day, required=True, help="UTC day after the last (YYYY-MM-DD)")
+    replay.add_argument("--speed", default="max", help="max (as fast as possible), 1 (real time), 60 (a minute a second), ...")
+    replay.set_defaults(func=cmd_live_replay)
+    collect = live_commands.add_parser("collect", help="Polygon's WebSocket feed -> ticks.SYM and bars.SYM.TF "
+                                                       "(needs POLYGON_API_KEY)")
+    collect.add_argument("--symbols", nargs="+", required=True)
+    collect.add_argument("--timeframes", nargs="+", type=_timeframe, default=["M1", "M5", "M15", "M30", "H1"])
+    collect.add_argument("--grace", type=float, default=2.0, help="seconds a bar waits after its end for late ticks")
+    collect.add_argument("--max-backfill-hours", type=float, default=24.0,
+                         help="at start, how far back to resume after the stream's last bars")
+    collect.add_argument("--no-ticks", action="store_true", help="do not publish ticks.SYM (bars only)")
+    collect.set_defaults(func=cmd_live_collect)
     return parser
 
 

@@ -22,13 +22,14 @@ from assets.external import (
 )
 from assets.features import ml_features
 from assets.market_data import aggregates, market_ticks, vendor_candles
-from assets.partitions import SYMBOLS, day_symbol_key
-from orchestration.resources import resources_from_env
-from sensors.labels import labels_follow_candles
-from assets.training import champion_model, trained_model
-from sensors.training import retrain_on_new_features, sync_model_specs, train_models, weekly_retrain
 from assets.model_backtests import model_backtest
+from assets.partitions import SYMBOLS, day_symbol_key
+from assets.training import champion_model, trained_model
+from orchestration.resources import resources_from_env
 from sensors.backtests import backtest_models, backtest_new_challengers
+from sensors.broker_data import drain_broker_data
+from sensors.labels import labels_follow_candles
+from sensors.training import retrain_on_new_features, sync_model_specs, train_models, weekly_retrain
 
 ingest_market_data = define_asset_job(
     "ingest_market_data",
@@ -88,6 +89,6 @@ defs = Definitions(
           backtest_models],
     schedules=[daily_market_data, weekly_fred, daily_commodities, daily_calendar, weekly_retrain],
     sensors=[labels_follow_candles, retrain_on_new_features, sync_model_specs,
-             backtest_new_challengers],
+             backtest_new_challengers, drain_broker_data],
     resources=resources_from_env(),
 )

@@ -1,0 +1,96 @@
+"""JetStream streams of the live data path, defined once for publishers and consumers.
+
+- ``BARS`` (``bars.>``): closed bars from the collector or a replay, consumed by the runner
+  with a durable consumer. Every bar carries ``Nats-Msg-Id`` ``bar:SYM:TF:ts``
+  (:func:`resources.bus.messages.bar_msg_id`): a retry inside the duplicate window is stored
+  once, and publishers resume after the last bar the stream holds per subject
+  (:func:`last_bar_ts`), so a restart after the window publishes nothing twice either.
+- ``BROKER_DATA`` (``broker.account.*``, ``broker.quote.*``, ``broker.deal.*``): the MT5
+  terminal's account snapshots, quotes and deals, published next to the terminal and drained
+  into the warehouse by a Dagster sensor. Deliberately not ``broker.>``: the runner's own
+  ``broker.fill.*`` / ``broker.error.*`` belong to its ledger stream (JetStream refuses two
+  streams with overlapping subjects).
+
+Retention is configurable from the environment when a stream is first created
+(``ensure_stream`` leaves an existing stream as it is): ``TRADEFORGE_BARS_RETENTION_DAYS``
+(default 30, 0 keeps bars forever), ``TRADEFORGE_BARS_DEDUP_MINUTES`` (default 120),
+``TRADEFORGE_BROKER_RETENTION_DAYS`` (default 7: the sensor drains it every minute).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+from resources.bus.client import StreamSpec
+
+BARS_SUBJECTS = ("bars.>",)
+BROKER_DATA_SUBJECTS = ("broker.account.*", "broker.quote.*", "broker.deal.*")
+
+
+def _number(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a number") from None
+    if value < 0:
+        raise ValueError(f"{name}={text!r} must not be negative")
+    return value
+
+
+def _retention(days: float) -> timedelta | None:
+    return timedelta(days=days) if days > 0 else None
+
+
+def bars_stream(retention_days: float | None = None, dedup_minutes: float | None = None) -> StreamSpec:
+    """The ``BARS`` stream; arguments override the environment (see the module doc)."""
+    days = _number("TRADEFORGE_BARS_RETENTION_DAYS", 30.0) if retention_days is None else retention_days
+    minutes = _number("TRADEFORGE_BARS_DEDUP_MINUTES", 120.0) if dedup_minutes is None else dedup_minutes
+    max_age = _retention(days)
+    window = timedelta(minutes=max(minutes, 1 / 60))
+    if max_age is not None and window > max_age:  # JetStream refuses a window longer than the retention
+        window = max_age
+    return StreamSpec("BARS", BARS_SUBJECTS, max_age=max_age, duplicate_window=window)
+
+
+def broker_data_stream(retention_days: float | None = None) -> StreamSpec:
+    """The ``BROKER_DATA`` stream (account snapshots, quotes, deals of the MT5 terminal)."""
+    days = _number("TRADEFORGE_BROKER_RETENTION_DAYS", 7.0) if retention_days is None else retention_days
+    return StreamSpec("BROKER_DATA", BROKER_DATA_SUBJECTS, max_age=_retention(days), duplicate_window=timedelta(hours=1))
+
+
+BARS_STREAM = bars_stream(30.0, 120.0)
+"""The defaults, for code that needs a name and subjects at import time."""
+BROKER_DATA_STREAM = broker_data_stream(7.0)
+
+
+async def last_message(js: Any, stream: str, subject: str) -> Any | None:
+    """The newest message of ``subject`` in ``stream`` (nats-py ``RawStreamMsg``), or None
+    when the stream holds none (or does not exist yet)."""
+    from nats.js.errors import NotFoundError
+
+    try:
+        return await js.get_last_msg(stream, subject)
+    except NotFoundError:
+        return None
+
+
+async def last_bar_ts(js: Any, symbol: str, timeframe: str, stream: str = "BARS") -> int | None:
+    """Open time (epoch ms) of the newest bar stored on ``bars.{symbol}.{timeframe}``: a
+    publisher that restarts resumes after it."""
+    from resources.bus.messages import BadMessage, decode_bar
+    from resources.bus.subjects import bars
+
+    message = await last_message(js, stream, bars(symbol, timeframe))
+    if message is None:
+        return None
+    try:
+        return int(decode_bar(message.data)["ts"])
+    except BadMessage:  # something else on the subject: take the id, which every bar carries
+        msg_id = (message.headers or {}).get("Nats-Msg-Id", "")
+        tail = msg_id.rsplit(":", 1)[-1]
+        return int(tail) if tail.isdigit() else None
