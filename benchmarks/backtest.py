@@ -18,14 +18,13 @@ import polars as pl
 from scipy.signal import lfilter
 
 from benchmarks.common import best_of
+from benchmarks.reference import REFERENCE_SPEC, backtesting_py_sma_cross
 from models.backtest.runner import BacktestConfig, run_backtest
-from models.market.instruments import instrument
 from models.trading.fills import FillConfig
-from models.trading.risk import RiskConfig, Sizing, round_lots
+from models.trading.risk import RiskConfig, Sizing
 from models.trading.strategy import ModelStrategy, SmaCross, crossings
 
 START_MS = 1_577_836_800_000  # 2020-01-01
-REFERENCE_SPEC = replace(instrument("EURUSD"), contract_size=1.0, lot_step=1.0, min_lot=1.0, max_lot=1e12, leverage=1.0)
 
 
 def m1_bars(n: int, seed: int = 1) -> pl.DataFrame:
@@ -78,35 +77,8 @@ def _vbt_anchor(bars: pl.DataFrame, side: np.ndarray, fees: float) -> float | No
 
 
 def _backtesting_py(bars: pl.DataFrame, strategy: SmaCross, commission: float) -> float:
-    import warnings
-
-    import backtesting
-
-    fast, slow = strategy.indicators(bars["close"].to_numpy())
-    df = bars.select("open", "high", "low", "close").to_pandas()
-    df.columns = ["Open", "High", "Low", "Close"]
-    df.index = pd.DatetimeIndex(bars["ts"].dt.replace_time_zone(None).to_list())
-
-    class Reference(backtesting.Strategy):
-        def init(self):
-            self.fast = self.I(lambda: fast, name="fast")
-            self.slow = self.I(lambda: slow, name="slow")
-
-        def next(self):
-            f, s = self.fast, self.slow
-            side = 1 if f[-2] < s[-2] and f[-1] > s[-1] else -1 if f[-2] > s[-2] and f[-1] < s[-1] else 0
-            if side == 0 or (self.position and (self.position.size > 0) == (side > 0)):
-                return
-            units = round_lots(0.5 * self.equity / self.data.Close[-1], REFERENCE_SPEC)
-            self.position.close()
-            (self.buy if side > 0 else self.sell)(size=units)
-
-    def once():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            backtesting.Backtest(df, Reference, cash=100_000.0, commission=commission, finalize_trades=False).run()
-
-    return best_of(once, repeat=1)
+    return best_of(lambda: backtesting_py_sma_cross(bars, strategy, cash=100_000.0, commission=commission, fraction=0.5),
+                   repeat=1)
 
 
 def bench_backtest(quick: bool = False) -> dict:

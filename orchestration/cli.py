@@ -785,23 +785,13 @@ def cmd_broker_check(args: argparse.Namespace) -> int:
     if args.fake:
         from resources.brokers.mt5.fake import FakeTerminal
 
-        mt5 = FakeTerminal()
-        for symbol in symbols:
-            mt5.add_symbol(symbol)
-        mt5.initialize()
-        for symbol in symbols:
-            price = mt5.symbols[symbol]
-            mid = {"EURUSD": 1.085}.get(symbol, 1.0)
-            mt5.set_quote(symbol, mid, mid + 2 * price.point)
+        mt5 = FakeTerminal.quoting(symbols, {"EURUSD": 1.085})
         clock = mt5.utc_now
     else:
         mt5, clock = load_mt5_module(), None
     magic = magic_number(args.strategy)
     broker = MT5Broker(mt5, MT5Config(magic=magic, symbols=symbols), **({"clock": clock} if clock else {}))
-    env = os.environ
-    broker.connect(login=int(env["MT5_LOGIN"]) if env.get("MT5_LOGIN") and not args.fake else None,
-                   password=env.get("MT5_PASSWORD"), server=env.get("MT5_SERVER"),
-                   path=None if args.fake else env.get("MT5_TERMINAL_PATH"))
+    broker.connect_from_environment(fake=args.fake)
     account = mt5.account_info()
     _print(f"account {account.login} on {account.server} ({account.company}): {account.currency} balance "
            f"{account.balance:,.2f}, equity {account.equity:,.2f}, leverage 1:{account.leverage}, "
@@ -961,22 +951,13 @@ def cmd_broker_publish(args: argparse.Namespace) -> int:
     if args.fake:
         from resources.brokers.mt5.fake import FakeTerminal
 
-        mt5 = FakeTerminal()
-        for symbol in symbols:
-            mt5.add_symbol(symbol)
-        mt5.initialize()
-        for symbol in symbols:
-            point = mt5.symbols[symbol].point
-            mt5.set_quote(symbol, 1.0, 1.0 + 2 * point)
+        mt5 = FakeTerminal.quoting(symbols)
         clock = mt5.utc_now
     else:
         mt5, clock = load_mt5_module(), time.time
     magics = [magic_number(name) for name in args.strategies]
     broker = MT5Broker(mt5, MT5Config(magic=magics[0], symbols=symbols), clock=clock)
-    env = os.environ
-    broker.connect(login=int(env["MT5_LOGIN"]) if env.get("MT5_LOGIN") and not args.fake else None,
-                   password=env.get("MT5_PASSWORD"), server=env.get("MT5_SERVER"),
-                   path=None if args.fake else env.get("MT5_TERMINAL_PATH"))
+    broker.connect_from_environment(fake=args.fake)
     sampler = BrokerDataSampler(mt5, symbols, server_utc_offset_s=broker.offset_s, magics=magics, clock=clock)
     bus = _nats_bus()
     _print(f"tradeforge broker publish: account, {' '.join(symbols)} quotes and deals every {args.interval:g}s "

@@ -34,6 +34,17 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNa
         server.stop()
 
 
+@pytest.fixture
+def nats(tmp_path: Path) -> Iterator[EmbeddedNatsServer]:
+    """A nats-server of the test's own (a fresh JetStream store), stopped afterwards."""
+    server = EmbeddedNatsServer(tmp_path / "nats", port=free_port())
+    server.start(detach=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 _TEMPLATE: list[Path] = []
 
 

@@ -14,18 +14,17 @@ the same crossings (the same SMA arrays). Everything else is each engine's own a
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import polars as pl
 import pytest
 
+from benchmarks.reference import REFERENCE_SPEC, backtesting_py_sma_cross
 from models.backtest.metrics import drawdown, profit_factor
 from models.backtest.runner import BacktestConfig, run_backtest
-from models.market.instruments import instrument
 from models.trading.fills import FillConfig
-from models.trading.risk import RiskConfig, Sizing, round_lots
+from models.trading.risk import RiskConfig, Sizing
 from models.trading.strategy import SmaCross
 
 backtesting = pytest.importorskip("backtesting")
@@ -33,8 +32,7 @@ backtesting = pytest.importorskip("backtesting")
 COMMISSION = 0.001
 FRACTION = 0.5
 CASH = 100_000.0
-# A stock-like instrument: whole units, no leverage, quoted in the account currency.
-SPEC = replace(instrument("EURUSD"), contract_size=1.0, lot_step=1.0, min_lot=1.0, max_lot=1e12, leverage=1.0)
+SPEC = REFERENCE_SPEC  # a stock-like instrument: whole units, no leverage, quoted in the account currency
 
 
 def _bars(n: int = 3000, seed: int = 3) -> pl.DataFrame:
@@ -50,27 +48,7 @@ def _bars(n: int = 3000, seed: int = 3) -> pl.DataFrame:
 
 
 def _reference(bars: pl.DataFrame, strategy: SmaCross):
-    fast, slow = strategy.indicators(bars["close"].to_numpy())
-    df = bars.select("open", "high", "low", "close").to_pandas()
-    df.columns = ["Open", "High", "Low", "Close"]
-    df.index = pd.DatetimeIndex(bars["ts"].dt.replace_time_zone(None).to_list())
-
-    class Reference(backtesting.Strategy):
-        def init(self):
-            self.fast = self.I(lambda: fast, name="fast")
-            self.slow = self.I(lambda: slow, name="slow")
-
-        def next(self):
-            f, s = self.fast, self.slow
-            side = 1 if f[-2] < s[-2] and f[-1] > s[-1] else -1 if f[-2] > s[-2] and f[-1] < s[-1] else 0
-            if side == 0 or (self.position and (self.position.size > 0) == (side > 0)):
-                return
-            units = round_lots(FRACTION * self.equity / self.data.Close[-1], SPEC)
-            self.position.close()
-            (self.buy if side > 0 else self.sell)(size=units)
-
-    bt = backtesting.Backtest(df, Reference, cash=CASH, commission=COMMISSION, finalize_trades=False)
-    return bt.run()
+    return backtesting_py_sma_cross(bars, strategy, cash=CASH, commission=COMMISSION, fraction=FRACTION, spec=SPEC)
 
 
 def test_sma_cross_matches_backtesting_py_exactly():

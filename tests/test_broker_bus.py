@@ -19,17 +19,9 @@ from resources.bus import EmbeddedNatsServer, NatsBus
 from resources.bus.resource import BusResource
 from resources.warehouse.broker import read_account, read_quotes, read_trades
 from sensors.broker_data import CONSUMER, drain_broker_data
-from tests.natsserver import free_port
+from tests.natsserver import free_port, nats  # noqa: F401  (fixture)
 
 T0 = 1_709_546_400_000  # 2024-03-04 10:00 UTC
-
-
-@pytest.fixture
-def nats(tmp_path) -> EmbeddedNatsServer:
-    server = EmbeddedNatsServer(tmp_path / "nats", port=free_port())
-    server.start(detach=False)
-    yield server
-    server.stop()
 
 
 def _terminal() -> FakeTerminal:

@@ -21,10 +21,10 @@ from models.market.live_candles import LiveCandles
 from models.market.synthetic import generate_ticks
 from models.market.ticks import conform_ticks
 from models.market.timeframes import Timeframe
-from resources.bus import EmbeddedNatsServer, NatsBus
+from resources.bus import NatsBus
 from resources.bus.messages import decode_bar, decode_ticks
 from resources.vendors.polygon import PolygonResource
-from tests.natsserver import free_port
+from tests.natsserver import nats  # noqa: F401  (fixture)
 from tests.polygon_ws import PolygonWebSocketStub, topic_of
 from tests.stubs import PolygonStub, StubServer
 
@@ -53,14 +53,6 @@ def tape() -> dict[str, pl.DataFrame]:
                            pl.Series("size", rng.integers(1, 500, quotes.height) / 1000))
     return {"EURUSD": conform_ticks(eurusd.with_columns(pl.lit("polygon").alias("source"))),
             "BTCUSD": conform_ticks(btcusd.with_columns(pl.lit("polygon").alias("source")))}
-
-
-@pytest.fixture
-def nats(tmp_path) -> EmbeddedNatsServer:
-    server = EmbeddedNatsServer(tmp_path / "nats", port=free_port())
-    server.start(detach=False)
-    yield server
-    server.stop()
 
 
 class ManualClock:

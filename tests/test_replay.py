@@ -19,17 +19,9 @@ from resources.bus import EmbeddedNatsServer, NatsBus
 from resources.bus.messages import decode_bar
 from resources.bus.streams import bars_stream, last_bar_ts
 from resources.warehouse.market import write_bars
-from tests.natsserver import free_port
+from tests.natsserver import free_port, nats  # noqa: F401  (fixture)
 
 DAY = date(2024, 3, 5)
-
-
-@pytest.fixture
-def nats(tmp_path) -> EmbeddedNatsServer:
-    server = EmbeddedNatsServer(tmp_path / "nats", port=free_port())
-    server.start(detach=False)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

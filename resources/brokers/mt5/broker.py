@@ -35,6 +35,8 @@ the engine's :class:`~models.trading.ledger.Ledger`; see its doc.
 
 from __future__ import annotations
 
+import os
+
 import hashlib
 import logging
 import math
@@ -204,6 +206,16 @@ class MT5Broker(BrokerPort):
         self._judge_from_ms = 0  # closes by hand before this (UTC ms) were judged by an earlier run
 
     # -- connection ----------------------------------------------------------------------------
+    def connect_from_environment(self, *, fake: bool = False) -> None:
+        """:meth:`connect` with ``MT5_LOGIN``, ``MT5_PASSWORD``, ``MT5_SERVER`` and
+        ``MT5_TERMINAL_PATH`` (a fake terminal takes none: it is always logged in)."""
+        env = os.environ
+        if fake:
+            self.connect()
+            return
+        self.connect(login=int(env["MT5_LOGIN"]) if env.get("MT5_LOGIN") else None, password=env.get("MT5_PASSWORD"),
+                     server=env.get("MT5_SERVER"), path=env.get("MT5_TERMINAL_PATH"))
+
     def connect(self, *, login: int | None = None, password: str | None = None, server: str | None = None,
                 path: str | None = None, timeout_ms: int = 60_000) -> None:
         """Start (or attach to) the terminal, log in, select the symbols, read the account's

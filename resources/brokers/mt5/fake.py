@@ -196,6 +196,19 @@ class FakeTerminal:
         raise AttributeError(name)
 
     # -- set-up -----------------------------------------------------------------------------
+    @classmethod
+    def quoting(cls, symbols: tuple[str, ...] | list[str], mids: dict[str, float] | None = None) -> FakeTerminal:
+        """A started terminal with ``symbols`` quoted two points wide around ``mids`` (1.0 by default):
+        the dry runs of ``tradeforge broker check|publish --fake``."""
+        terminal = cls()
+        for symbol in symbols:
+            terminal.add_symbol(symbol)
+        terminal.initialize()
+        for symbol in symbols:
+            mid = (mids or {}).get(symbol, 1.0)
+            terminal.set_quote(symbol, mid, mid + 2 * terminal.symbols[symbol].point)
+        return terminal
+
     def add_symbol(self, name: str, **overrides: Any) -> FakeSymbol:
         """Add a symbol with the trading specification of :func:`models.market.instruments.instrument`
         (contract size, lot step and bounds, leverage, digits), overridable field by field."""
