@@ -18,8 +18,8 @@ install: $(STAMP)
 demo: install  ## ingest 3 symbols x 10 days on the embedded engines, print a summary
 	$(BIN)/tradeforge demo
 
-test: install  ## the full test suite, on real engines it starts itself
-	$(BIN)/python -m pytest
+test: install  ## the full test suite, on real engines it starts itself (two workers: the machine's two cores)
+	$(BIN)/python -m pytest -n 2
 
 ui: install  ## the Dagster UI on the demo's instance and warehouse
 	$(BIN)/tradeforge ui

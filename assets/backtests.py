@@ -24,12 +24,8 @@ from dagster import (
 from models.backtest.runner import BacktestResult, run_backtest
 from models.backtest.spec import BacktestSpec
 from models.backtest.tearsheet import tearsheet_html
-from models.market.instruments import instrument
-from models.trading.currency import ConvMode, conversion_mode, cross_pair
-from resources.warehouse import WarehouseResource, default_home
-from resources.warehouse.backtests import write_backtest
-from resources.warehouse.features import bars_around
-from resources.warehouse.market import read_bars
+from resources.warehouse import WarehouseResource
+from resources.warehouse.backtests import load_bars, tearsheet_dir, write_backtest
 
 SPECS_FILE = Path(__file__).resolve().parents[1] / "orchestration" / "backtests.yaml"
 
@@ -56,10 +52,6 @@ def load_specs(path: Path | None = None) -> dict[str, BacktestSpec]:
     return specs
 
 
-def tearsheet_dir() -> Path:
-    return default_home() / "backtests"
-
-
 @dataclass
 class BacktestRun:
     run_id: str
@@ -75,23 +67,8 @@ def execute_backtest(warehouse: WarehouseResource, spec: BacktestSpec, source: s
     say = progress or (lambda _: None)
     started = time.perf_counter()
     strategy, config = spec.build()
-    frames, rates = [], {}
-    with warehouse.session() as session:
-        for symbol in spec.symbols:
-            bars, history = bars_around(session, symbol, spec.timeframe, spec.start, spec.end, strategy.warmup + 1)
-            if bars.height == history:
-                raise ValueError(f"no {spec.timeframe.value} bars of {symbol} in {spec.start:%Y-%m-%d} .. {spec.end:%Y-%m-%d} "
-                                 f"in the warehouse: ingest them first (tradeforge demo, or the ingest_market_data job)")
-            frames.append(bars)
-            say(f"  {symbol}: {bars.height - history:,} bars (+{history} warm-up)")
-            spec_ = instrument(symbol)
-            if conversion_mode(spec_, spec.account_currency) is ConvMode.CROSS:
-                pair, _ = cross_pair(spec_.quote_currency, spec.account_currency)
-                rates[pair] = read_bars(session, pair, spec.timeframe, None, spec.end)
-                if rates[pair].is_empty():
-                    raise ValueError(f"{symbol} in a {spec.account_currency} account needs {pair} {spec.timeframe.value} bars "
-                                     f"to convert its PnL: ingest {pair} too")
-    bars = pl.concat(frames)
+    bars, rates = load_bars(warehouse, spec.symbols, spec.timeframe, spec.start, spec.end, strategy.warmup + 1,
+                            spec.account_currency, say)
     total = bars.height
     result = run_backtest(bars, strategy, config, rates=rates, name=spec.name, trade_from=spec.start,
                           progress=lambda done, n: say(f"  engine: {done:,}/{n:,} bars ({done / n:.0%})"))

@@ -93,7 +93,8 @@ def _checks(outcome: TrainingOutcome) -> list[AssetCheckResult]:
             metadata={"decision": gate.decision, "metric": gate.metric, "challenger": _num(gate.challenger),
                       "champion": _num(gate.champion), "champion_version": gate.champion_version or "-",
                       "margin": gate.margin, "baselines": MetadataValue.json({k: _num(v) for k, v in gate.baselines.items()}),
-                      "reasons": MetadataValue.json(gate.reasons)},
+                      "reasons": MetadataValue.json(gate.reasons),
+                      **({"backtest": MetadataValue.json({k: _num(v) for k, v in gate.backtest.items()})} if gate.backtest else {})},
         ),
     ]
 

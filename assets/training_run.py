@@ -236,10 +236,14 @@ class TrainingRun:
         # than promote on the baselines alone, which could replace a better model.
         blockers += [f"{note}: refused, since the champion cannot be compared on the same folds (remove alias "
                      f"{CHAMPION!r} from v{champion.version} to promote on the baselines alone)" for note in notes]
+        requirements, backtest = [], {}
+        if spec.gate.backtest is not None:
+            check, backtest = self._gate_backtest(model, folds, feature_set)
+            requirements.append(check)
         gate = decide(
             metric, model.mean[metric], {name: comparison[name][metric] for name in spec.gate.baselines},
             champion=champion_value, champion_version=champion.version if champion else None, margin=spec.gate.margin,
-            blockers=blockers,
+            blockers=blockers, requirements=requirements, backtest=backtest,
         )
         beats_default = is_better(metric, model.mean[metric], comparison[BASELINE_DEFAULT][metric])
         verdict = "beats" if beats_default else "does not beat"
@@ -387,6 +391,7 @@ class TrainingRun:
         for name, result in results.items():
             if name != "model":
                 metrics |= {f"{name}.{k}": v for k, v in result.mean.items()}
+        metrics |= {f"gate_backtest_{k}": v for k, v in outcome.gate.backtest.items()}
         registry.log_metrics(run_id, metrics)
         for fold, values in enumerate(model.per_fold):
             registry.log_metrics(run_id, {f"fold_{k}": v for k, v in values.items()}, step=fold)
@@ -436,13 +441,13 @@ class TrainingRun:
         self.progress(f"registered {spec.registered_model_name} v{version} (alias {CHALLENGER}); run {outcome.run_url}",
                       stage="registered", version=version)
 
-    def _store(self, outcome: TrainingOutcome, results: dict[str, CVResult], feature_set: str, started_at: datetime, started: float) -> None:
-        dataset, model, spec = self.dataset, outcome.model, self.spec
-        version = int(outcome.model_version or 0)
+    def _predictions(self, model: CVResult, model_name: str, version: int, feature_set: str) -> pl.DataFrame:
+        """The model's out-of-fold predictions in the columns of `model_predictions`."""
+        dataset = self.dataset
         keys = dataset.keys[model.index]
         probs = probabilities_by_side(model.raw, dataset.target.task)
-        predictions = keys.with_columns(
-            pl.lit(outcome.model_name).alias("model_name"), pl.lit(version, pl.UInt32).alias("model_version"),
+        return keys.with_columns(
+            pl.lit(model_name).alias("model_name"), pl.lit(version, pl.UInt32).alias("model_version"),
             pl.lit(self.run_id).alias("run_id"), pl.Series("fold", model.fold_of.astype(np.uint16)),
             pl.lit(dataset.target.name).alias("target"), pl.Series("label", dataset.label[model.index]),
             pl.Series("prediction", signed_prediction(model.raw, dataset.target.task)),
@@ -450,6 +455,37 @@ class TrainingRun:
               for name, values in probs.items()],
             pl.lit(feature_set).alias("feature_set"),
         )
+
+    def _gate_backtest(self, model: CVResult, folds: list[Fold], feature_set: str) -> tuple[tuple[bool, str], dict[str, float]]:
+        """The spec's gate requires an out-of-sample backtest after costs: trade the out-of-fold
+        predictions just made (the very rows `model_predictions` will hold) on the warehouse's
+        bars, as the `model_backtest` asset will, and hold its numbers to the spec's minimums."""
+        from assets.model_backtest_run import backtest_predictions
+        from models.learning.gate import backtest_requirement
+
+        spec, dataset = self.spec, self.dataset
+        requirement = spec.gate.backtest
+        assert requirement is not None
+        predictions = self._predictions(model, spec.registered_model_name, 0, feature_set)
+        tested = pl.DataFrame({"fold": [f.index for f in folds],
+                               "test_start": [epoch_ms_to_datetime(f.test_from_ms) for f in folds],
+                               "test_end": [epoch_ms_to_datetime(f.test_until_ms) for f in folds]},
+                              schema={"fold": pl.Int64, "test_start": pl.Datetime("ms", "UTC"), "test_end": pl.Datetime("ms", "UTC")})
+        try:
+            run = backtest_predictions(self.warehouse, predictions, tested, spec.backtest, dataset.target.task is Task.REGRESSION,
+                                       f"{spec.name} (challenger)", say=self._progress)
+        except ValueError as exc:
+            return (False, f"out-of-sample backtest after costs could not run: {exc}"), {}
+        metrics = run.result.metrics
+        check = backtest_requirement(metrics, requirement.min_sharpe, requirement.min_return, requirement.min_trades)
+        numbers = {k: float(metrics[k]) for k in ("sharpe", "total_return", "max_drawdown", "trades", "costs_pct", "final_equity")}
+        self.progress(check[1], stage="backtest", passed=check[0], **numbers)
+        return check, numbers
+
+    def _store(self, outcome: TrainingOutcome, results: dict[str, CVResult], feature_set: str, started_at: datetime, started: float) -> None:
+        dataset, model, spec = self.dataset, outcome.model, self.spec
+        version = int(outcome.model_version or 0)
+        predictions = self._predictions(model, outcome.model_name, version, feature_set)
         folds = fold_rows(outcome, dataset, spec)
         write_training(self.warehouse, outcome.model_name, version, predictions, folds,
                        self._run_row(outcome, feature_set, started_at, started), metric_rows(outcome, results, version))

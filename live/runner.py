@@ -64,7 +64,7 @@ from models.trading.strategy import ModelStrategy
 from resources.bus import subjects
 from resources.bus.client import NatsBus
 from resources.bus.messages import BadMessage, decode_bar
-from resources.bus.streams import BARS_STREAM, LEDGER_STREAMS, stream
+from resources.bus.streams import BARS_STREAM, bars_stream, ledger_streams
 
 log = logging.getLogger("tradeforge.live")
 SENT_HEADER = "Tradeforge-Sent-Ns"  # optional: when the publisher sent the bar (benchmarks)
@@ -184,8 +184,8 @@ class LiveRunner:
         c = self.config
         started = time.perf_counter()
         await self.bus.connect()
-        for spec in (BARS_STREAM, *LEDGER_STREAMS):
-            await self.bus.ensure_stream(stream(spec))
+        for spec in (bars_stream(), *ledger_streams()):
+            await self.bus.ensure_stream(spec)
         self.kv_state = await self.bus.key_value(STATE_BUCKET)
         self.kv_control = await self.bus.key_value(CONTROL_BUCKET)
         saved = await self._kv_get(self.kv_state, state_key(c.name))

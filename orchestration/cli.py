@@ -196,6 +196,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
            f"vendor_candles, aggregates, ml_features" + (f" ({warnings} check warnings above)" if warnings else ""))
     if demo_training(instance, resources, symbols):
         return 1
+    if demo_backtest(instance, resources):
+        return 1
     _print("")
     _print("Open the Dagster UI on the same data:")
     _print("  make ui        (or: .venv/bin/tradeforge ui)  ->  http://127.0.0.1:3000")
@@ -407,9 +409,9 @@ class _Lines(logging.Handler):
         print(f"  {record.getMessage()}", flush=True)
 
 
-def _progress_lines() -> None:
-    """Training progress (the `tradeforge.training` logger) as plain lines on stdout."""
-    logger = logging.getLogger("tradeforge.training")
+def _progress_lines(name: str = "tradeforge.training") -> None:
+    """Progress of training (the `tradeforge.training` logger) or another logger as plain lines on stdout."""
+    logger = logging.getLogger(name)
     if not any(isinstance(h, _Lines) for h in logger.handlers):
         logger.addHandler(_Lines())
         logger.setLevel(logging.INFO)
@@ -543,6 +545,55 @@ def demo_training(instance, resources, symbols: Sequence[str]) -> int:
     return _train_spec(instance, resources, DEMO_SPEC)
 
 
+def demo_backtest(instance, resources) -> int:
+    """The demo's backtest: the challenger it just trained, walk-forward over its out-of-sample
+    folds (a `model_backtest` run, as the registry sensor would start), summary and tearsheet."""
+    import json
+
+    import polars as pl
+    from dagster import materialize
+
+    from assets.model_backtests import MODEL_VERSIONS, model_backtest, version_key
+    from resources.registry import CHALLENGER
+    from resources.warehouse.backtests import read_runs
+
+    spec = resources["training"].spec(DEMO_SPEC)
+    registry = resources["registry"].process_config_and_initialize().get_client()
+    challenger = registry.alias(spec.registered_model_name, CHALLENGER)
+    if challenger is None:
+        return 0  # nothing was trained (demo_training said why)
+    key = version_key(spec.registered_model_name, challenger.version)
+    _print("")
+    _print(f"backtest of the challenger {key}: its out-of-sample predictions only, through the model strategy "
+           f"{spec.backtest.params or '(default thresholds)'}, costs {spec.backtest.fill or '(defaults)'}")
+    instance.add_dynamic_partitions(MODEL_VERSIONS.name, [key])
+    _progress_lines("tradeforge.backtest")
+    t0 = time.perf_counter()
+    result = materialize([model_backtest], partition_key=key, instance=instance, resources=resources, raise_on_error=False,
+                         run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
+                         tags={"tradeforge/source": "demo"})
+    events = result.get_asset_materialization_events()
+    if not events:
+        print(f"tradeforge: backtest of {key} failed: {_failure_line(result)}", file=sys.stderr)
+        return 1
+    meta = events[0].materialization.metadata
+    warehouse = resources["warehouse"].process_config_and_initialize()
+    row = read_runs(warehouse).filter(pl.col("run_id") == meta["run_id"].value).row(0, named=True)
+    _print(f"summary ({meta['dagster/row_count'].value:,} bars, {meta['predictions'].value:,} predictions, "
+           f"{time.perf_counter() - t0:.1f}s):")
+    _print(_summary_table(json.loads(row["metrics"])))
+    version = registry.version(spec.registered_model_name, challenger.version)
+    decision = version.tags.get("gate.decision", "?")
+    _print(f"gate: {decision}: {version.tags.get('gate.reason', '')}")
+    if decision != "approved":
+        _print("  on the demo's random-walk market there is nothing to learn: the challenger does not beat the naive baselines, "
+               "and its backtest after costs shows what trading it would have cost; it stays `challenger`")
+    _print(f"tearsheet: {meta['tearsheet'].value}")
+    _print(f"MLflow: {meta['mlflow_run'].value}  (the backtest's run, nested under the training run; tearsheet under "
+           f"artifacts/backtest)")
+    return 0
+
+
 @_one_line
 def cmd_mlflow(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -606,10 +657,10 @@ def _param(text: str) -> tuple[str, object]:
     return key.strip(), yaml.safe_load(value)
 
 
-def _summary_table(run) -> str:
-    m = run.result.metrics
+def _summary_table(m: dict) -> str:
     rows = [
-        ("total return", f"{m['total_return']:.2%}"), ("buy and hold", f"{m.get('buy_hold_return', float('nan')):.2%}"),
+        ("total return", f"{m['total_return']:.2%}"),
+        ("buy and hold", f"{m['buy_hold_return']:.2%}" if m.get("buy_hold_return") is not None else "- (several symbols)"),
         ("annual return", f"{m['annual_return']:.2%}"), ("annual volatility", f"{m['annual_volatility']:.2%}"),
         ("Sharpe", f"{m['sharpe']:.2f}"), ("Sortino", f"{m['sortino']:.2f}"), ("Calmar", f"{m['calmar']:.2f}"),
         ("max drawdown", f"{m['max_drawdown']:.2%} ({m['max_drawdown_days']:.1f} days)"),
@@ -633,6 +684,12 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     from models.backtest.spec import BacktestSpec
     from models.trading.strategy import STRATEGIES
 
+    if args.model and args.strategy:
+        raise ValueError("backtest either --strategy or --model, not both")
+    if args.model:
+        return backtest_model(args)
+    if not args.strategy:
+        raise ValueError("name what to backtest: --strategy NAME or --model NAME@alias")
     specs = load_specs()
     overrides = {k: v for k, v in {
         "symbols": args.symbols, "timeframe": args.timeframe,
@@ -661,8 +718,61 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     _print(f"  warehouse: {warehouse.describe()}")
     run = execute_backtest(warehouse, spec, source="cli", progress=_print)
     _print(f"summary ({run.result.equity.height:,} bars in {run.seconds:.1f}s, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC):")
-    _print(_summary_table(run))
+    _print(_summary_table(run.result.metrics))
     _print(f"tearsheet: {run.tearsheet}")
+    return 0
+
+
+def backtest_model(args: argparse.Namespace, source: str = "cli") -> int:
+    """``tradeforge backtest --model NAME@alias``: the version's out-of-sample predictions (its
+    spec's backtest settings; ``--risk`` overrides), optionally ``--symbols`` and a window."""
+    from datetime import UTC, datetime
+
+    from assets.model_backtest_run import execute_model_backtest, resolve_model
+    from resources.bus.resource import bus_from_env
+    from resources.registry import ModelRegistry
+    from resources.training import training_from_env
+
+    if args.param or args.timeframe:
+        raise ValueError("--param and --timeframe apply to --strategy; a model backtest takes its thresholds and timeframe "
+                         "from the model's spec (its backtest section), --risk NAME=VALUE overrides its risk settings")
+    registry = ModelRegistry()
+    version = resolve_model(registry, args.model)
+    try:
+        specs = training_from_env().specs()
+    except ValueError as exc:
+        _print(f"  {exc}: default backtest settings")
+        specs = {}
+    spec = specs.get(version.tags.get("spec", ""))
+    if spec is not None and args.risk:
+        specs = {**specs, spec.name: spec.model_copy(update={"backtest": spec.backtest.model_validate(
+            {**spec.backtest.model_dump(), "risk": {**spec.backtest.risk, **dict(args.risk)}})})}
+    elif args.risk:
+        raise ValueError(f"--risk needs the spec of {version.name} v{version.version} ({version.tags.get('spec', '?')}) in the specs file")
+    start = args.start and datetime(args.start.year, args.start.month, args.start.day, tzinfo=UTC)
+    end = args.end and datetime(args.end.year, args.end.month, args.end.day, tzinfo=UTC)
+    _print(f"tradeforge backtest {args.model} -> v{version.version} ({version.tags.get('family', '?')}, spec "
+           f"{version.tags.get('spec', '?')}, gate {version.tags.get('gate.decision', '?')}), out-of-sample folds only")
+    _print(f"  tracking: {registry.describe()}")
+    warehouse = _warehouse()
+    _print(f"  warehouse: {warehouse.describe()}")
+    bus = bus_from_env().process_config_and_initialize()
+    events = bus.backtest_events(logging.getLogger("tradeforge.backtest"))
+    try:
+        run = execute_model_backtest(warehouse, registry, events, version, specs, symbols=args.symbols, start=start, end=end,
+                                     source=source, say=_print)
+    finally:
+        events.close()
+    _print(f"summary ({run.backtest.result.equity.height:,} bars in {run.seconds:.1f}s, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC):")
+    _print(_summary_table(run.metrics))
+    _print("out-of-sample folds:")
+    for row in run.backtest.folds.iter_rows(named=True):
+        _print(f"  fold {row['fold']}: {row['test_start']:%Y-%m-%d %H:%M} .. {row['test_end']:%Y-%m-%d %H:%M}  {row['bars']:>6,} bars  "
+               f"return {row['return']:>8.2%}  max drawdown {row['max_drawdown']:>8.2%}  {row['trades']:>4} trades")
+    _print(f"tearsheet: {run.tearsheet}")
+    _print(f"MLflow run: {run.mlflow_url}  (tearsheet under artifacts/backtest)")
+    _print(f"bus: {events.published} events on backtest.*.{run.run_id}" if events.published
+           else f"bus: {events.problem or 'no events published'} (the backtest went on)")
     return 0
 
 
@@ -703,6 +813,198 @@ def cmd_broker_check(args: argparse.Namespace) -> int:
         _print(f"  {symbol}: contract {info.trade_contract_size:g}, lots {info.volume_min}-{info.volume_max} step "
                f"{info.volume_step}, stops level {info.trade_stops_level} points, filling {'/'.join(modes)}")
     broker.shutdown()
+    return 0
+
+
+# -- live feeds: the collector and the replay (bars onto the bus) ----------------------------
+
+
+def _nats_bus():
+    from resources.bus import NatsBus
+
+    return NatsBus(os.environ.get("NATS_URL") or None)
+
+
+def _day_boundary():
+    from models.market.timeframes import DayBoundary
+
+    text = os.environ.get("TRADEFORGE_DAY_BOUNDARY", "utc")
+    try:
+        return DayBoundary(text)
+    except ValueError:
+        raise CommandError(f"TRADEFORGE_DAY_BOUNDARY={text!r}: use utc or new_york_17") from None
+
+
+def _timeframe(text: str):
+    from models.market.timeframes import Timeframe
+
+    try:
+        return Timeframe(text.upper())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a timeframe ({' '.join(Timeframe.__members__)})") from None
+
+
+def _symbols(names: Sequence[str]) -> tuple[str, ...]:
+    from models.market.instruments import instrument
+
+    return tuple(instrument(name.upper()).symbol for name in names)  # an unknown name: one line
+
+
+def _replay_chunks(warehouse, symbols: Sequence[str], timeframe, start, end, days: int = 30):
+    """The stored bars of ``symbols`` in ``[start, end)``, a month at a time, in time order."""
+    import polars as pl
+
+    from resources.warehouse.market import read_bars
+
+    moment = start
+    while moment < end:
+        upto = min(moment + timedelta(days=days), end)
+        frames = [read_bars(warehouse, symbol, timeframe, moment, upto) for symbol in symbols]
+        yield pl.concat(frames).sort("ts", "symbol") if frames else pl.DataFrame()
+        moment = upto
+
+
+def _run_until_signalled(main_coro_factory, on_stop):
+    """Run a daemon coroutine; SIGTERM and Ctrl-C ask it to stop cleanly."""
+    import asyncio
+    import signal as signals
+
+    async def runner():
+        loop = asyncio.get_running_loop()
+        for sig in (signals.SIGTERM, signals.SIGINT):
+            try:
+                loop.add_signal_handler(sig, on_stop)
+            except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
+                pass
+        return await main_coro_factory()
+
+    return asyncio.run(runner())
+
+
+def cmd_live_replay(args: argparse.Namespace) -> int:
+    """Stored bars -> bars.{SYM}.{TF} at a chosen speed; a restart resumes after the stream's last bar."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    from live.replay import Replay, parse_speed
+
+    speed = parse_speed(args.speed)
+    symbols = _symbols(args.symbols)
+    start = datetime.combine(args.start, datetime.min.time(), UTC)
+    end = datetime.combine(args.end, datetime.min.time(), UTC)
+    if end <= start:
+        raise CommandError(f"--end {args.end} must be after --start {args.start}")
+    warehouse = _warehouse()
+    bus = _nats_bus()
+    pace = "as fast as the bus takes them" if speed is None else ("real time" if speed == 1 else f"x{speed:g}")
+    _print(f"tradeforge live replay: {' '.join(symbols)} {args.timeframe.value} bars, {args.start} .. {args.end} "
+           f"(end excluded), {pace}")
+    _print(f"  from {warehouse.describe()} to {bus.describe()}, stream BARS")
+    replay = Replay(bus, speed=speed, boundary=_day_boundary(), progress=lambda line: _print(f"  {line}"))
+    try:
+        stats = asyncio.run(replay.run(_replay_chunks(warehouse, symbols, args.timeframe, start, end), window=(start, end)))
+    except KeyboardInterrupt:
+        print("tradeforge: replay interrupted; run the same command again to resume after the last bar stored",
+              file=sys.stderr)
+        return 130
+    if stats.seen == 0:
+        raise CommandError(f"no {args.timeframe.value} bars of {', '.join(symbols)} from {args.start} to {args.end} in "
+                           f"{warehouse.describe()}: ingest those days first (tradeforge demo / import, or the Dagster UI)")
+    _print(f"done in {stats.seconds:.1f}s: {stats.published:,} bars published, {stats.already_on_bus:,} already on the "
+           f"bus (skipped), {stats.duplicates:,} refused as duplicates by the stream")
+    return 0
+
+
+def cmd_live_collect(args: argparse.Namespace) -> int:
+    """Polygon's WebSocket feed -> ticks.{SYM} and bars.{SYM}.{TF}, until SIGTERM or Ctrl-C."""
+    from live.collector import Collector, CollectorConfig
+    from resources.vendors.polygon import PolygonResource
+
+    key = os.environ.get("POLYGON_API_KEY", "").strip()
+    if not key:
+        raise CommandError("POLYGON_API_KEY is not set: the collector needs a Polygon (Massive) key with WebSocket "
+                           "access (export POLYGON_API_KEY=...)")
+    symbols = _symbols(args.symbols)
+    config = CollectorConfig(
+        symbols=symbols, timeframes=tuple(args.timeframes), boundary=_day_boundary(),
+        ws_url=os.environ.get("POLYGON_WS_URL", "").strip() or CollectorConfig.ws_url,
+        grace_s=args.grace, max_backfill_s=args.max_backfill_hours * 3600, publish_ticks=not args.no_ticks,
+    )
+    base_url = os.environ.get("POLYGON_BASE_URL", "").strip()
+    history = PolygonResource(api_key=key, **({"base_url": base_url} if base_url else {}))
+    bus = _nats_bus()
+    _print(f"tradeforge live collect: {' '.join(symbols)} -> ticks.SYM, bars.SYM.{{{','.join(t.value for t in config.timeframes)}}} "
+           f"on {bus.describe()} (grace {config.grace_s:g}s); stop with Ctrl-C or SIGTERM")
+
+    def line(text: str) -> None:
+        from datetime import UTC, datetime
+
+        _print(f"  {datetime.now(UTC):%H:%M:%S} {text}")
+
+    collector = Collector(config, key, bus, history, progress=line)
+    stats = _run_until_signalled(collector.run, collector.stop)
+    _print(f"stopped: {stats.bars_published:,} bars and {stats.ticks_published:,} ticks published, "
+           f"{stats.drops} drops, {len(stats.backfills)} backfills")
+    return 0
+
+
+def cmd_broker_publish(args: argparse.Namespace) -> int:
+    """Sample the MT5 terminal's account, quotes and deals and publish them to the BROKER_DATA
+    stream (run it next to the terminal); the drain_broker_data sensor stores them."""
+    import time
+
+    from live.broker_data import BrokerDataPublisher
+    from resources.brokers.mt5.broker import MT5Broker, MT5Config, load_mt5_module, magic_number
+    from resources.brokers.mt5.sampler import BrokerDataSampler
+
+    symbols = tuple(args.symbols)
+    if args.fake:
+        from resources.brokers.mt5.fake import FakeTerminal
+
+        mt5 = FakeTerminal()
+        for symbol in symbols:
+            mt5.add_symbol(symbol)
+        mt5.initialize()
+        for symbol in symbols:
+            point = mt5.symbols[symbol].point
+            mt5.set_quote(symbol, 1.0, 1.0 + 2 * point)
+        clock = mt5.utc_now
+    else:
+        mt5, clock = load_mt5_module(), time.time
+    magics = [magic_number(name) for name in args.strategies]
+    broker = MT5Broker(mt5, MT5Config(magic=magics[0], symbols=symbols), clock=clock)
+    env = os.environ
+    broker.connect(login=int(env["MT5_LOGIN"]) if env.get("MT5_LOGIN") and not args.fake else None,
+                   password=env.get("MT5_PASSWORD"), server=env.get("MT5_SERVER"),
+                   path=None if args.fake else env.get("MT5_TERMINAL_PATH"))
+    sampler = BrokerDataSampler(mt5, symbols, server_utc_offset_s=broker.offset_s, magics=magics, clock=clock)
+    bus = _nats_bus()
+    _print(f"tradeforge broker publish: account, {' '.join(symbols)} quotes and deals every {args.interval:g}s "
+           f"-> {bus.describe()}, stream BROKER_DATA; stop with Ctrl-C or SIGTERM")
+    publisher = BrokerDataPublisher(bus, sampler, progress=lambda line: _print(f"  {line}"))
+    if args.samples:
+        import asyncio
+
+        async def some() -> None:
+            await publisher.start()
+            try:
+                for n in range(args.samples):
+                    await publisher.publish_sample(deals=n == 0)
+                    if args.fake:
+                        mt5.advance_time(int(args.interval * 1000))  # the fake's clock moves only when told
+                    elif n + 1 < args.samples:
+                        await asyncio.sleep(args.interval)
+            finally:
+                await publisher.publisher.close()
+
+        asyncio.run(some())
+        stats = publisher.stats
+    else:
+        stats = _run_until_signalled(lambda: publisher.run(interval_s=args.interval), publisher.stop)
+    broker.shutdown()
+    p = stats.published
+    _print(f"published {p['account']:,} account snapshots, {p['quote']:,} quotes, {p['deal']:,} deals "
+           f"({stats.already_stored:,} already on the bus, {stats.failed_samples} samples failed)")
     return 0
 
 
@@ -762,7 +1064,9 @@ def build_parser() -> argparse.ArgumentParser:
     features.set_defaults(func=cmd_features)
 
     bt = commands.add_parser("backtest", help="backtest a strategy spec (orchestration/backtests.yaml) or a registered strategy")
-    bt.add_argument("--strategy", required=True, help="a spec name, or a registered strategy (sma_cross, donchian_breakout)")
+    bt.add_argument("--strategy", help="a spec name, or a registered strategy (sma_cross, donchian_breakout)")
+    bt.add_argument("--model", help="a registered model, NAME@alias or NAME@VERSION (e.g. direction_1h.M5.demo@challenger): "
+                                    "walk-forward over its out-of-sample predictions")
     bt.add_argument("--symbols", nargs="+", type=str.upper, help="overrides the spec's symbols")
     bt.add_argument("--start", type=date.fromisoformat, help="first UTC day (YYYY-MM-DD)")
     bt.add_argument("--end", type=date.fromisoformat, help="UTC day after the last (YYYY-MM-DD)")
@@ -779,6 +1083,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--strategy", default="default", help="the strategy whose magic number marks our orders")
     check.add_argument("--fake", action="store_true", help="a dry run on the fake terminal (any platform)")
     check.set_defaults(func=cmd_broker_check)
+    publish = broker_commands.add_parser("publish", help="publish the terminal's account, quotes and deals to NATS "
+                                                         "(stream BROKER_DATA; the drain_broker_data sensor stores them)")
+    publish.add_argument("--symbols", nargs="+", type=str.upper, default=["EURUSD"])
+    publish.add_argument("--strategies", nargs="+", default=["default"], help="strategies whose magic numbers mark our deals")
+    publish.add_argument("--interval", type=float, default=1.0, help="seconds between samples (deals every 10 samples)")
+    publish.add_argument("--samples", type=int, default=0, help="stop after this many samples (0: run until stopped)")
+    publish.add_argument("--fake", action="store_true", help="a dry run on the fake terminal (any platform)")
+    publish.set_defaults(func=cmd_broker_publish)
 
     train = commands.add_parser("train", help="train a model spec (orchestration/model_specs.yaml), gate it, register it")
     train.add_argument("spec", nargs="?", help="the spec's name")
@@ -801,6 +1113,25 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=cmd_ui)
+
+    live = commands.add_parser("live", help="the live side: bars onto the bus (collector, replay)")
+    live_commands = live.add_subparsers(dest="action", required=True)
+    replay = live_commands.add_parser("replay", help="stored bars -> bars.SYM.TF on NATS at a chosen speed (resumes)")
+    replay.add_argument("--symbols", nargs="+", required=True)
+    replay.add_argument("--timeframe", type=_timeframe, default="M5", help="M1 M5 M15 M30 H1 H4 D1 W1 (default M5)")
+    replay.add_argument("--start", type=_day, required=True, help="first UTC day (YYYY-MM-DD)")
+    replay.add_argument("--end", type=_day, required=True, help="UTC day after the last (YYYY-MM-DD)")
+    replay.add_argument("--speed", default="max", help="max (as fast as possible), 1 (real time), 60 (a minute a second), ...")
+    replay.set_defaults(func=cmd_live_replay)
+    collect = live_commands.add_parser("collect", help="Polygon's WebSocket feed -> ticks.SYM and bars.SYM.TF "
+                                                       "(needs POLYGON_API_KEY)")
+    collect.add_argument("--symbols", nargs="+", required=True)
+    collect.add_argument("--timeframes", nargs="+", type=_timeframe, default=["M1", "M5", "M15", "M30", "H1"])
+    collect.add_argument("--grace", type=float, default=2.0, help="seconds a bar waits after its end for late ticks")
+    collect.add_argument("--max-backfill-hours", type=float, default=24.0,
+                         help="at start, how far back to resume after the stream's last bars")
+    collect.add_argument("--no-ticks", action="store_true", help="do not publish ticks.SYM (bars only)")
+    collect.set_defaults(func=cmd_live_collect)
     return parser
 
 

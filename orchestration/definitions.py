@@ -22,10 +22,13 @@ from assets.external import (
 )
 from assets.features import ml_features
 from assets.market_data import aggregates, market_ticks, vendor_candles
+from assets.model_backtests import model_backtest
 from assets.partitions import SYMBOLS, day_symbol_key
-from orchestration.resources import resources_from_env
-from sensors.labels import labels_follow_candles
 from assets.training import champion_model, trained_model
+from orchestration.resources import resources_from_env
+from sensors.backtests import backtest_models, backtest_new_challengers
+from sensors.broker_data import drain_broker_data
+from sensors.labels import labels_follow_candles
 from sensors.training import retrain_on_new_features, sync_model_specs, train_models, weekly_retrain
 
 ingest_market_data = define_asset_job(
@@ -80,9 +83,12 @@ defs = Definitions(
     assets=[market_ticks, vendor_candles, aggregates, ml_features,
             external_fred_indicators, external_commodity_prices, external_economic_calendar,
             backtest,
-            *BROKER_ASSETS, trained_model, champion_model],
-    jobs=[ingest_market_data, ingest_fred, ingest_commodities, ingest_calendar, train_models],
+            *BROKER_ASSETS, trained_model, champion_model,
+            model_backtest],
+    jobs=[ingest_market_data, ingest_fred, ingest_commodities, ingest_calendar, train_models,
+          backtest_models],
     schedules=[daily_market_data, weekly_fred, daily_commodities, daily_calendar, weekly_retrain],
-    sensors=[labels_follow_candles, retrain_on_new_features, sync_model_specs],
+    sensors=[labels_follow_candles, retrain_on_new_features, sync_model_specs,
+             backtest_new_challengers, drain_broker_data],
     resources=resources_from_env(),
 )

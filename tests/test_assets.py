@@ -20,7 +20,7 @@ from assets.market_data import aggregates, market_ticks
 from assets.partitions import SYMBOLS, DaySymbol
 from models.market.candles import aggregate_ticks
 from models.market.synthetic import SyntheticMarketConfig, generate_ticks
-from models.market.timeframes import DayBoundary
+from models.market.timeframes import DayBoundary, Timeframe
 from resources.conventions import MarketConventionsResource
 from resources.market_data import MarketDataResource, SyntheticMarketResource
 from resources.warehouse import WarehouseResource
@@ -185,6 +185,7 @@ def test_definitions_load_and_the_schedule_covers_every_symbol():
         # broker data (MT5 slice); model_predictions is the training slice's table, declared as its input
         "broker_quotes_m1", "broker_vs_vendor", "predictions_vs_user_trades",
         "trained_model", "champion_model",
+        "model_backtest",  # a registered model version over its out-of-sample folds
     }
 
     with instance_for_test() as persistent:  # schedules read symbols from a stored instance
@@ -333,3 +334,30 @@ def test_a_day_runs_again_when_the_next_day_lands_and_its_labels_fill_in(warehou
         assert run_days(instance, res, [ml_features], "BTCUSD", previous.day, newest.day).success
     labels = read_features(warehouse, "BTCUSD", Timeframe.M5, previous.start, previous.end)["fwd_ret_1d"]
     assert labels.null_count() == 0 and labels.len() == 288
+
+
+class TapeFeed(SyntheticMarketResource):
+    """A futures-like trade tape without ids: bursts of identical prints (same millisecond,
+    price and size), as an exchange prints one aggressive order filling several resting ones."""
+
+    def fetch_ticks(self, symbol: str, start: datetime, end: datetime) -> pl.DataFrame:
+        rows = []
+        for k in range(600):
+            ts = start + timedelta(hours=1, seconds=7 * k)
+            rows += [{"symbol": symbol, "ts": ts, "price": 2150.0 + (k % 13) * 0.1, "size": 2.0, "source": "tape"}] * (1 + k % 4)
+        return pl.DataFrame(rows)
+
+
+def test_a_tape_of_identical_prints_keeps_every_print_and_conserves_volume(warehouse, instance):
+    partition = DaySymbol("XAUUSD", date(2024, 3, 6))
+    result = run(partition, instance, resources(warehouse, vendor=TapeFeed()))
+    prints = TapeFeed().fetch_ticks("XAUUSD", partition.start, partition.end)
+    stored = read_ticks(warehouse, "XAUUSD", partition.start, partition.end)
+    assert stored.height == prints.height == sum(1 + k % 4 for k in range(600))  # 1,500 fills, none a "duplicate"
+    assert read_quarantine(warehouse, "XAUUSD", partition.day).is_empty()
+    for timeframe in ("M1", "H1", "D1"):
+        bars = read_bars(warehouse, "XAUUSD", Timeframe(timeframe), partition.start, partition.end)
+        assert int(bars["tick_count"].sum()) == prints.height, timeframe
+        assert bars["volume"].sum() == pytest.approx(prints["size"].sum(), rel=1e-12), timeframe
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert meta["market_ticks"]["received_rows"].value == meta["market_ticks"]["dagster/row_count"].value == prints.height

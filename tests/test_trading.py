@@ -315,6 +315,32 @@ def test_a_block_run_with_quiet_bars_skipped_equals_full_steps_bar_by_bar():
     np.testing.assert_array_equal(whole.equity, np.array(equity))
 
 
+def test_long_and_short_blocks_skip_the_same_bars():
+    """The quiet-bar test has two forms, numpy over a long block and a Python loop over short
+    ones (the live runner's single bars): the same bars take the step, with the same results."""
+    bars = _walk(3000)
+    block = _block(bars, SmaCross(fast=10, slow=50))
+    whole_engine, _ = _engine(risk=replace(RISKY, max_orders=None))
+    whole = whole_engine.run("EURUSD", block)
+    pieces_engine, _ = _engine(risk=replace(RISKY, max_orders=None))
+    pieces = [pieces_engine.run("EURUSD", block.slice(i, i + 40)).equity for i in range(0, len(block), 40)]
+    assert _fingerprint(whole_engine) == _fingerprint(pieces_engine)
+    assert whole_engine.steps == pieces_engine.steps < len(block) / 3
+    assert whole_engine._peak == pieces_engine._peak and whole_engine.snapshot() == pieces_engine.snapshot()
+    np.testing.assert_array_equal(whole.equity, np.concatenate(pieces))
+    # Halted: a refused side is not asked again until something changes, in both forms.
+    block = _block(bars)  # a breakout says the same side on many bars in a row
+    halted = []
+    for size in (len(block), 40):
+        engine, _ = _engine(risk=replace(RISKY, max_orders=None))
+        engine.set_kill_switch(KillSwitch.HALT, "test")
+        for i in range(0, len(block), size):
+            engine.run("EURUSD", block.slice(i, i + size))
+        halted.append(engine)
+    assert halted[0].steps == halted[1].steps < len(block) / 10 and not halted[0].orders
+    assert [(e.ts, e.reason) for e in halted[0].risk_events] == [(e.ts, e.reason) for e in halted[1].risk_events]
+
+
 def test_on_bar_makes_the_same_decisions_as_the_block():
     bars = _walk(200)
     strategy = DonchianBreakout(window=10)

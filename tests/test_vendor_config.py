@@ -75,10 +75,14 @@ def test_dagster_loading_the_code_location_names_the_bad_route(subprocess_env: d
     """What `dagster definitions validate` (and the UI, and every run) meets: the line, not a
     failure in the middle of a run. The same command passes once the route is right."""
     command = [str(Path(sys.executable).with_name("dagster")), "definitions", "validate", "-w", "workspace.yaml"]
-    env = {**subprocess_env, "DAGSTER_HOME": str(tmp_path), "TRADEFORGE_HOME": str(tmp_path / "home")}
-    bad = subprocess.Popen(command, cwd=ROOT, env={**env, "TRADEFORGE_ROUTES": "XAUUSD=dukascopy;EURUSD=polgon"},
+    env = {**subprocess_env, "TRADEFORGE_HOME": str(tmp_path / "home")}
+    for name in ("bad", "good"):  # an instance each: two processes creating one SQLite instance at once race
+        (tmp_path / name).mkdir()
+    bad = subprocess.Popen(command, cwd=ROOT, env={**env, "DAGSTER_HOME": str(tmp_path / "bad"),
+                                                   "TRADEFORGE_ROUTES": "XAUUSD=dukascopy;EURUSD=polgon"},
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    good = subprocess.Popen(command, cwd=ROOT, env={**env, "TRADEFORGE_ROUTES": "XAUUSD=dukascopy;EURUSD=files,synthetic"},
+    good = subprocess.Popen(command, cwd=ROOT, env={**env, "DAGSTER_HOME": str(tmp_path / "good"),
+                                                    "TRADEFORGE_ROUTES": "XAUUSD=dukascopy;EURUSD=files,synthetic"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     bad_out, good_out = bad.communicate(timeout=120)[0], good.communicate(timeout=120)[0]
     assert bad.returncode != 0

@@ -64,6 +64,8 @@ def join_predictions(bars: pl.DataFrame, predictions: pl.DataFrame) -> tuple[pl.
     if missing or not {"prediction", "prob_up"} & set(predictions.columns):
         raise ValueError(f"predictions need symbol, ts and prediction or prob_up; got {predictions.columns}")
     keys = ["symbol", "ts"] + (["timeframe"] if "timeframe" in predictions.columns and "timeframe" in bars.columns else [])
+    if all(_constant(predictions[c]) and _constant(bars[c]) and predictions[c][0] == bars[c][0] for c in keys if c != "ts"):
+        keys = ["ts"]  # one symbol and timeframe on both sides: the bar's time is the key (a third of the time on 1M rows)
     dupes = predictions.height - predictions.select(keys).n_unique()
     if dupes:
         raise ValueError(f"{dupes} predictions repeat a (symbol, timeframe, ts): share a key with another")
@@ -78,6 +80,10 @@ def join_predictions(bars: pl.DataFrame, predictions: pl.DataFrame) -> tuple[pl.
     joined = bars.join(preds.select(*keys, *take), on=keys, how="left")
     unmatched = preds.height - joined.select(pl.col(take[0]).is_not_null().sum()).item()
     return joined, {"predictions": preds.height, "unmatched_predictions": int(unmatched)}
+
+
+def _constant(column: pl.Series) -> bool:
+    return column.len() > 0 and column.null_count() == 0 and bool((column == column[0]).all())
 
 
 def _conversion(spec: Instrument, account: str, bars: pl.DataFrame, rates: Mapping[str, pl.DataFrame] | None) -> np.ndarray:
@@ -227,23 +233,29 @@ def orders_frame(engine: TradingEngine) -> pl.DataFrame:
     schema = {"client_id": pl.String, "symbol": pl.String, "side": pl.Int8, "type": pl.String, "qty": pl.Float64,
               "intent": pl.String, "bar_ts": pl.Int64, "price": pl.Float64, "state": pl.String, "filled_qty": pl.Float64,
               "avg_fill_price": pl.Float64, "parent_id": pl.String, "reason": pl.String}
-    rows = [{k: (int(v) if k == "side" else v) for k, v in o.to_dict().items() if k in schema} for o in engine.orders.values()]
-    return pl.DataFrame(rows, schema=schema, orient="row").with_columns(_ms("bar_ts"))
+    orders = list(engine.orders.values())
+    columns = {name: [getattr(o, name) for o in orders] for name in schema if name not in ("side", "type", "state")}
+    columns["side"] = [int(o.side) for o in orders]
+    columns["type"] = [o.type.value for o in orders]
+    columns["state"] = [o.state.value for o in orders]
+    return pl.DataFrame(columns, schema=schema).with_columns(_ms("bar_ts"))
 
 
 def fills_frame(engine: TradingEngine) -> pl.DataFrame:
     schema = {"fill_id": pl.String, "client_id": pl.String, "symbol": pl.String, "side": pl.Int8, "qty": pl.Float64,
               "price": pl.Float64, "commission": pl.Float64, "ts": pl.Int64, "conv": pl.Float64, "mid": pl.Float64,
               "reason": pl.String}
-    return pl.DataFrame([f.to_dict() for f in engine.fills], schema=schema, orient="row").with_columns(_ms("ts"))
+    fills = engine.fills
+    columns = {name: [getattr(f, name) for f in fills] for name in schema if name != "side"}
+    columns["side"] = [int(f.side) for f in fills]
+    return pl.DataFrame(columns, schema=schema).with_columns(_ms("ts"))
 
 
 def risk_events_frame(engine: TradingEngine) -> pl.DataFrame:
     schema = {"ts": pl.Int64, "symbol": pl.String, "kind": pl.String, "approved": pl.Boolean, "reason": pl.String,
               "client_id": pl.String, "qty": pl.Float64}
-    rows = [{"ts": e.ts, "symbol": e.symbol, "kind": e.kind, "approved": e.approved, "reason": e.reason,
-             "client_id": e.client_id, "qty": e.qty} for e in engine.risk_events]
-    return pl.DataFrame(rows, schema=schema, orient="row").with_columns(_ms("ts"))
+    events = engine.risk_events
+    return pl.DataFrame({name: [getattr(e, name) for e in events] for name in schema}, schema=schema).with_columns(_ms("ts"))
 
 
 def with_params(config: BacktestConfig, **risk: Any) -> BacktestConfig:

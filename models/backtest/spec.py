@@ -82,18 +82,7 @@ class BacktestSpec:
 
     def build(self) -> tuple[Strategy, BacktestConfig]:
         strategy = make_strategy(self.strategy, self.params)
-        known = {f.name for f in fields(FillConfig)}
-        if set(self.fill) - known:
-            raise ValueError(f"unknown fill settings {sorted(set(self.fill) - known)}; known: {sorted(known)}")
-        fill = {}
-        for key, value in self.fill.items():
-            try:
-                fill[key] = value if key == "use_bar_quotes" or value is None else float(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"fill setting {key}={value!r} is not a number") from None
-        config = BacktestConfig(initial_equity=self.initial_equity, account_currency=self.account_currency,
-                                risk=RiskConfig.from_dict(self.risk), fill=FillConfig(**fill))
-        return strategy, config
+        return strategy, build_config(self.initial_equity, self.account_currency, self.risk, self.fill)
 
     def as_dict(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "params": self.params, "symbols": list(self.symbols), "timeframe": self.timeframe.value,
@@ -106,3 +95,25 @@ class BacktestSpec:
         """The same spec over the same window is the same run (a rerun replaces it)."""
         text = json.dumps({"name": self.name, **self.as_dict()}, sort_keys=True, default=str)
         return f"{self.name}-{hashlib.blake2b(text.encode(), digest_size=6).hexdigest()}"
+
+
+def fill_config(fill: dict[str, Any]) -> FillConfig:
+    """Fill settings from data, every key and value checked (one clear error)."""
+    known = {f.name for f in fields(FillConfig)}
+    if set(fill) - known:
+        raise ValueError(f"unknown fill settings {sorted(set(fill) - known)}; known: {sorted(known)}")
+    values = {}
+    for key, value in fill.items():
+        try:
+            values[key] = value if key == "use_bar_quotes" or value is None else float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"fill setting {key}={value!r} is not a number") from None
+    return FillConfig(**values)
+
+
+def build_config(initial_equity: float, account_currency: str, risk: dict[str, Any], fill: dict[str, Any]) -> BacktestConfig:
+    """A backtest's settings from data (a strategy spec, a model spec's ``backtest`` section)."""
+    if not initial_equity > 0:
+        raise ValueError(f"initial_equity must be positive, got {initial_equity}")
+    return BacktestConfig(initial_equity=float(initial_equity), account_currency=account_currency,
+                          risk=RiskConfig.from_dict(risk), fill=fill_config(fill))

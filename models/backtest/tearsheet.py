@@ -81,13 +81,23 @@ def _fmt(name: str, value) -> str:
         if math.isnan(value):
             return "-"
         if name in {"total_return", "annual_return", "annual_volatility", "max_drawdown", "max_drawdown_daily", "win_rate",
-                    "exposure", "costs_pct", "buy_hold_return"}:
+                    "exposure", "costs_pct", "buy_hold_return", "return"}:
             return f"{value:.2%}"
         return f"{value:,.3f}" if abs(value) < 1000 else f"{value:,.0f}"
     return html.escape(str(value))
 
 
-def tearsheet_html(result: BacktestResult, title: str | None = None) -> str:
+def _table(frame: pl.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c, v) if not hasattr(v, 'strftime') else f'{v:%Y-%m-%d %H:%M}'}</td>"
+                                    for c, v in zip(frame.columns, row)) + "</tr>" for row in frame.iter_rows())
+    return f'<table class="rows"><tr>{head}</tr>{body}</table>'
+
+
+def tearsheet_html(result: BacktestResult, title: str | None = None, tables: dict[str, pl.DataFrame] | None = None,
+                   note: str = "") -> str:
+    """The page; ``tables`` are shown under the figures (a model backtest's folds), ``note``
+    under the title (what was tested, how)."""
     figs = figures(result)
     title = title or f"{result.strategy}: {', '.join(result.symbols)} {result.timeframe}"
     start, end = result.equity["ts"][0], result.equity["ts"][-1]
@@ -95,10 +105,12 @@ def tearsheet_html(result: BacktestResult, title: str | None = None) -> str:
     body = []
     for i, fig in enumerate(figs.values()):
         body.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0), config={"displaylogo": False}))
+    extra = "".join(f"<h3>{html.escape(name)}</h3>{_table(frame)}" for name, frame in (tables or {}).items())
+    note = f"<p>{html.escape(note)}</p>" if note else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse;font-size:13px}}
 th{{text-align:left;padding:2px 12px 2px 0;font-weight:500;color:#555}} td{{text-align:right;padding:2px 0}}
-.grid{{display:grid;grid-template-columns:300px 1fr;gap:24px}}</style></head><body>
+.grid{{display:grid;grid-template-columns:300px 1fr;gap:24px}} table.rows td,table.rows th{{padding:2px 10px}}</style></head><body>
 <h2>{html.escape(title)}</h2><p>{start:%Y-%m-%d %H:%M} .. {end:%Y-%m-%d %H:%M} UTC, {result.equity.height:,} bars,
-initial equity {result.config.initial_equity:,.2f} {html.escape(result.config.account_currency)}</p>
-<div class="grid"><table>{rows}</table><div>{''.join(body)}</div></div></body></html>"""
+initial equity {result.config.initial_equity:,.2f} {html.escape(result.config.account_currency)}</p>{note}
+<div class="grid"><table>{rows}</table><div>{''.join(body)}</div></div>{extra}</body></html>"""

@@ -13,7 +13,6 @@ import math
 import warnings
 
 import numpy as np
-from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support, roc_auc_score
 
 from models.learning.datasets import Task
 
@@ -40,6 +39,9 @@ def score(task: Task, y: np.ndarray, raw: np.ndarray, days: np.ndarray | None = 
 
 
 def classification_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    # scikit-learn on first use: importing it costs ~1 s, which every command would pay
+    from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support, roc_auc_score
+
     k = proba.shape[1]
     labels = list(range(k))
     clipped = np.clip(proba, 1e-15, 1 - 1e-15)

@@ -28,11 +28,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from models.backtest.spec import build_config
 from models.learning.datasets import TARGETS, Task
 from models.learning.estimators import FAMILIES
 from models.learning.folds import FoldConfig, Scheme
 from models.learning.metrics import HIGHER_IS_BETTER, PRIMARY, metric_names
 from models.market.timeframes import Timeframe
+from models.trading.strategy import ModelStrategy
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -89,10 +91,42 @@ class SearchSettings(_Strict):
         return parse_duration(self.timeout).total_seconds() if self.timeout else None
 
 
+class BacktestGate(_Strict):
+    """What the out-of-sample backtest (after costs) must show for the challenger to pass."""
+
+    min_sharpe: float | None = None  # annualised Sharpe of daily returns
+    min_return: float | None = None  # total return over the tested bars, a fraction (0.0: not a loss)
+    min_trades: int = Field(default=1, ge=0, description="fewer closed trades than this: the numbers mean nothing")
+
+    @model_validator(mode="after")
+    def _something(self) -> BacktestGate:
+        if self.min_sharpe is None and self.min_return is None:
+            raise ValueError("gate.backtest needs min_sharpe or min_return")
+        return self
+
+
 class GateSettings(_Strict):
     metric: str | None = None  # default: log loss for classifiers, IC for returns
     margin: float = Field(default=0.001, ge=0, description="how much better than the champion, in metric units")
     baselines: list[Literal["majority", "previous_direction"]] = Field(default_factory=lambda: ["majority", "previous_direction"])
+    backtest: BacktestGate | None = None  # set: the out-of-sample backtest after costs is part of the gate
+
+
+class BacktestSettings(_Strict):
+    """How the model's out-of-sample predictions are traded in its backtests (and the gate's):
+    the model strategy's thresholds, the risk model, costs. See models/backtest/spec.py."""
+
+    params: dict[str, Any] = Field(default_factory=dict, description="long_above, short_below, exit_between, column")
+    risk: dict[str, Any] = Field(default_factory=dict)
+    fill: dict[str, Any] = Field(default_factory=dict)
+    initial_equity: float = Field(default=100_000.0, gt=0)
+    account_currency: str = "USD"
+
+    @model_validator(mode="after")
+    def _valid(self) -> BacktestSettings:
+        ModelStrategy(**self.params)
+        build_config(self.initial_equity, self.account_currency, self.risk, self.fill)
+        return self
 
 
 class ModelSpec(_Strict):
@@ -114,6 +148,7 @@ class ModelSpec(_Strict):
     threads: int | None = Field(default=None, ge=1)  # None: TRADEFORGE_TRAIN_THREADS or the cores
     device: Literal["cpu", "gpu"] = "cpu"
     gate: GateSettings = GateSettings()
+    backtest: BacktestSettings = BacktestSettings()
     description: str = ""
 
     @field_validator("name", "universe")

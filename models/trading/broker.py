@@ -27,6 +27,10 @@ class AckStatus(StrEnum):
     PENDING = "pending"  # the answer will come later, as an event
 
 
+# Module globals for the order path (see models/trading/orders.py: enum reads are slow in 3.11).
+ACK_ACCEPTED, ACK_REJECTED, ACK_PENDING = AckStatus.ACCEPTED, AckStatus.REJECTED, AckStatus.PENDING
+
+
 @dataclass(slots=True)  # a record: not frozen, frozen ones cost 5x to build on the order path
 class SubmitAck:
     status: AckStatus

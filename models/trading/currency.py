@@ -25,13 +25,17 @@ class ConvMode(StrEnum):
     CROSS = "cross"  # from another pair's prices
 
 
+# Module globals for the order path (see models/trading/orders.py: enum reads are slow in 3.11).
+CM_ONE, CM_INVERSE, CM_CROSS = ConvMode.ONE, ConvMode.INVERSE, ConvMode.CROSS
+
+
 def conversion_mode(spec: Instrument, account_currency: str) -> ConvMode:
     base, quote = spec.currencies
     if quote == account_currency:
-        return ConvMode.ONE
+        return CM_ONE
     if base == account_currency:
-        return ConvMode.INVERSE
-    return ConvMode.CROSS
+        return CM_INVERSE
+    return CM_CROSS
 
 
 def cross_pair(quote: str, account_currency: str) -> tuple[str, bool]:
@@ -46,18 +50,18 @@ def cross_pair(quote: str, account_currency: str) -> tuple[str, bool]:
 def fill_conversion(mode: ConvMode, price: float, known_rate: float) -> float:
     """Quote -> account rate for an execution at ``price``; ``known_rate`` is the cross rate
     known at that moment (ignored unless the mode is a cross)."""
-    if mode is ConvMode.ONE:
+    if mode is CM_ONE:
         return 1.0
-    if mode is ConvMode.INVERSE:
+    if mode is CM_INVERSE:
         return 1.0 / price
     return known_rate
 
 
 def mark_conversion(mode: ConvMode, close: np.ndarray, cross: np.ndarray | None = None) -> np.ndarray:
     """Quote -> account rate at each bar's close (what unrealised PnL is marked with)."""
-    if mode is ConvMode.ONE:
+    if mode is CM_ONE:
         return np.ones(len(close))
-    if mode is ConvMode.INVERSE:
+    if mode is CM_INVERSE:
         return 1.0 / close
     if cross is None:
         raise ValueError("a cross pair needs the conversion pair's rates")

@@ -28,21 +28,37 @@ import polars as pl
 
 from models.market.instruments import Instrument
 from models.market.timeframes import DayBoundary
-from models.trading.broker import AckStatus, BrokerEvent, BrokerPort, BrokerTimeout, Fill
-from models.trading.currency import ConvMode, conversion_mode
+from models.trading.broker import ACK_ACCEPTED, ACK_REJECTED, BrokerEvent, BrokerPort, BrokerTimeout, Fill
+from models.trading.currency import CM_CROSS, CM_INVERSE, ConvMode, conversion_mode
 from models.trading.fills import half_spreads
 from models.trading.orders import (
+    EV_ACCEPT,
+    EV_CANCEL,
+    EV_CANCEL_REQUEST,
+    EV_EXPIRE,
+    EV_FILL,
+    EV_REJECT,
+    EV_SUBMIT,
+    EV_TIMEOUT,
+    OT_LIMIT,
+    OT_MARKET,
+    OT_STOP,
+    ST_ACCEPTED,
+    ST_CANCELLED,
+    ST_EXPIRED,
+    ST_FILLED,
+    ST_NEW,
+    ST_REJECTED,
+    ST_SUBMITTED,
+    ST_UNKNOWN,
     WORKING,
     IllegalTransition,
     Order,
-    OrderEvent,
-    OrderState,
-    OrderType,
     Side,
     client_order_id,
 )
 from models.trading.portfolio import Portfolio
-from models.trading.risk import EntryContext, KillSwitch, RiskModel, mean_true_range, true_ranges
+from models.trading.risk import KS_OFF, EntryContext, KillSwitch, RiskModel, mean_true_range, true_ranges
 
 _INF = math.inf
 _SIDE = {1: Side.BUY, -1: Side.SELL}  # an Enum call costs microseconds; a lookup does not
@@ -115,6 +131,65 @@ class BarBlock:
         return BarBlock(*(getattr(self, f)[start:stop] for f in self.__dataclass_fields__))
 
 
+_SCAN_MIN_BARS = 64  # shorter blocks take the bar-by-bar test
+_SCAN_WINDOW = 32  # bars checked at once for a level touched, doubling while none is
+
+
+class _Scan:
+    """A block's arrays for the quiet-bar test on long runs of bars: the bid/ask highs and lows,
+    and for each bar and each side the next bar (from there on) with that signal."""
+
+    __slots__ = ("n", "ts", "close", "conv", "ha", "la", "hb", "lb", "next_side", "next_other", "day")
+
+    @classmethod
+    def of(cls, block: BarBlock, first: int) -> _Scan | None:
+        """None when the block cannot be scanned (times out of order, prices not finite): every
+        bar then takes the bar-by-bar test."""
+        ts = block.ts
+        if len(ts) > 1 and not bool(np.all(ts[1:] > ts[:-1])):
+            return None
+        if not (np.isfinite(block.high[first:]).all() and np.isfinite(block.low[first:]).all()
+                and np.isfinite(block.half_spread[first:]).all()):
+            return None
+        self = cls()
+        self.day = (None, 0)
+        n = self.n = len(ts)
+        hs = block.half_spread
+        self.ts, self.close, self.conv = ts, block.close, block.conv
+        self.ha, self.la, self.hb, self.lb = block.high + hs, block.low + hs, block.high - hs, block.low - hs
+        side = block.side
+        index = np.arange(n, dtype=np.int64)
+        self.next_side = {}
+        known = np.isnan(side)
+        for value in (-1.0, 0.0, 1.0):
+            hit = side == value
+            known |= hit
+            self.next_side[value] = _next_true(hit, index, n)
+        self.next_other = _next_true(~known, index, n) if not known.all() else None  # any other side acts
+        return self
+
+    def next_signal(self, i: int, cur: float, refused: float) -> int:
+        """The first bar at or after ``i`` whose signal differs from the position and from a side
+        the kill switch refused (``n`` when none)."""
+        best = self.n if self.next_other is None else int(self.next_other[i])
+        for value, nxt in self.next_side.items():
+            if value != cur and value != refused:
+                best = min(best, int(nxt[i]))
+        return best
+
+    def next_at_or_after(self, ts_ms: int, i: int) -> int:
+        """The first bar at or after ``i`` opening at or after ``ts_ms`` (a new day)."""
+        if ts_ms != self.day[0]:  # the day's end changes once a day: one search each
+            self.day = (ts_ms, int(np.searchsorted(self.ts, ts_ms, side="left")))
+        return max(i, self.day[1])
+
+
+def _next_true(mask: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
+    """For each position, the first position at or after it where ``mask`` holds (``n``: none)."""
+    at = np.where(mask, index, n)
+    return np.minimum.accumulate(at[::-1])[::-1]
+
+
 @dataclass(slots=True)
 class StepReport:
     """What one live bar did: for the runner to publish (signals, orders, fills, alerts)."""
@@ -160,7 +235,7 @@ class TradingEngine:
         self.orders: dict[str, Order] = {}
         self.fills: list[Fill] = []
         self.risk_events: list[RiskEvent] = []
-        self.kill = KillSwitch.OFF
+        self.kill = KS_OFF
         self.kill_reason = ""
         self._fill_ids: set[str] = set()
         self._order_times: deque[int] = deque()
@@ -189,9 +264,9 @@ class TradingEngine:
             sig = pl.DataFrame({"side": [signal.get("side")], "confidence": [signal.get("confidence", 1.0)],
                                 "prob": [signal.get("prob")]}, schema={"side": pl.Float64, "confidence": pl.Float64, "prob": pl.Float64})
         rates = None
-        if st.conv_mode is ConvMode.INVERSE:
+        if st.conv_mode is CM_INVERSE:
             rates = np.array([1.0 / float(bar["close"])])
-        elif st.conv_mode is ConvMode.CROSS:
+        elif st.conv_mode is CM_CROSS:
             if conv is None:
                 raise ValueError(f"{symbol} is a cross in a {self.config.account_currency} account: pass conv")
             rates = np.array([conv])
@@ -217,30 +292,56 @@ class TradingEngine:
         """Process a block of bars of ``symbol`` in time order (see the module doc)."""
         st = self._state(symbol)
         n = len(block)
-        ts = block.ts.tolist()
         first = 0
-        while first < n and ts[first] <= st.last_ts:
+        while first < n and block.ts[first] <= st.last_ts:
             first += 1  # already processed: a replay after a restart
         if first:
-            self.risk_events.append(RiskEvent(ts[first - 1], symbol, "bar", False,
+            self.risk_events.append(RiskEvent(int(block.ts[first - 1]), symbol, "bar", False,
                                               f"{first} bar(s) at or before the last processed bar refused"))
         if first == n:
             return BlockResult(np.full(n, np.nan), np.full(n, np.nan), 0)
-        hs = block.half_spread
-        close, conv, side = block.close.tolist(), block.conv.tolist(), block.side.tolist()
         prev = block.close[first - 1] if first else st.last_close
-        self._ranges = st.tail + true_ranges(block.high[first:], block.low[first:], block.close[first:], prev).tolist()
+        ranges = true_ranges(block.high[first:], block.low[first:], block.close[first:], prev)
+        self._ranges = np.concatenate([np.asarray(st.tail, dtype=np.float64), ranges]) if st.tail else ranges
         self._offset = len(st.tail) - first  # block index i -> self._ranges[i + offset]
+        pos = self.portfolio.position(symbol)
+        segments = [(first, self._base(symbol), pos.units, pos.avg)]
+        if not self.broker.bar_driven:
+            for i in range(first, n):  # a live broker is asked on every bar
+                self._step(st, block, i)
+                if segments[-1][0] == i:
+                    segments[-1] = (i, self._base(symbol), pos.units, pos.avg)
+                else:
+                    segments.append((i, self._base(symbol), pos.units, pos.avg))
+        elif n - first >= _SCAN_MIN_BARS and (scan := _Scan.of(block, first)) is not None:
+            self._run_scanned(st, block, scan, first, segments)
+        else:
+            self._run_listed(st, block, first, segments)
+        # Leave the symbol's state as after its last bar.
+        st.last_ts, st.last_close, st.last_conv = block.ts[-1].item(), block.close[-1].item(), block.conv[-1].item()
+        st.tail = self._ranges[-self.risk.config.atr_period:].tolist()
+        equity, units = np.full(n, np.nan), np.full(n, np.nan)
+        starts = np.array([s[0] for s in segments], dtype=np.int64)
+        lengths = np.diff(np.r_[starts, n])
+        base, qty, avg = (np.repeat(np.array([s[k] for s in segments], dtype=np.float64), lengths) for k in (1, 2, 3))
+        equity[first:] = base + qty * (block.close[first:] - avg) * block.conv[first:]  # each segment's marks, at once
+        units[first:] = qty
+        return BlockResult(equity, units, n - first)
+
+    def _run_listed(self, st: _SymbolState, block: BarBlock, first: int, segments: list) -> None:
+        """Short blocks (the live runner's single bars, interleaved symbols): the quiet-bar
+        test bar by bar on Python lists."""
+        symbol, n = st.symbol, len(block)
+        hs = block.half_spread
+        ts, close, conv, side = block.ts.tolist(), block.close.tolist(), block.conv.tolist(), block.side.tolist()
         ha, la = (block.high + hs).tolist(), (block.low + hs).tolist()
         hb, lb = (block.high - hs).tolist(), (block.low - hs).tolist()
         pos = self.portfolio.position(symbol)
-        segments = [(first, self._base(symbol), pos.units, pos.avg)]
-        quick = self.broker.bar_driven
         limits = self.risk.config.max_drawdown is not None or self.risk.config.max_daily_loss is not None
         base, q, avg = segments[0][1:]
         # The state the skip test reads, in locals (reloaded after every full step).
         cur = float((q > 0) - (q < 0))
-        skip = quick and not st.working_market and self._unknown == 0
+        skip = not st.working_market and self._unknown == 0
         day_end, peak, floor, refused = self._day_end, self._peak, self._floor, st.refused
         up_ask, dn_ask, up_bid, dn_bid = st.up_ask, st.dn_ask, st.up_bid, st.dn_bid
         for i in range(first, n):
@@ -260,58 +361,128 @@ class TradingEngine:
             self._step(st, block, i)
             base, q, avg = self._base(symbol), pos.units, pos.avg
             cur = float((q > 0) - (q < 0))
-            skip = quick and not st.working_market and self._unknown == 0
+            skip = not st.working_market and self._unknown == 0
             day_end, peak, floor, refused = self._day_end, self._peak, self._floor, st.refused
             up_ask, dn_ask, up_bid, dn_bid = st.up_ask, st.dn_ask, st.up_bid, st.dn_bid
             if segments[-1][0] == i:
                 segments[-1] = (i, base, q, avg)
             else:
                 segments.append((i, base, q, avg))
-        # Leave the symbol's state as after its last bar.
-        st.last_ts, st.last_close, st.last_conv = ts[-1], close[-1], conv[-1]
-        st.tail = self._ranges[-self.risk.config.atr_period:]
-        equity, units = np.full(n, np.nan), np.full(n, np.nan)
-        bounds = [s[0] for s in segments[1:]] + [n]
-        for (start, b, qq, aa), stop in zip(segments, bounds):
-            equity[start:stop] = b + qq * (block.close[start:stop] - aa) * block.conv[start:stop]
-            units[start:stop] = qq
-        return BlockResult(equity, units, n - first)
+
+    def _run_scanned(self, st: _SymbolState, block: BarBlock, scan: _Scan, first: int, segments: list) -> None:
+        """Long blocks (backtests): the same quiet-bar test as :meth:`_run_listed`, answered
+        for a run of bars at once with numpy: the next bar with a signal to act on and the next
+        new day come from indexes built once; only the bars before them are checked for a
+        price level touched or an account limit, a widening window at a time. The floats and
+        comparisons are the loop's, so the same bars take the step (a test referees it)."""
+        symbol, n = st.symbol, len(block)
+        pos = self.portfolio.position(symbol)
+        c = self.risk.config
+        limits = c.max_drawdown is not None or c.max_daily_loss is not None
+        i = first
+        while i < n:
+            if not st.working_market and self._unknown == 0:
+                q, avg = pos.units, pos.avg
+                cur = float((q > 0) - (q < 0))
+                stop = min(scan.next_signal(i, cur, st.refused), scan.next_at_or_after(self._day_end, i))
+                levels = (st.up_ask, st.dn_ask, st.up_bid, st.dn_bid)
+                if limits or levels != (_INF, -_INF, _INF, -_INF):
+                    stop = self._first_touch(scan, i, stop, levels, segments[-1][1], q, avg, limits)
+                if stop >= n:
+                    break
+                i = stop
+            self._step(st, block, i)
+            entry = (i, self._base(symbol), pos.units, pos.avg)
+            if segments[-1][0] == i:
+                segments[-1] = entry
+            else:
+                segments.append(entry)
+            i += 1
+
+    def _first_touch(self, scan: _Scan, i: int, stop: int, levels: tuple[float, float, float, float], base: float,
+                     q: float, avg: float, limits: bool) -> int:
+        """The first bar in ``[i, stop)`` whose range reaches a working order's level or whose
+        close breaks an account limit (else ``stop``); the equity peak follows the bars before it."""
+        up_ask, dn_ask, up_bid, dn_bid = levels
+        c = self.risk.config
+        width = _SCAN_WINDOW
+        a = i
+        while a < stop:
+            b = min(stop, a + width)
+            width *= 2
+            quiet = None
+            if up_ask < _INF:
+                quiet = scan.ha[a:b] < up_ask
+            if dn_ask > -_INF:
+                quiet = scan.la[a:b] > dn_ask if quiet is None else quiet & (scan.la[a:b] > dn_ask)
+            if up_bid < _INF:
+                quiet = scan.hb[a:b] < up_bid if quiet is None else quiet & (scan.hb[a:b] < up_bid)
+            if dn_bid > -_INF:
+                quiet = scan.lb[a:b] > dn_bid if quiet is None else quiet & (scan.lb[a:b] > dn_bid)
+            peaks = None
+            if limits:
+                e = base + q * (scan.close[a:b] - avg) * scan.conv[a:b]
+                peaks = np.fmax(np.fmax.accumulate(e), self._peak)  # the peak after each bar (NaN never raises it)
+                before = np.empty_like(peaks)
+                before[0] = self._peak
+                before[1:] = peaks[:-1]
+                floor = np.full(len(e), -_INF)
+                if self.kill is KS_OFF:
+                    if c.max_drawdown is not None:
+                        floor = before * (1 - c.max_drawdown)
+                    if c.max_daily_loss is not None:
+                        floor = np.maximum(floor, self._day_ref * (1 - c.max_daily_loss))
+                ok = (e > before) | (e >= floor)
+                quiet = ok if quiet is None else quiet & ok
+            touched = int(np.argmin(quiet))
+            if not quiet[touched]:
+                self._raise_peak(peaks, touched)
+                return a + touched
+            self._raise_peak(peaks, len(quiet))
+            a = b
+        return stop
+
+    def _raise_peak(self, peaks: np.ndarray | None, count: int) -> None:
+        if peaks is not None and count and peaks[count - 1] > self._peak:
+            self._peak = peaks[count - 1].item()
+            self._update_floor()
 
     # -- one bar ---------------------------------------------------------------------------
     def _step(self, st: _SymbolState, block: BarBlock, i: int) -> None:
         self.steps += 1
         symbol = st.symbol
-        ts = int(block.ts[i])
+        ts = block.ts.item(i)
         pos = self.portfolio.position(symbol)
-        prev_close = float(block.close[i - 1]) if i > 0 else st.last_close
-        prev_conv = float(block.conv[i - 1]) if i > 0 else st.last_conv
+        prev_close = block.close.item(i - 1) if i > 0 else st.last_close
+        prev_conv = block.conv.item(i - 1) if i > 0 else st.last_conv
         if ts >= self._day_end:
             # A new day: its loss is measured from the equity at the last close before it.
             marked = pos.units * (prev_close - pos.avg) * prev_conv if pos.units else 0.0
             self._day_ref = self._base(symbol) + marked
             self._day_end = _next_day_end(ts, self.config.day_boundary)
-            if self.kill is not KillSwitch.OFF and self.kill_reason.startswith("daily loss"):
+            if self.kill is not KS_OFF and self.kill_reason.startswith("daily loss"):
                 self._record(ts, symbol, "kill_switch", True, "daily loss limit lifted: a new day")
-                self.kill, self.kill_reason = KillSwitch.OFF, ""
+                self.kill, self.kill_reason = KS_OFF, ""
                 for other in self._symbols.values():
                     other.refused = math.nan
             self._update_floor()
         if self._unknown:
             self._resolve_unknown(ts, symbol)
-        conv_known = prev_conv if prev_conv == prev_conv else float(block.conv[i])
-        events = self.broker.advance(symbol, ts, float(block.open[i]), float(block.high[i]), float(block.low[i]),
-                                     float(block.close[i]), float(block.half_spread[i]), conv_known)
+        close, conv = block.close.item(i), block.conv.item(i)
+        conv_known = prev_conv if prev_conv == prev_conv else conv
+        events = self.broker.advance(symbol, ts, block.open.item(i), block.high.item(i), block.low.item(i),
+                                     close, block.half_spread.item(i), conv_known)
         if events:
             self.on_broker_events(events, ts, symbol)
         # Mark at the close and watch the account's limits.
-        st.last_close, st.last_conv, st.last_ts = float(block.close[i]), float(block.conv[i]), ts
+        st.last_close, st.last_conv, st.last_ts = close, conv, ts
         equity = self._base(symbol) + pos.units * (st.last_close - pos.avg) * st.last_conv
         if equity > self._peak:
             self._peak = equity
             self._update_floor()
         if equity < self._floor:
             self._breach(equity, ts, symbol)
-        s = float(block.side[i])
+        s = block.side.item(i)
         cur = (pos.units > 0) - (pos.units < 0)
         if s == s and s != cur and s != st.refused:
             self._decide(st, block, i, int(s), ts)
@@ -319,7 +490,7 @@ class TradingEngine:
     def _decide(self, st: _SymbolState, block: BarBlock, i: int, side: int, ts: int) -> None:
         symbol = st.symbol
         pos = self.portfolio.position(symbol)
-        if any(self.orders[o].type is OrderType.MARKET for o in st.live):
+        if st.working_market:  # kept by _refresh after every change of an order
             self._record(ts, symbol, "entry" if side else "exit", False, "an order of this symbol is still working")
             return
         cur = (pos.units > 0) - (pos.units < 0)
@@ -330,14 +501,14 @@ class TradingEngine:
             if not decision.approved:
                 st.refused = float(side)  # the kill switch: refused until it or the position changes
                 return
-            self._submit(Order(exit_id, symbol, _SIDE[-cur], OrderType.MARKET, abs(pos.units), "exit", ts,
+            self._submit(Order(exit_id, symbol, _SIDE[-cur], OT_MARKET, abs(pos.units), "exit", ts,
                                reduce_only=True, reason="signal"), st, ts)
         if side == 0:
             return
-        close = float(block.close[i])
-        conv = float(block.conv[i])
+        close = block.close.item(i)
+        conv = block.conv.item(i)
         atr = mean_true_range(self._ranges, self.risk.config.atr_period, i + 1 + self._offset)
-        prob = float(block.prob[i])
+        prob = block.prob.item(i)
         # Other symbols count with their positions and their entries still on the way.
         notional = margin = 0.0
         open_elsewhere = 0
@@ -353,20 +524,20 @@ class TradingEngine:
                 open_elsewhere += 1
         while self._order_times and self._order_times[0] <= ts - self.risk.config.order_window_minutes * 60_000:
             self._order_times.popleft()
-        ctx = EntryContext(symbol, side, close, conv, atr, self.equity(), float(block.confidence[i]),
+        ctx = EntryContext(symbol, side, close, conv, atr, self.equity(), block.confidence.item(i),
                            prob if prob == prob else None, notional, margin, open_elsewhere, len(self._order_times), self.kill)
         decision = self.risk.evaluate_entry(ctx, st.spec)
         entry_id = client_order_id(self.config.strategy, symbol, ts, "entry")
         self._record(ts, symbol, "entry", decision.approved, decision.reason, entry_id, decision.qty)
         if not decision.approved:
-            if self.kill is not KillSwitch.OFF:
+            if self.kill is not KS_OFF:
                 st.refused = float(side)
             return
-        entry = Order(entry_id, symbol, _SIDE[side], OrderType.MARKET, decision.qty, "entry", ts,
+        entry = Order(entry_id, symbol, _SIDE[side], OT_MARKET, decision.qty, "entry", ts,
                       stop_loss=decision.stop, take_profit=decision.target, reason=decision.reason)
         if not self._submit(entry, st, ts):
             return
-        for intent, level, kind in (("sl", decision.stop, OrderType.STOP), ("tp", decision.target, OrderType.LIMIT)):
+        for intent, level, kind in (("sl", decision.stop, OT_STOP), ("tp", decision.target, OT_LIMIT)):
             if level is not None:
                 self._submit(Order(client_order_id(self.config.strategy, symbol, ts, intent), symbol, _SIDE[-side], kind,
                                    decision.qty, intent, ts, price=level, reduce_only=True, parent_id=entry_id), st, ts)
@@ -378,26 +549,26 @@ class TradingEngine:
                          order.client_id)
             return False
         self.orders[order.client_id] = order
-        order.apply(OrderEvent.SUBMIT)
+        order.apply(EV_SUBMIT)
         st.live.add(order.client_id)
         if order.parent_id is None:
             self._order_times.append(ts)
         try:
             ack = self.broker.submit(order)
         except BrokerTimeout as exc:
-            order.apply(OrderEvent.TIMEOUT)
+            order.apply(EV_TIMEOUT)
             self._unknown += 1
             self._record(ts, order.symbol, "broker", False, f"no answer to {order.client_id} ({exc}): state unknown until the broker is asked",
                          order.client_id)
             self._refresh(st)
             return True
-        if ack.status is AckStatus.ACCEPTED:
-            order.apply(OrderEvent.ACCEPT)
-        elif ack.status is AckStatus.REJECTED:
-            order.apply(OrderEvent.REJECT, ack.reason)
+        if ack.status is ACK_ACCEPTED:
+            order.apply(EV_ACCEPT)
+        elif ack.status is ACK_REJECTED:
+            order.apply(EV_REJECT, ack.reason)
             self._record(ts, order.symbol, "broker", False, f"broker rejected {order.client_id}: {ack.reason}", order.client_id)
         self._refresh(st)
-        return order.state is not OrderState.REJECTED
+        return order.state is not ST_REJECTED
 
     def on_broker_events(self, events: list[BrokerEvent], ts: int | None = None, symbol: str | None = None) -> None:
         """Apply what the broker reported. A duplicate fill is ignored; an event the order's
@@ -412,7 +583,7 @@ class TradingEngine:
                 continue
             touched.add(order.symbol)
             try:
-                if event.kind is OrderEvent.FILL:
+                if event.kind is EV_FILL:
                     self._on_fill(order, event.fill)
                 else:
                     order.apply(event.kind, event.reason)
@@ -439,74 +610,74 @@ class TradingEngine:
         st.dn_ask = st.dn_bid = -_INF
         for cid in list(st.live):
             order = self.orders[cid]
-            if order.state not in WORKING and order.state is not OrderState.NEW:
+            if order.state not in WORKING and order.state is not ST_NEW:
                 st.live.discard(cid)
                 continue
-            if order.type is OrderType.MARKET:
+            if order.type is OT_MARKET:
                 st.working_market += 1
                 continue
-            if order.parent_id is not None and self.orders[order.parent_id].state is not OrderState.FILLED:
+            if order.parent_id is not None and self.orders[order.parent_id].state is not ST_FILLED:
                 continue
             level = order.price
             if order.side > 0:
-                if order.type is OrderType.STOP:
+                if order.type is OT_STOP:
                     st.up_ask = min(st.up_ask, level)
                 else:
                     st.dn_ask = max(st.dn_ask, level)
-            elif order.type is OrderType.STOP:
+            elif order.type is OT_STOP:
                 st.dn_bid = max(st.dn_bid, level)
             else:
                 st.up_bid = min(st.up_bid, level)
         if self._unknown:
-            self._unknown = sum(1 for o in self.orders.values() if o.state is OrderState.UNKNOWN)
+            self._unknown = sum(1 for o in self.orders.values() if o.state is ST_UNKNOWN)
 
     def _resolve_unknown(self, ts: int, symbol: str) -> None:
         """Ask the broker about every order it did not answer for; never resend one."""
-        for order in [o for o in self.orders.values() if o.state is OrderState.UNKNOWN]:
+        for order in [o for o in self.orders.values() if o.state is ST_UNKNOWN]:
             try:
                 status = self.broker.order_status(order.client_id)
             except BrokerTimeout:
                 continue
             if status is None:
-                order.apply(OrderEvent.REJECT, "the broker never received it")
+                order.apply(EV_REJECT, "the broker never received it")
                 self._record(ts, order.symbol, "broker", False, f"{order.client_id} was not placed: the broker never received it",
                              order.client_id)
             else:
-                kind = {OrderState.REJECTED: OrderEvent.REJECT, OrderState.CANCELLED: OrderEvent.CANCEL,
-                        OrderState.EXPIRED: OrderEvent.EXPIRE}.get(status.state, OrderEvent.ACCEPT)
+                kind = {ST_REJECTED: EV_REJECT, ST_CANCELLED: EV_CANCEL,
+                        ST_EXPIRED: EV_EXPIRE}.get(status.state, EV_ACCEPT)
                 order.apply(kind, status.reason)
                 self._record(ts, order.symbol, "broker", True, f"{order.client_id} settled by asking the broker: {status.state.value}",
                              order.client_id)
             self._refresh(self._symbols[order.symbol])
-        self._unknown = sum(1 for o in self.orders.values() if o.state is OrderState.UNKNOWN)
+        self._unknown = sum(1 for o in self.orders.values() if o.state is ST_UNKNOWN)
 
     # -- the kill switch -------------------------------------------------------------------
     def set_kill_switch(self, mode: KillSwitch, reason: str = "manual", flatten: bool = False) -> None:
         """Halt, reduce-only or off; ``flatten`` also closes every position at the next open
         and cancels working entry orders. Protective stops stay at the broker."""
         ts = max((s.last_ts for s in self._symbols.values()), default=0)
-        self.kill, self.kill_reason = mode, reason if mode is not KillSwitch.OFF else ""
+        self.kill, self.kill_reason = mode, reason if mode is not KS_OFF else ""
         for st in self._symbols.values():
             st.refused = math.nan
-        self._record(ts, "", "kill_switch", mode is KillSwitch.OFF, f"kill switch {mode.value}: {reason}")
+        self._record(ts, "", "kill_switch", mode is KS_OFF, f"kill switch {mode.value}: {reason}")
         self._update_floor()
         if flatten:
             for symbol, st in self._symbols.items():
                 pos = self.portfolio.position(symbol)
                 for cid in list(st.live):
                     order = self.orders[cid]
-                    if not order.reduce_only and order.state in (OrderState.ACCEPTED, OrderState.SUBMITTED):
-                        order.apply(OrderEvent.CANCEL_REQUEST)
+                    if not order.reduce_only and order.state in (ST_ACCEPTED, ST_SUBMITTED):
+                        order.apply(EV_CANCEL_REQUEST)
                         try:
                             self.broker.cancel(cid)  # the outcome comes back as an event
                         except BrokerTimeout:
-                            order.apply(OrderEvent.TIMEOUT)
+                            order.apply(EV_TIMEOUT)
                             self._unknown += 1
                 if pos.units:
                     side = Side(-1 if pos.units > 0 else 1)
                     cid = client_order_id(self.config.strategy, symbol, st.last_ts, "flatten")
                     self._record(st.last_ts, symbol, "exit", True, f"flatten: {reason}", cid, abs(pos.units))
-                    self._submit(Order(cid, symbol, side, OrderType.MARKET, abs(pos.units), "flatten", st.last_ts,
+                    self._submit(Order(cid, symbol, side, OT_MARKET, abs(pos.units), "flatten", st.last_ts,
                                        reduce_only=True, reason=reason), st, st.last_ts)
 
     def _breach(self, equity: float, ts: int, symbol: str) -> None:
@@ -522,7 +693,7 @@ class TradingEngine:
     def _update_floor(self) -> None:
         c = self.risk.config
         floor = -_INF
-        if self.kill is KillSwitch.OFF:
+        if self.kill is KS_OFF:
             if c.max_drawdown is not None:
                 floor = max(floor, self._peak * (1 - c.max_drawdown))
             if c.max_daily_loss is not None:
@@ -596,7 +767,7 @@ class TradingEngine:
             st.refused = math.nan if d["refused"] is None else d["refused"]
             st.live = set(d["live"])
             self._refresh(st)
-        self._unknown = sum(1 for o in self.orders.values() if o.state is OrderState.UNKNOWN)
+        self._unknown = sum(1 for o in self.orders.values() if o.state is ST_UNKNOWN)
         self._update_floor()
 
 

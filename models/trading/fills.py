@@ -18,9 +18,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.market.instruments import Instrument
-from models.trading.broker import AckStatus, BrokerEvent, BrokerPort, Fill, OrderStatus, SubmitAck
-from models.trading.currency import ConvMode, fill_conversion
-from models.trading.orders import Order, OrderEvent, OrderState, OrderType, Side
+from models.trading.broker import ACK_ACCEPTED, ACK_REJECTED, BrokerEvent, BrokerPort, Fill, OrderStatus, SubmitAck
+from models.trading.currency import CM_ONE, ConvMode, fill_conversion
+from models.trading.orders import (
+    EV_CANCEL,
+    EV_CANCEL_REJECT,
+    EV_FILL,
+    OT_MARKET,
+    OT_STOP,
+    ST_ACCEPTED,
+    ST_CANCELLED,
+    ST_EXPIRED,
+    ST_FILLED,
+    ST_PARTIALLY_FILLED,
+    ST_REJECTED,
+    Order,
+    OrderState,
+    OrderType,
+)
 
 @dataclass(frozen=True, slots=True)
 class FillConfig:
@@ -55,7 +70,7 @@ def trigger_price(side: int, kind: OrderType, level: float, open_: float, high: 
     it at the open (a gap)."""
     if side > 0:
         ask_open, ask_high, ask_low = open_ + half_spread, high + half_spread, low + half_spread
-        if kind is OrderType.STOP:
+        if kind is OT_STOP:
             if at_open and ask_open >= level:
                 return ask_open + slippage, "gap"
             return (level + slippage, "stop") if ask_high >= level else None
@@ -63,7 +78,7 @@ def trigger_price(side: int, kind: OrderType, level: float, open_: float, high: 
             return ask_open, "gap"
         return (level, "limit") if ask_low <= level else None
     bid_open, bid_high, bid_low = open_ - half_spread, high - half_spread, low - half_spread
-    if kind is OrderType.STOP:
+    if kind is OT_STOP:
         if at_open and bid_open <= level:
             return bid_open - slippage, "gap"
         return (level - slippage, "stop") if bid_low <= level else None
@@ -81,7 +96,7 @@ class _Working:
 
     __slots__ = ("order", "state", "filled", "avg", "reason", "active", "fills")
 
-    def __init__(self, order: Order, state: OrderState = OrderState.ACCEPTED) -> None:
+    def __init__(self, order: Order, state: OrderState = ST_ACCEPTED) -> None:
         self.order = order
         self.state = state
         self.filled = 0.0
@@ -112,31 +127,31 @@ class SimulatedBroker(BrokerPort):
     def submit(self, order: Order) -> SubmitAck:
         known = self._orders.get(order.client_id)
         if known is not None:  # idempotent: the same id never places a second order
-            return SubmitAck(AckStatus.REJECTED if known.state is OrderState.REJECTED else AckStatus.ACCEPTED,
+            return SubmitAck(ACK_REJECTED if known.state is ST_REJECTED else ACK_ACCEPTED,
                              f"duplicate client id {order.client_id}: already {known.state.value}")
         reason = self._invalid(order)
-        work = _Working(order, OrderState.REJECTED if reason else OrderState.ACCEPTED)
+        work = _Working(order, ST_REJECTED if reason else ST_ACCEPTED)
         self._orders[order.client_id] = work
         if reason:
             work.reason = reason
-            return SubmitAck(AckStatus.REJECTED, reason)
+            return SubmitAck(ACK_REJECTED, reason)
         if order.parent_id is not None:
             parent = self._orders[order.parent_id]
-            if parent.state in (OrderState.REJECTED, OrderState.CANCELLED, OrderState.EXPIRED):
-                work.state, work.reason = OrderState.CANCELLED, f"parent {parent.state.value}"
-                return SubmitAck(AckStatus.REJECTED, work.reason)
-            if parent.state is OrderState.FILLED:
+            if parent.state in (ST_REJECTED, ST_CANCELLED, ST_EXPIRED):
+                work.state, work.reason = ST_CANCELLED, f"parent {parent.state.value}"
+                return SubmitAck(ACK_REJECTED, work.reason)
+            if parent.state is ST_FILLED:
                 work.active = True
-        target = self._queue if order.type is OrderType.MARKET else self._resting
+        target = self._queue if order.type is OT_MARKET else self._resting
         target.setdefault(order.symbol, []).append(work)
-        return SubmitAck(AckStatus.ACCEPTED)
+        return SubmitAck(ACK_ACCEPTED)
 
     def _invalid(self, order: Order) -> str:
         if order.symbol not in self.instruments:
             return f"unknown symbol {order.symbol}"
         if not order.qty > 0:
             return f"quantity must be positive, got {order.qty}"
-        if order.type is not OrderType.MARKET and not (order.price and order.price > 0):
+        if order.type is not OT_MARKET and not (order.price and order.price > 0):
             return f"a {order.type.value} order needs a positive price"
         if order.parent_id is not None and order.parent_id not in self._orders:
             return f"unknown parent order {order.parent_id}"
@@ -145,12 +160,12 @@ class SimulatedBroker(BrokerPort):
     def cancel(self, client_id: str) -> SubmitAck:
         work = self._orders.get(client_id)
         if work is None:
-            return SubmitAck(AckStatus.REJECTED, "unknown order")
-        if work.state not in (OrderState.ACCEPTED, OrderState.PARTIALLY_FILLED):
-            self._events.append(BrokerEvent(OrderEvent.CANCEL_REJECT, client_id, -1, f"order is {work.state.value}"))
-            return SubmitAck(AckStatus.REJECTED, f"order is {work.state.value}")
+            return SubmitAck(ACK_REJECTED, "unknown order")
+        if work.state not in (ST_ACCEPTED, ST_PARTIALLY_FILLED):
+            self._events.append(BrokerEvent(EV_CANCEL_REJECT, client_id, -1, f"order is {work.state.value}"))
+            return SubmitAck(ACK_REJECTED, f"order is {work.state.value}")
         self._cancel(work, -1, "cancelled on request")
-        return SubmitAck(AckStatus.ACCEPTED)
+        return SubmitAck(ACK_ACCEPTED)
 
     def order_status(self, client_id: str) -> OrderStatus | None:
         work = self._orders.get(client_id)
@@ -171,7 +186,7 @@ class SimulatedBroker(BrokerPort):
             if queue:
                 self._queue[symbol] = []
                 for work in queue:
-                    if work.state is OrderState.ACCEPTED:
+                    if work.state is ST_ACCEPTED:
                         self._fill_market(work, bar)
                 if self._resting.get(symbol):  # protective orders of what just filled at the open
                     self._check_resting(symbol, bar, at_open=True)
@@ -203,7 +218,7 @@ class SimulatedBroker(BrokerPort):
     def _try(self, work: _Working, bar: tuple, at_open: bool) -> bool:
         ts, open_, high, low, hs, conv_known = bar
         order = work.order
-        slippage = self.config.slippage if order.type is OrderType.STOP else 0.0
+        slippage = self.config.slippage if order.type is OT_STOP else 0.0
         hit = trigger_price(order.side, order.type, order.price, open_, high, low, hs, slippage, at_open)
         if hit is None or (at_open and hit[1] != "gap"):  # the open pass takes gaps only
             return False
@@ -220,22 +235,22 @@ class SimulatedBroker(BrokerPort):
         # then entry orders; each in submission order.
         filled_inside: list[str] = []
         for work in sorted(self._resting[symbol], key=_priority):
-            if work.active and work.state is OrderState.ACCEPTED and self._try(work, bar, at_open) and not at_open \
+            if work.active and work.state is ST_ACCEPTED and self._try(work, bar, at_open) and not at_open \
                     and work.order.parent_id is None:
                 filled_inside.append(work.order.client_id)
         if filled_inside:
             # An entry filled inside the bar: its stop is checked in this bar (the worst case),
             # its target only from the next bar.
             for work in self._resting[symbol]:
-                if work.order.parent_id in filled_inside and work.order.type is OrderType.STOP \
-                        and work.active and work.state is OrderState.ACCEPTED:
+                if work.order.parent_id in filled_inside and work.order.type is OT_STOP \
+                        and work.active and work.state is ST_ACCEPTED:
                     self._try(work, bar, at_open=False)
-        self._resting[symbol] = [w for w in self._resting[symbol] if w.state is OrderState.ACCEPTED]
+        self._resting[symbol] = [w for w in self._resting[symbol] if w.state is ST_ACCEPTED]
 
     def _fill(self, work: _Working, qty: float, price: float, mid: float, ts: int, conv_known: float, how: str) -> None:
         order = work.order
         spec = self.instruments[order.symbol]
-        conv = fill_conversion(self.conv_modes.get(order.symbol, ConvMode.ONE), price, conv_known)
+        conv = fill_conversion(self.conv_modes.get(order.symbol, CM_ONE), price, conv_known)
         work.fills += 1
         fill = Fill(f"{order.client_id}-{work.fills}", order.client_id, order.symbol, order.side, qty, price,
                     commission(self.config, spec, qty, price, conv), ts, conv, mid, how)
@@ -244,8 +259,8 @@ class SimulatedBroker(BrokerPort):
         done = work.filled >= order.qty - 1e-9 * max(1.0, order.qty)
         if not done and order.reduce_only:
             done = True  # a close order is done once the position is closed
-        work.state = OrderState.FILLED if done else OrderState.PARTIALLY_FILLED
-        self._events.append(BrokerEvent(OrderEvent.FILL, order.client_id, ts, how, fill))
+        work.state = ST_FILLED if done else ST_PARTIALLY_FILLED
+        self._events.append(BrokerEvent(EV_FILL, order.client_id, ts, how, fill))
         before = self._pos.get(order.symbol, 0.0)
         after = before + order.side * qty
         if abs(after) < 1e-9 * max(1.0, abs(before)):
@@ -254,25 +269,25 @@ class SimulatedBroker(BrokerPort):
         if before != 0 and (after == 0 or (after > 0) != (before > 0)):
             # The position this order closed takes its protective orders with it.
             for other in self._resting.get(order.symbol, []):
-                if other.order.parent_id is not None and other.active and other.state is OrderState.ACCEPTED \
+                if other.order.parent_id is not None and other.active and other.state is ST_ACCEPTED \
                         and other.order.parent_id != order.client_id:
                     self._cancel(other, ts, "position closed")
         if order.parent_id is not None:  # one protective order filled: cancel its sibling (OCO)
             for other in self._resting.get(order.symbol, []):
-                if other.order.parent_id == order.parent_id and other is not work and other.state is OrderState.ACCEPTED:
+                if other.order.parent_id == order.parent_id and other is not work and other.state is ST_ACCEPTED:
                     self._cancel(other, ts, "sibling filled (OCO)")
-        if work.state is OrderState.FILLED:
+        if work.state is ST_FILLED:
             for child in self._resting.get(order.symbol, []):
                 if child.order.parent_id == order.client_id:
                     child.active = True
 
     def _cancel(self, work: _Working, ts: int, reason: str) -> None:
-        work.state, work.reason = OrderState.CANCELLED, reason
-        self._events.append(BrokerEvent(OrderEvent.CANCEL, work.order.client_id, ts, reason))
+        work.state, work.reason = ST_CANCELLED, reason
+        self._events.append(BrokerEvent(EV_CANCEL, work.order.client_id, ts, reason))
         for child in self._resting.get(work.order.symbol, []):
-            if child.order.parent_id == work.order.client_id and child.state is OrderState.ACCEPTED and not child.active:
-                child.state, child.reason = OrderState.CANCELLED, f"parent cancelled: {reason}"
-                self._events.append(BrokerEvent(OrderEvent.CANCEL, child.order.client_id, ts, child.reason))
+            if child.order.parent_id == work.order.client_id and child.state is ST_ACCEPTED and not child.active:
+                child.state, child.reason = ST_CANCELLED, f"parent cancelled: {reason}"
+                self._events.append(BrokerEvent(EV_CANCEL, child.order.client_id, ts, child.reason))
         queue = self._queue.get(work.order.symbol)
         if queue and work in queue:
             queue.remove(work)
@@ -302,7 +317,7 @@ class SimulatedBroker(BrokerPort):
 def _priority(work: _Working) -> int:
     order = work.order
     if order.parent_id is not None:
-        return 0 if order.type is OrderType.STOP else 1
+        return 0 if order.type is OT_STOP else 1
     return 2
 
 

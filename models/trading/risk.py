@@ -33,9 +33,15 @@ class KillSwitch(StrEnum):
     REDUCE_ONLY = "reduce_only"  # only orders that shrink a position
 
 
+# Module globals for the order path (see models/trading/orders.py: enum reads are slow in 3.11).
+KS_OFF, KS_HALT, KS_REDUCE_ONLY = KillSwitch.OFF, KillSwitch.HALT, KillSwitch.REDUCE_ONLY
+SZ_FIXED_FRACTION, SZ_KELLY, SZ_EQUITY_FRACTION, SZ_FIXED_LOTS = (
+    Sizing.FIXED_FRACTION, Sizing.KELLY, Sizing.EQUITY_FRACTION, Sizing.FIXED_LOTS)
+
+
 @dataclass(frozen=True, slots=True)
 class RiskConfig:
-    sizing: Sizing = Sizing.FIXED_FRACTION
+    sizing: Sizing = SZ_FIXED_FRACTION
     risk_fraction: float = 0.01  # of equity, lost if the stop is hit (FIXED_FRACTION)
     kelly_multiplier: float = 0.5  # fractional Kelly
     kelly_cap: float = 0.02  # the most of equity one trade may risk under Kelly
@@ -57,7 +63,7 @@ class RiskConfig:
     max_orders: int | None = None  # within order_window_minutes of bar time
     order_window_minutes: int = 60
     max_margin_usage: float = 1.0  # used margin over equity after the order
-    breach_action: KillSwitch = KillSwitch.HALT
+    breach_action: KillSwitch = KS_HALT
     flatten_on_breach: bool = True
 
     def __post_init__(self) -> None:
@@ -121,7 +127,7 @@ class EntryContext:
     other_margin: float = 0.0
     other_positions: int = 0
     orders_in_window: int = 0
-    kill: KillSwitch = KillSwitch.OFF
+    kill: KillSwitch = KS_OFF
 
 
 @dataclass(slots=True)  # a record: not frozen, frozen ones cost 5x to build on the order path
@@ -181,13 +187,13 @@ class RiskModel:
         return stop, target, ""
 
     def evaluate_exit(self, kill: KillSwitch) -> RiskDecision:
-        if kill is KillSwitch.HALT:
+        if kill is KS_HALT:
             return RiskDecision(False, "kill switch: halt")
         return RiskDecision(True, "exit approved")
 
     def evaluate_entry(self, ctx: EntryContext, spec: Instrument) -> RiskDecision:
         c = self.config
-        if ctx.kill is not KillSwitch.OFF:
+        if ctx.kill is not KS_OFF:
             return RiskDecision(False, f"kill switch: {ctx.kill.value}")
         if c.max_open_positions is not None and ctx.other_positions + 1 > c.max_open_positions:
             return RiskDecision(False, f"open positions limit: {ctx.other_positions} open, at most {c.max_open_positions}")
@@ -201,11 +207,11 @@ class RiskModel:
             return RiskDecision(False, error)
         scale = ctx.confidence if c.scale_by_confidence else 1.0
         unit_value = ctx.conv  # account currency per unit per 1.0 of price
-        if c.sizing in (Sizing.FIXED_FRACTION, Sizing.KELLY):
+        if c.sizing in (SZ_FIXED_FRACTION, SZ_KELLY):
             if stop is None:
                 return RiskDecision(False, f"{c.sizing.value} sizing needs a stop (stop_atr or stop_pct)")
             stop_dist = abs(ctx.price - stop)
-            if c.sizing is Sizing.FIXED_FRACTION:
+            if c.sizing is SZ_FIXED_FRACTION:
                 fraction = c.risk_fraction * scale
                 how = f"fixed fraction {fraction:.2%}"
             else:
@@ -221,7 +227,7 @@ class RiskModel:
                 how = f"kelly {fraction:.2%} (p={ctx.prob:.3f}, payoff={payoff:.2f}, f*={kelly:.3f}, cap {c.kelly_cap:.2%})"
             units = fraction * ctx.equity / (stop_dist * unit_value)
             how += f" of {ctx.equity:,.2f} at a stop {stop_dist:.6g} away"
-        elif c.sizing is Sizing.EQUITY_FRACTION:
+        elif c.sizing is SZ_EQUITY_FRACTION:
             units = c.equity_fraction * scale * ctx.equity / (ctx.price * unit_value)
             how = f"notional {c.equity_fraction * scale:.2%} of {ctx.equity:,.2f}"
         else:

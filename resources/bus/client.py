@@ -334,6 +334,7 @@ class BlockingBus:
 
 
 TRAINING_STREAM = StreamSpec("TRAINING", ("training.>",), max_age=timedelta(days=30))
+BACKTEST_STREAM = StreamSpec("BACKTESTS", ("backtest.>",), max_age=timedelta(days=30))
 
 
 class EventPublisher:

@@ -79,3 +79,101 @@ def decode_bar(payload: bytes, subject: str | None = None) -> dict[str, Any]:
     if bar["volume"] < 0 or bar["tick_count"] < 0 or bar["quote_count"] < 0:
         raise BadMessage("impossible", "negative volume or count")
     return bar
+
+
+TICK_FIELDS = ("ts", "bid", "ask", "price", "size", "vendor_seq")
+
+
+def encode_ticks(symbol: str, source: str, ticks: Any) -> bytes:
+    """Ticks of one symbol (a polars frame of :data:`models.market.ticks.TICK_SCHEMA`) as one
+    JSON object of columns on ``ticks.{SYM}``: ``ts`` in epoch ms, null where a tick has no
+    such value (a quote has no price, a trade no bid)."""
+    columns = {name: ticks[name].to_list() for name in TICK_FIELDS if name != "ts"}
+    columns["ts"] = ticks["ts"].dt.epoch("ms").to_list()
+    return json.dumps({"symbol": symbol, "source": source, **columns}, separators=(",", ":")).encode()
+
+
+def decode_ticks(payload: bytes) -> dict[str, Any]:
+    """The columns of a ``ticks.{SYM}`` message (see :func:`encode_ticks`)."""
+    try:
+        message = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadMessage("malformed", f"not JSON ({exc})") from None
+    if not isinstance(message, dict) or any(name not in message for name in ("symbol", *TICK_FIELDS)):
+        raise BadMessage("malformed", "not a ticks message")
+    lengths = {len(message[name]) for name in TICK_FIELDS if isinstance(message[name], list)}
+    if len(lengths) != 1 or any(not isinstance(message[name], list) for name in TICK_FIELDS):
+        raise BadMessage("malformed", "tick columns of different lengths")
+    return message
+
+
+# -- the user's broker data (stream BROKER_DATA): one row of the sampler's frames a message ------
+
+BROKER_KINDS = ("account", "quote", "deal")
+_BROKER_NULLABLE = {"margin_level", "client_id"}
+
+
+def _broker_schema(kind: str) -> dict:
+    from resources.brokers.mt5.sampler import ACCOUNT_SCHEMA, QUOTE_SCHEMA, TRADE_SCHEMA
+
+    return {"account": ACCOUNT_SCHEMA, "quote": QUOTE_SCHEMA, "deal": TRADE_SCHEMA}[kind]
+
+
+def broker_msg_id(kind: str, row: dict[str, Any]) -> str:
+    """The row's key in its table, so a re-sampled row (deals overlap by an hour) is stored once."""
+    ts = row["ts"]
+    ts_ms = round(ts.timestamp() * 1000) if hasattr(ts, "timestamp") else int(ts)
+    if kind == "account":
+        return f"broker-account:{row['login']}:{ts_ms}"
+    if kind == "quote":
+        return f"broker-quote:{row['server']}:{row['symbol']}:{ts_ms}"
+    return f"broker-deal:{row['server']}:{row['login']}:{row['deal']}"
+
+
+def encode_broker_row(row: dict[str, Any]) -> bytes:
+    """A row of the sampler's account, quote or deal frames as JSON (``ts`` in epoch ms)."""
+    out = {k: (round(v.timestamp() * 1000) if hasattr(v, "timestamp") else v) for k, v in row.items()}
+    return json.dumps(out, separators=(",", ":")).encode()
+
+
+def decode_broker_row(kind: str, payload: bytes) -> dict[str, Any]:
+    """The row in ``payload``, checked against its table's columns (:class:`BadMessage` says
+    what is wrong); ``ts`` stays epoch ms."""
+    import polars as pl
+
+    if kind not in BROKER_KINDS:
+        raise BadMessage("malformed", f"unknown broker data kind {kind!r}")
+    try:
+        row = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadMessage("malformed", f"not JSON ({exc})") from None
+    if not isinstance(row, dict):
+        raise BadMessage("malformed", f"a JSON {type(row).__name__}, not an object")
+    schema = _broker_schema(kind)
+    missing = [name for name in schema if name not in row]
+    if missing:
+        raise BadMessage("malformed", f"{kind} lacks {', '.join(missing)}")
+    for name, dtype in schema.items():
+        value = row[name]
+        if value is None:
+            if name in _BROKER_NULLABLE:
+                continue
+            raise BadMessage("malformed", f"{kind} {name} is null")
+        if isinstance(dtype, pl.String):
+            ok = isinstance(value, str)
+        elif isinstance(dtype, pl.Float64):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else:  # integers and the epoch-ms time
+            ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 or dtype == pl.Int8())
+        if not ok:
+            raise BadMessage("malformed", f"{kind} {name} is {value!r}")
+    return {name: row[name] for name in schema}
+
+
+def broker_frame(kind: str, rows: list[dict[str, Any]]) -> Any:
+    """Decoded rows of one kind as the sampler's polars frame (the table's columns)."""
+    import polars as pl
+
+    schema = _broker_schema(kind)
+    raw = {name: (pl.Int64() if name == "ts" else dtype) for name, dtype in schema.items()}
+    return pl.DataFrame(rows, schema=raw, strict=False).cast(schema)  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ import os
 from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
-from resources.bus.client import DEFAULT_PORT, TRAINING_STREAM, BlockingBus, EventPublisher, NatsBus
+from resources.bus.client import BACKTEST_STREAM, DEFAULT_PORT, TRAINING_STREAM, BlockingBus, EventPublisher, NatsBus
 
 
 class BusResource(ConfigurableResource):
@@ -29,6 +29,10 @@ class BusResource(ConfigurableResource):
     def training_events(self, logger: logging.Logger | None = None) -> EventPublisher:
         """Publisher of ``training.*`` events; never raises."""
         return EventPublisher(self.blocking, TRAINING_STREAM, logger)
+
+    def backtest_events(self, logger: logging.Logger | None = None) -> EventPublisher:
+        """Publisher of ``backtest.*`` events; never raises."""
+        return EventPublisher(self.blocking, BACKTEST_STREAM, logger)
 
 
 def bus_from_env() -> BusResource:

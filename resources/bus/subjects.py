@@ -63,3 +63,42 @@ def portfolio(runner: str) -> str:
 def heartbeat(runner: str) -> str:
     """``live.heartbeat.{runner}``: core NATS, not stored."""
     return f"live.heartbeat.{runner}"
+
+
+BACKTEST_EVENTS = ("started", "progress", "completed", "failed")
+
+
+def backtest(event: str, run_id: str) -> str:
+    """``backtest.{started|progress|completed|failed}.{run_id}`` (a run id is one token: no dots)."""
+    if event not in BACKTEST_EVENTS:
+        raise ValueError(f"unknown backtest event {event!r}")
+    if not run_id or any(c in run_id for c in ".*> "):
+        raise ValueError(f"a backtest run id is one subject token, got {run_id!r}")
+    return f"backtest.{event}.{run_id}"
+
+
+def ticks(symbol: str) -> str:
+    """``ticks.{SYM}``: every tick the collector receives (core NATS, not stored)."""
+    return f"ticks.{symbol}"
+
+
+def token(name: str) -> str:
+    """``name`` as one subject token: brokers' symbols may hold dots or spaces (``EURUSD.m``,
+    ``US30 Cash``), which NATS reads as separators; they become ``_`` (the payload keeps the name)."""
+    cleaned = "".join("_" if c in ".*> \t\r\n" else c for c in str(name))
+    return cleaned or "_"
+
+
+def broker_account(login: int | str) -> str:
+    """``broker.account.{login}``: an MT5 account snapshot (stream ``BROKER_DATA``)."""
+    return f"broker.account.{token(str(login))}"
+
+
+def broker_quote(symbol: str) -> str:
+    """``broker.quote.{SYM}``: the broker's bid/ask samples (stream ``BROKER_DATA``)."""
+    return f"broker.quote.{token(symbol)}"
+
+
+def broker_deal(symbol: str) -> str:
+    """``broker.deal.{SYM}``: the account's deals (stream ``BROKER_DATA``)."""
+    return f"broker.deal.{token(symbol)}"

@@ -467,6 +467,16 @@ MIGRATIONS: tuple[Migration, ...] = (
               for table in ("backtest_runs", "backtest_trades", "backtest_equity")),
         ),
     ),
+    Migration(
+        13,
+        "backtest_runs: the registered model version a model backtest judged, and its MLflow run",
+        (
+            "ALTER TABLE backtest_runs "
+            "ADD COLUMN IF NOT EXISTS model_name LowCardinality(String) DEFAULT '' COMMENT 'registered model (model backtests)', "
+            "ADD COLUMN IF NOT EXISTS model_version Nullable(UInt32) COMMENT 'its version', "
+            "ADD COLUMN IF NOT EXISTS mlflow_run_id String DEFAULT '' COMMENT 'the MLflow run holding the tearsheet'",
+        ),
+    ),
     # -- broker data (MetaTrader 5): 16-17 ------------------------------------------------------
     # Streams sampled from the broker and drained idempotently: a row redelivered (the bus, a
     # rerun) replaces itself by its key, so these are ReplacingMergeTree read with FINAL, not
