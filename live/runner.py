@@ -38,7 +38,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -219,7 +219,10 @@ class LiveRunner:
             if self.state.broker is not None and hasattr(broker, "load"):
                 broker.load(self.state.broker)
             window = Window(self.engine)
-            report = broker.reconcile(Ledger.from_snapshot(self.state.engine))
+            # The last bar was processed after its close, and the broker was read then: what the
+            # account did before that close (a stop hit inside the bar) is booked, not news.
+            ledger = Ledger.from_snapshot(self.state.engine)
+            report = broker.reconcile(replace(ledger, as_of_ms=ledger.as_of_ms + c.bar_ms) if ledger.as_of_ms else ledger)
             log.info("%s: %s", c.name, report.summary())
             if not report.ok:
                 self.engine.set_kill_switch(KillSwitch.HALT, report.summary())
@@ -545,7 +548,10 @@ class LiveRunner:
         if self.claim_check:
             self.claim_check = False
             broker.check_claimed()
-            differences = engine.reconcile()
+            # the fills the bar's own orders made are booked by the engine at its next bar: count them
+            pending = broker.pending_units()
+            differences = {s: (ours + pending.get(s, 0.0), theirs) for s, (ours, theirs) in engine.reconcile().items()
+                           if abs(ours + pending.get(s, 0.0) - theirs) > 1e-9}
             if differences and not broker.halted:
                 broker.halted = (f"trading halted: positions differ from the broker's after the restart: "
                                  + ", ".join(f"{s} engine {a:+,.0f} broker {b:+,.0f}" for s, (a, b) in sorted(differences.items())))

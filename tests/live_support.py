@@ -146,7 +146,7 @@ class BusClient:
                 return state
             if alive is not None and not alive():
                 raise AssertionError(f"the runner died; last state: bars={state and state['bars']}")
-            time.sleep(0.02)
+            time.sleep(0.005)
         raise AssertionError(f"timed out; last state: bars={state and state['bars']}")
 
     def messages(self, stream: str, subject: str = ">") -> list[tuple[str, dict, str]]:

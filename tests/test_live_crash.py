@@ -29,7 +29,7 @@ import pytest
 
 from resources.warehouse import WarehouseClient
 from tests.conftest import ROOT
-from tests.live_support import BusClient, make_bars, replay_start, store_history, train_and_register
+from tests.live_support import BAR_MS, BusClient, make_bars, replay_start, store_history, train_and_register
 from resources.bus import EmbeddedNatsServer
 from tests.natsserver import free_port, fresh_mlflow_store
 
@@ -156,7 +156,6 @@ def account(state: dict) -> dict:
                               ("filled", "cancelled", "rejected", "expired"))}
 
 
-@pytest.mark.slow
 def publish_slowly(client: BusClient, bars: pl.DataFrame, every_s: float) -> threading.Thread:
     """A live feed: one bar every ``every_s``, each retried until the stream has it (through a server restart)."""
     def feed() -> None:
@@ -234,3 +233,117 @@ def test_kill_9_at_random_moments_of_a_replay_then_restart_equals_an_uninterrupt
     signals = Counter((d["symbol"], d["ts"]) for mid, d in mine["SIGNALS"] if mid.startswith("sig:"))
     assert len(signals) == total and set(signals.values()) == {1}
     assert phases["bars"] + 2 <= final["starts"] <= starts + 2  # a kill before the first save leaves no trace
+
+
+# -- MetaTrader 5 on the fake terminal, in a process of its own ------------------------------------
+MT5_BARS = 120
+HALF = 0.00002  # EURUSD's half spread in make_bars
+
+
+@pytest.fixture(scope="module")
+def terminals(env):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "resources.brokers.mt5.remote", "--port", str(port)], env=child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert process.stdout.readline().startswith("fake MetaTrader 5 terminals on")
+    yield f"127.0.0.1:{port}"
+    process.terminate()
+    process.wait(10)
+
+
+def fake_terminal(address: str, name: str, first: dict):
+    from resources.brokers.mt5 import constants as C
+    from resources.brokers.mt5.remote import connect
+
+    terminal = connect(f"{address}/{name}", {"margin_mode": C.ACCOUNT_MARGIN_MODE_RETAIL_HEDGING, "commission_per_lot": 7.0,
+                                             "start_ms": first["ts"] - 60_000, "server_utc_offset_s": 0})
+    terminal.add_symbol("EURUSD")
+    terminal.initialize()
+    terminal.set_quote("EURUSD", first["open"] - HALF, first["open"] + HALF, first["ts"] - 60_000)
+    return terminal
+
+
+def drive_mt5(env: dict, nats: Nats, terminal, address: str, name: str, bars: list[dict], kills: dict[int, str] | None = None,
+              late: int | None = None, seed: int = 0) -> tuple[dict, int]:
+    """The market and the bars in lockstep with the runner: the fake walks bar i, its close is the
+    next bar's first quote, the bar is published, and bar i+1 waits until the runner saved bar i
+    (a real market would not wait; equality with the reference needs it). At the bars in
+    ``kills`` the runner is killed -9 and started again: ``"random"`` somewhere in the bar,
+    ``"sent"`` the moment the bar's first order reaches the terminal (before the runner saved
+    the bar: the restart must find the order and not send it again)."""
+    rng = random.Random(seed)
+    kills = kills or {}
+    settings = {"name": name, "broker": "mt5", "mt5_fake": f"{address}/{name}", "symbols": ["EURUSD"],
+                "stop_when_idle_s": 2.0}
+    pid, starts = env["server"].start(env["setup"], nats.url, **settings), 1
+    for i, bar in enumerate(bars):
+        terminal.run_bar("EURUSD", bar["ts"], bar["open"], bar["high"], bar["low"], bar["close"], HALF, BAR_MS)
+        terminal.set_quote("EURUSD", bar["close"] - HALF, bar["close"] + HALF, bar["ts"] + BAR_MS)
+        if i == late:
+            terminal.execute_late()  # the answer to the bar's first request is lost; it executes at the next quote
+        sent = len(terminal.sent())
+        nats.client.publish_bar(bar)
+        if i in kills:
+            if kills[i] == "sent":
+                deadline = time.monotonic() + 20
+                while len(terminal.sent()) == sent and time.monotonic() < deadline:
+                    pass
+                assert len(terminal.sent()) > sent, f"bar {i} sent no order"
+            else:
+                time.sleep(rng.uniform(0.0, 0.012))
+            os.kill(pid, signal.SIGKILL)
+            wait_dead(pid)
+            pid, starts = env["server"].start(env["setup"], nats.url, **settings), starts + 1
+        nats.client.wait_state(name, lambda s, n=i + 1: s["bars"] >= n, timeout=60, alive=lambda: alive(pid))
+    wait_dead(pid)
+    return nats.client.state(name), starts
+
+
+@pytest.mark.slow
+def test_the_same_with_mt5_on_a_fake_terminal_that_outlives_the_runner_and_an_unanswered_order(env, nats, terminals, tmp_path):
+    frame = env["bars"]["EURUSD"].tail(REPLAY).head(MT5_BARS)
+    bars = frame.with_columns(pl.col("ts").dt.epoch("ms")).to_dicts()
+    reference_terminal = fake_terminal(terminals, "mt5-reference", bars[0])
+    reference, _ = drive_mt5(env, nats, reference_terminal, terminals, "mt5-reference", bars)
+    theirs = ledger(nats.client, "mt5-reference")
+    entries = [d for _, d in theirs["ORDERS"] if d["status"] == "submitted" and d["intent"] == "entry"]
+    assert len(entries) > 5
+    # the answer to an entry in the middle is lost (one the bar sends alone: the fake delays the
+    # bar's first request): the order stays unknown until the broker is asked
+    sent_at = Counter(d["bar_ts"] for _, d in theirs["ORDERS"] if d["status"] == "submitted" and d["parent_id"] is None)
+    unanswered = next(d for d in entries if (d["bar_ts"] - bars[0]["ts"]) // BAR_MS > MT5_BARS // 3 and sent_at[d["bar_ts"]] == 1)
+    late = (unanswered["bar_ts"] - bars[0]["ts"]) // BAR_MS
+    rng = random.Random(7)
+    sending = sorted({(d["bar_ts"] - bars[0]["ts"]) // BAR_MS for _, d in theirs["ORDERS"] if d["status"] == "submitted"
+                      and d["parent_id"] is None} - set(range(late - 2, late + 3)))
+    kills = dict.fromkeys(rng.sample(sending, 5), "sent")
+    kills |= dict.fromkeys(rng.sample([i for i in range(3, MT5_BARS - 3) if abs(i - late) > 2 and i not in kills], 5), "random")
+    terminal = fake_terminal(terminals, "mt5-crashed", bars[0])
+    # A bus of its own: on the first one the bars are stored already (the same message ids), and the
+    # runner would read them all at once, ahead of the market the terminal walks.
+    bus = Nats(tmp_path / "nats-crashed")
+    try:
+        final, starts = drive_mt5(env, bus, terminal, terminals, "mt5-crashed", bars, kills, late, seed=3)
+        mine = ledger(bus.client, "mt5-crashed")
+    finally:
+        bus.close()
+
+    assert starts == len(kills) + 1
+    assert account(final) == account(reference)
+    assert account(final)["positions"] or account(final)["working"] or len(mine["BROKER"]) > 10  # it traded
+    ours, theirs_at_broker = terminal.state(), reference_terminal.state()
+    assert ours["positions"] == theirs_at_broker["positions"] and ours["orders"] == theirs_at_broker["orders"]
+    assert ours["balance"] == pytest.approx(theirs_at_broker["balance"], abs=1e-9)
+    assert ours["deals"] == theirs_at_broker["deals"]
+    sent = Counter(comment for comment, *_ in terminal.sent())
+    assert sent and max(sent.values()) == 1  # no order sent twice: kills and the lost answer included
+    assert sent == Counter(comment for comment, *_ in reference_terminal.sent())
+    assert sorted(mine["BROKER"], key=lambda r: r[0]) == sorted(theirs["BROKER"], key=lambda r: r[0])  # the same fills
+    path = [d["status"] for _, d in sorted(mine["ORDERS"], key=lambda r: r[1]["seq"]) if d["client_id"] == unanswered["client_id"]]
+    assert path[:2] == ["submitted", "unknown"] and "filled" in path, path  # unknown until asked, then found filled
+    assert sorted(d["bar_seq"] for _, d in mine["PORTFOLIO"]) == list(range(1, MT5_BARS + 1))  # every bar once
+    log = (env["root"] / "mt5-crashed.log").read_text()
+    assert "runner failed" not in log and "halted" not in log and log.count("forked") == starts
+    # the kills at a send landed between the order and the save: the restart found it and the replay claimed it
+    assert log.count("tradeforge.live mt5-crashed: reconciled") == len(kills)
+    assert sum("awaiting the replay" in line for line in log.splitlines() if "tradeforge.live" in line) >= 3
