@@ -18,6 +18,7 @@ from models.features.external import ExternalData
 from models.features.registry import WARMUP_BARS
 from models.market.candles import BAR_SCHEMA
 from models.market.timeframes import Timeframe
+from resources.warehouse.commits import visible
 from resources.warehouse.connection import Warehouse, WarehouseConnection
 from resources.warehouse.features import read_external
 from resources.warehouse.market import read_bars
@@ -37,12 +38,29 @@ class WarmUp:
         return int(frame["ts"][-1].timestamp() * 1000)
 
 
+def newest_bar(warehouse: Warehouse, symbol: str, tf: Timeframe, before: datetime | None) -> datetime | None:
+    """Open of the newest stored bar of ``symbol`` opening before ``before`` (None: no bar)."""
+    clauses, params = [visible("aggregates"), "symbol = {symbol:String}", "timeframe = {tf:String}"], {"symbol": symbol, "tf": tf.value}
+    if before is not None:
+        clauses.append("ts < {end:DateTime('UTC')}")
+        params["end"] = before
+    frame = warehouse.query_frame(f"SELECT count() AS n, toUnixTimestamp(max(ts)) AS newest FROM aggregates "
+                                  f"WHERE {' AND '.join(clauses)}", params)
+    if frame.is_empty() or not frame["n"][0]:
+        return None
+    return datetime.fromtimestamp(int(frame["newest"][0]), UTC)
+
+
 def read_history(warehouse: Warehouse, symbol: str, tf: Timeframe, before: datetime | None, bars: int = WARMUP_BARS) -> pl.DataFrame:
     """The newest ``bars`` bars of ``symbol`` opening before ``before`` (all history: None).
-    Reads a window of three times the bars' span (weekends, holidays), widened while short."""
-    end = before or datetime.now(UTC) + timedelta(days=1)
-    span = timedelta(minutes=tf.minutes * bars * 3)
+    Reads a window of three times the bars' span (weekends, holidays) back from the newest
+    stored bar (which may be far from today), widened while short."""
     frame = pl.DataFrame(schema=BAR_SCHEMA)
+    newest = newest_bar(warehouse, symbol, tf, before)
+    if newest is None:
+        return frame
+    end = newest + timedelta(minutes=tf.minutes)
+    span = timedelta(minutes=tf.minutes * bars * 3)
     for _ in range(4):
         frame = read_bars(warehouse, symbol, tf, end - span, end)
         if frame.height >= bars:

@@ -264,6 +264,13 @@ class LiveRunner:
                 cut = min(cut, done) if cut else done
             before[s] = cut
         history: WarmUp = await asyncio.to_thread(warm_up, self.warehouse, c.symbols, c.timeframe, before)
+        empty = [s for s in c.symbols if history.bars[s].is_empty()]
+        if empty:
+            cut = min((b for b in before.values() if b is not None), default=None)
+            where = self.warehouse.describe() if hasattr(self.warehouse, "describe") else "the warehouse"
+            raise RunnerError(f"no {c.timeframe.value} bars of {', '.join(empty)}{f' before {cut:%Y-%m-%d %H:%M}' if cut else ''} "
+                              f"in {where}: the runner warms its features up on the stored history; ingest it first "
+                              f"(tradeforge demo / import, or the Dagster UI)")
         self.external = history.external
         for s in c.symbols:
             rolling = RollingFeatures(c.timeframe, c.day_boundary)
@@ -458,6 +465,10 @@ class LiveRunner:
             value = model.predict(row)
             if stale:
                 status, reason = "stale", f"the bar closed {received - bar['close_ts'] / 1000:.0f}s ago (limit {c.stale_after_s:.0f}s): no decision"
+                # its prices still move the features and the account; the decision is refused, counted and published
+                self.metrics.rejected.labels("stale").inc()
+                messages.append(self.ledger.alert("bad_bar", str(seq), ts, symbol, f"stale: {reason}", subject=msg.subject,
+                                                  stream_seq=seq))
             else:
                 sig = self.strategy.signals(pl.DataFrame({model.column: [value]}, schema={model.column: pl.Float64})).row(0, named=True)
         t3 = time.perf_counter()
@@ -507,8 +518,11 @@ class LiveRunner:
         return out
 
     def _maintain(self, ts: int, messages: list[Message]) -> None:
-        """Between bars: the operator's kill command, a model the alias moved to."""
+        """Between bars: the operator's kill command, a model the alias moved to, what the watcher refused."""
         engine, state = self.engine, self.state
+        if self._pending:  # alerts from the watcher's thread (a refused version): with this bar's ledger
+            pending, self._pending = self._pending, []
+            messages.extend(pending)
         if self.kill_command is not None:
             revision, command = self.kill_command
             self.kill_command = None
@@ -660,11 +674,20 @@ class LiveRunner:
                 pass
 
     def status(self) -> dict:
-        engine = self.engine
-        return {"runner": self.config.name, "pid": os.getpid(), "host": socket.gethostname(), "at": time.time(),
+        """The heartbeat (``live.heartbeat.{runner}`` and KV ``status.{runner}``; ``tradeforge live status`` shows it)."""
+        engine, c = self.engine, self.config
+        risk = c.risk
+        return {"runner": c.name, "pid": os.getpid(), "host": socket.gethostname(), "at": time.time(),
+                "symbols": list(c.symbols), "timeframe": c.timeframe.value, "strategy": c.strategy,
                 "bars": self.state.bars, "last_ts": self.state.last_ts, "model": str(self.model.label if self.model else ""),
                 "model_version": self.state.model_version, "equity": engine.equity() if engine else None,
-                "kill": engine.kill.value if engine else "", "broker": self.config.broker, "metrics_port": self.metrics_port}
+                "positions": ({s: p.units for s, p in engine.portfolio.positions.items() if p.units} if engine else {}),
+                "kill": engine.kill.value if engine else "", "kill_reason": engine.kill_reason if engine else "",
+                "broker": c.broker, "metrics_port": self.metrics_port,
+                "limits": {"max_daily_loss": risk.max_daily_loss, "max_drawdown": risk.max_drawdown,
+                           "risk_fraction": risk.risk_fraction, "max_open_positions": risk.max_open_positions,
+                           "max_gross_exposure": risk.max_gross_exposure, "max_orders": risk.max_orders,
+                           "breach_action": risk.breach_action.value, "flatten_on_breach": risk.flatten_on_breach}}
 
     def _model_refused(self, version: str, reason: str) -> None:
         self._pending.append(self.ledger.alert("model_refused", version, self._now_ms(), "", reason, model_version=version))
@@ -692,6 +715,9 @@ class LiveRunner:
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
+        if self._tasks and self.engine is not None:  # it was trading: the last heartbeat says it stopped
+            with contextlib.suppress(Exception):
+                await self.kv_control.put(status_key(self.config.name), json.dumps({**self.status(), "stopped": True}).encode())
         self._tasks = []
         for sub in (self._psub, self._kill_watcher):
             if sub is not None:

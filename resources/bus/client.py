@@ -196,13 +196,18 @@ class NatsBus:
         async def on_error(exc: Exception) -> None:
             log.debug("NATS: %s", exc)
 
+        # nats-py retries a first connection as often as it reconnects, forever with -1: a daemon
+        # that rides out server restarts must still say at start that the bus is not there.
+        forever = self.max_reconnect_attempts < 0
         try:
             self.nc = await nats.connect(
                 [u.strip() for u in url.split(",") if u.strip()], name=self.name, connect_timeout=self.connect_timeout_s, allow_reconnect=True,
-                max_reconnect_attempts=self.max_reconnect_attempts, reconnect_time_wait=0.5, error_cb=on_error,
+                max_reconnect_attempts=3 if forever else self.max_reconnect_attempts, reconnect_time_wait=0.5, error_cb=on_error,
             )
         except Exception as exc:  # nats raises several types (NoServersError, timeouts, OSError)
             raise BusError(f"cannot reach {self.describe()}: {exc or type(exc).__name__}") from exc
+        if forever:
+            self.nc.options["max_reconnect_attempts"] = -1  # read at each reconnection
         self.js = self.nc.jetstream()
 
     async def close(self) -> None:
