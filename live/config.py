@@ -58,6 +58,7 @@ class RunnerConfig:
     model_poll_s: float = 30.0  # how often the registry is asked whether the alias moved
     heartbeat_s: float = 5.0
     metrics_port: int | None = None  # Prometheus endpoint; None: none
+    metrics_host: str = "127.0.0.1"  # the interface it listens on (0.0.0.0: every one, for a Prometheus elsewhere)
     ack_wait_s: float = 30.0  # an unacknowledged bar is redelivered after this (the runner died mid-bar)
     mt5_fake: str | None = None  # HOST:PORT/NAME of a fake terminal server (resources/brokers/mt5/remote.py)
     stop_when_idle_s: float | None = None  # replays: stop once no bar came for this long

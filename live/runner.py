@@ -244,7 +244,7 @@ class LiveRunner:
                                     on_refused=self._model_refused)
         self.watcher.start()
         if c.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(c.metrics_port)
+            self.metrics_port = self.metrics.serve(c.metrics_port, c.metrics_host)
         self._tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._watch_kill())]
         self._update_gauges()
         log.info("%s: trading %s %s with %s on the %s broker from bar %s (start %d, %d bars so far; started in %.2fs, "

@@ -1050,7 +1050,7 @@ def cmd_live_run(args: argparse.Namespace) -> int:
     config = RunnerConfig(symbols=_symbols(args.symbols), timeframe=args.timeframe, model=args.model, broker=args.broker,
                           name=args.name or "", strategy=args.strategy or "", initial_equity=args.equity,
                           risk=RiskConfig(**risk), thresholds=thresholds, day_boundary=_day_boundary(),
-                          metrics_port=args.metrics_port, mt5_fake=args.mt5_fake, heartbeat_s=args.heartbeat,
+                          metrics_port=args.metrics_port, metrics_host=args.metrics_host, mt5_fake=args.mt5_fake, heartbeat_s=args.heartbeat,
                           model_poll_s=args.model_poll, max_bar_age_s=args.max_bar_age,
                           stop_when_idle_s=args.stop_when_idle)
     if config.broker == "mt5" and not config.mt5_fake:
@@ -1072,7 +1072,7 @@ def cmd_live_run(args: argparse.Namespace) -> int:
             await runner.close()
             raise
         if runner.metrics_port is not None:
-            _print(f"  metrics on http://127.0.0.1:{runner.metrics_port}/metrics")
+            _print(f"  metrics on http://{config.metrics_host}:{runner.metrics_port}/metrics")
         _print("  trading; stop with SIGTERM or Ctrl-C (the bar in hand is finished first)")
         return await runner.run()
 
@@ -1387,6 +1387,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="the runner's name (its state, consumer and kill switch); default: from the model")
     run.add_argument("--strategy", help="what client order ids and the MT5 magic number come from; default: the name")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)")
+    run.add_argument("--metrics-host", default="127.0.0.1", help="the interface of the metrics endpoint (default 127.0.0.1)")
     run.add_argument("--equity", type=float, default=100_000.0, help="the paper account's starting equity")
     run.add_argument("--risk-fraction", type=float, default=0.01, help="equity risked a trade at the stop (default 0.01)")
     run.add_argument("--max-daily-loss", type=float, help="kill switch at this loss of the day's starting equity "
