@@ -301,6 +301,10 @@ def test_live_kill_flatten_is_honoured_at_the_next_bar_and_the_daily_loss_limit_
     status = capsys.readouterr().out
     assert "runner kill: stopped" in status and "kill switch: halt (test)" in status and "positions: flat" in status
     assert "model direction.M5.live v1 (@champion)" in status and f"{len(done) + 21:,} bars processed" in status
+    assert cli(["live", "status", "--name", "kill", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)["kill"]
+    assert doc["state"]["kill"] == "halt" and doc["state"]["positions"] == {} and doc["state"]["bars"] == len(done) + 21
+    assert doc["heartbeat"]["stopped"] and doc["heartbeat"]["limits"]["risk_fraction"] == 0.002
 
     # automatic: a daily loss limit a few trades reach
     client.publish_bars(world["replay"])
@@ -322,6 +326,45 @@ def test_live_kill_flatten_is_honoured_at_the_next_bar_and_the_daily_loss_limit_
     alerts = published(client, "RISK", "auto", "risk.alert.limit")
     assert len(alerts) == 1 and alerts[0]["ts"] <= tripped and "daily loss limit" in alerts[0]["reason"]
     assert not [d for d in published(client, "ORDERS", "auto") if d["intent"] == "entry" and d["bar_ts"] > tripped]
+
+
+def test_live_kill_reduce_only_lets_exits_through_and_off_trades_again(world, nats, monkeypatch, capsys):
+    url, client = nats
+    client.publish_bars(world["replay"].head(150))
+    runner = new_runner(world, url, config("ro"))
+    monkeypatch.setenv("NATS_URL", url)
+
+    async def kill(*flags: str) -> None:
+        assert await asyncio.to_thread(cli, ["live", "kill", "--name", "ro", *flags]) == 0
+        deadline = time.monotonic() + 5
+        while runner.kill_command is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def go():
+        await runner.start()
+        try:
+            await process(runner, 10)
+            await kill("--reduce-only")
+            reduce_from = (await process(runner, 1))[0].ts
+            modes = [runner.engine.kill]
+            await process(runner, 60)
+            await kill("--off")
+            off_from = (await process(runner, 1))[0].ts
+            modes.append(runner.engine.kill)
+            await process(runner, 60)
+            return reduce_from, off_from, modes
+        finally:
+            await runner.close()
+
+    reduce_from, off_from, modes = asyncio.run(go())
+    assert "kill switch reduce only" in capsys.readouterr().out
+    assert modes == [KillSwitch.REDUCE_ONLY, KillSwitch.OFF]
+    submitted = [d for d in published(client, "ORDERS", "ro") if d["status"] == "submitted"]
+    during = [d for d in submitted if reduce_from <= d["bar_ts"] < off_from]
+    assert during and {d["intent"] for d in during} <= {"exit", "sl", "tp"}  # positions closed, none opened
+    refused = [d for d in published(client, "SIGNALS", "ro", "signals.rejected.EURUSD") if reduce_from <= d["ts"] < off_from]
+    assert refused and all("reduce" in d["reason"] for d in refused)
+    assert [d for d in submitted if d["bar_ts"] >= off_from and d["intent"] == "entry"]  # trading again
 
 
 # -- Prometheus --------------------------------------------------------------------------------
