@@ -147,7 +147,7 @@ def test_replaying_days_through_the_runner_with_the_paper_broker_is_the_backtest
     equity = {d["ts"]: d["equity"] for d in published(client, "PORTFOLIO", "parity")}
     bt = dict(zip(result.equity["ts"].dt.epoch("ms").to_list(), result.equity["equity"].to_list()))
     assert len(equity) == len(bt) == REPLAY
-    assert max(abs(equity[t] - bt[t]) for t in bt) < 1e-6
+    assert equity == bt  # to the bit: the same engine, the same floats
     assert equity[max(bt)] == pytest.approx(runner.engine.equity(), abs=1e-9) and abs(equity[max(bt)] - 100_000) > 10
     # one decision per bar, all by version 1
     signals = published(client, "SIGNALS", "parity", "signals.EURUSD")
