@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -27,7 +26,6 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from pathlib import Path
 
 import polars as pl
 import pytest
