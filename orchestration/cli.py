@@ -989,6 +989,252 @@ def cmd_broker_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the live runner: run, kill, status (issue 12) ---------------------------------------------
+
+
+def _runner_bus():
+    """The bus a runner uses: ``NATS_URL`` or the embedded server; reconnects forever once connected."""
+    from resources.bus import NatsBus
+
+    return NatsBus(os.environ.get("NATS_URL") or None, max_reconnect_attempts=-1)
+
+
+def _live_logging() -> None:
+    """The runner's log lines on stdout with a timestamp (stderr keeps the one-line failure)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    for name in ("tradeforge.live", "resources.brokers", "live"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def cmd_live_run(args: argparse.Namespace) -> int:
+    """The live runner daemon, until SIGTERM or Ctrl-C (which finish the bar in hand)."""
+    from live.config import LIVE_RISK_DEFAULTS, THRESHOLD_DEFAULTS, RunnerConfig
+    from live.runner import LiveRunner
+    from models.trading.risk import RiskConfig
+    from resources.registry import ModelRegistry
+    from resources.warehouse import WarehouseClient
+
+    risk = {**LIVE_RISK_DEFAULTS, "risk_fraction": args.risk_fraction}
+    if args.max_daily_loss is not None:
+        risk["max_daily_loss"] = args.max_daily_loss or None
+    if args.max_drawdown is not None:
+        risk["max_drawdown"] = args.max_drawdown or None
+    thresholds = dict(THRESHOLD_DEFAULTS)
+    if args.long_above is not None:
+        thresholds["long_above"] = args.long_above
+    if args.short_below is not None:
+        thresholds["short_below"] = args.short_below
+    config = RunnerConfig(symbols=_symbols(args.symbols), timeframe=args.timeframe, model=args.model, broker=args.broker,
+                          name=args.name or "", strategy=args.strategy or "", initial_equity=args.equity,
+                          risk=RiskConfig(**risk), thresholds=thresholds, day_boundary=_day_boundary(),
+                          metrics_port=args.metrics_port, metrics_host=args.metrics_host, mt5_fake=args.mt5_fake, heartbeat_s=args.heartbeat,
+                          model_poll_s=args.model_poll, max_bar_age_s=args.max_bar_age,
+                          stop_when_idle_s=args.stop_when_idle)
+    if config.broker == "mt5" and not config.mt5_fake:
+        from resources.brokers.mt5.broker import load_mt5_module
+
+        load_mt5_module()  # off Windows: one line, before anything is started
+    _live_logging()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a daemon's stderr is for failures
+    bus, registry, warehouse = _runner_bus(), ModelRegistry(), WarehouseClient.from_env()
+    runner = LiveRunner(config, bus=bus, registry=registry, warehouse=warehouse)
+    _print(f"tradeforge live run: runner {config.name} (strategy {config.strategy}), {' '.join(config.symbols)} "
+           f"{config.timeframe.value}, model {config.model}, {config.broker} broker")
+    _print(f"  bars from {bus.describe()}, warm-up from {warehouse.describe()}, models from {registry.describe()}")
+
+    async def main() -> int:
+        try:
+            await runner.start()
+        except BaseException:
+            await runner.close()
+            raise
+        if runner.metrics_port is not None:
+            _print(f"  metrics on http://{config.metrics_host}:{runner.metrics_port}/metrics")
+        _print("  trading; stop with SIGTERM or Ctrl-C (the bar in hand is finished first)")
+        return await runner.run()
+
+    code = _run_until_signalled(main, runner.request_stop)
+    _print(f"stopped: {runner.state.bars:,} bars processed in all, equity "
+           f"{runner.engine.equity():,.2f}" if runner.engine is not None else "stopped")
+    return code
+
+
+async def _kv_entries(bus, bucket: str, prefix: str) -> dict[str, dict]:
+    """``{runner: value}`` of the keys ``{prefix}.{runner}`` in a KV bucket."""
+    import json
+
+    from nats.js.errors import KeyNotFoundError, NoKeysError
+
+    kv = await bus.key_value(bucket)
+    try:
+        keys = await kv.keys()
+    except NoKeysError:
+        return {}
+    out = {}
+    for key in keys:
+        if not key.startswith(prefix + "."):
+            continue
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            continue
+        if entry.value:
+            out[key[len(prefix) + 1:]] = json.loads(entry.value)
+    return out
+
+
+def _choose_runner(names, wanted: str | None, where: str) -> str:
+    names = sorted(names)
+    if wanted:
+        return wanted
+    if not names:
+        raise CommandError(f"no runner has saved its state on {where}: start one (tradeforge live run ...) or name it with --name")
+    if len(names) > 1:
+        raise CommandError(f"{len(names)} runners on {where} ({', '.join(names)}): name one with --name")
+    return names[0]
+
+
+def cmd_live_kill(args: argparse.Namespace) -> int:
+    """Set a runner's kill switch in NATS KV; the runner applies it at its next bar."""
+    import asyncio
+    import getpass
+    import json
+    import socket
+    import time
+
+    from live.state import CONTROL_BUCKET, STATE_BUCKET, kill_key
+
+    mode = "off" if args.off else "reduce_only" if args.reduce_only else "halt"
+    if args.off and args.flatten:
+        raise CommandError("--off turns the kill switch off; --flatten goes with a halt or --reduce-only")
+    bus = _nats_bus()
+
+    async def put() -> tuple[str, int, bool]:
+        await bus.connect()
+        try:
+            known = await _kv_entries(bus, STATE_BUCKET, "state")
+            name = _choose_runner(known, args.name, bus.describe())
+            command = {"mode": mode, "flatten": bool(args.flatten), "reason": args.reason or "operator",
+                       "by": f"{getpass.getuser()}@{socket.gethostname()}", "at": time.time()}
+            kv = await bus.key_value(CONTROL_BUCKET)
+            revision = await kv.put(kill_key(name), json.dumps(command).encode())
+            return name, revision, name in known
+        finally:
+            await bus.close()
+
+    name, revision, known = asyncio.run(put())
+    what = {"halt": "halt: no new orders", "reduce_only": "reduce only: orders that shrink a position only",
+            "off": "off: trading again"}[mode]
+    _print(f"runner {name}: kill switch {what}{', and every position closed' if args.flatten else ''} "
+           f"(revision {revision}); applied at its next bar")
+    if not known:
+        _print(f"  runner {name} has no saved state on {bus.describe()} yet: it applies this when it starts")
+    return 0
+
+
+def _status_lines(name: str, state: dict | None, beat: dict | None, now: float) -> list[str]:
+    from datetime import UTC, datetime
+
+    def when(ms: int) -> str:
+        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M") if ms is not None and ms >= 0 else "-"
+
+    lines = []
+    if beat is None:
+        alive = "no heartbeat yet"
+    elif beat.get("stopped"):
+        alive = f"stopped {now - beat['at']:.0f}s ago (pid {beat['pid']} on {beat['host']})"
+    elif now - beat["at"] > 3 * 30:
+        alive = f"silent for {now - beat['at']:.0f}s: not running, or cut off from the bus (pid {beat['pid']} on {beat['host']})"
+    else:
+        alive = f"running (pid {beat['pid']} on {beat['host']}, heartbeat {now - beat['at']:.0f}s ago)"
+    head = f"runner {name}: {alive}"
+    if beat:
+        head += f", {beat['broker']} broker, {' '.join(beat.get('symbols', []))} {beat.get('timeframe', '')}".rstrip()
+    lines.append(head)
+    engine = (state or {}).get("engine")
+    if engine:
+        portfolio, symbols = engine["portfolio"], engine["symbols"]
+        equity = portfolio["balance"]
+        held = []
+        for symbol, (units, avg) in sorted(portfolio["positions"].items()):
+            if units:
+                mark, conv = symbols[symbol]["last_close"], symbols[symbol]["last_conv"] or 1.0
+                equity += units * ((mark or avg) - avg) * conv
+                held.append(f"{symbol} {units:+,.0f} @ {avg:.5g} (last {mark:.5g})")
+        peak, day_ref = engine["peak"], engine["day_ref"]
+        lines.append(f"  model {beat['model']}" if beat and beat.get("model") else f"  model version {state.get('model_version') or '?'}")
+        lines.append(f"  last bar: " + (", ".join(f"{s} {when(t)}" for s, t in sorted(state["last_ts"].items())) or "none yet")
+                     + f"; {state['bars']:,} bars processed, {state['starts']} start(s)")
+        lines.append(f"  equity {equity:,.2f} (balance {portfolio['balance']:,.2f}; day's start {day_ref:,.2f}, "
+                     f"{equity / day_ref - 1:+.2%}; peak {peak:,.2f}, drawdown {max(0.0, 1 - equity / peak):.2%})")
+        lines.append("  positions: " + ("; ".join(held) or "flat"))
+        kill = engine["kill"]
+        lines.append(f"  kill switch: {kill}" + (f" ({engine['kill_reason']})" if kill != "off" and engine["kill_reason"] else ""))
+    else:
+        lines.append("  no saved state yet")
+    if beat and beat.get("limits"):
+        lim = beat["limits"]
+
+        def pct(v):
+            return "none" if v is None else f"{v:.2%}"
+
+        lines.append(f"  limits: daily loss {pct(lim['max_daily_loss'])}, drawdown {pct(lim['max_drawdown'])} "
+                     f"(then {lim['breach_action']}{' and flatten' if lim['flatten_on_breach'] else ''}), risk "
+                     f"{pct(lim['risk_fraction'])} a trade" + (f", {lim['max_open_positions']} open positions at most"
+                                                              if lim.get("max_open_positions") else ""))
+    return lines
+
+
+def cmd_live_status(args: argparse.Namespace) -> int:
+    """Every runner on the bus (or one): positions, equity, last bar, model version, limits, kill switch."""
+    import asyncio
+    import json
+    import time
+
+    from live.state import CONTROL_BUCKET, STATE_BUCKET
+
+    bus = _nats_bus()
+
+    async def read() -> tuple[dict, dict]:
+        await bus.connect()
+        try:
+            return await _kv_entries(bus, STATE_BUCKET, "state"), await _kv_entries(bus, CONTROL_BUCKET, "status")
+        finally:
+            await bus.close()
+
+    states, beats = asyncio.run(read())
+    names = sorted(set(states) | set(beats))
+    if args.name:
+        if args.name not in names:
+            raise CommandError(f"no runner {args.name!r} on {bus.describe()}" + (f" (runners: {', '.join(names)})" if names else ""))
+        names = [args.name]
+    if not names:
+        raise CommandError(f"no runner on {bus.describe()}: start one with tradeforge live run ...")
+    if args.json:
+        _print(json.dumps({n: {"state": _status_json(states.get(n)), "heartbeat": beats.get(n)} for n in names}, indent=1))
+        return 0
+    now = time.time()
+    for name in names:
+        for line in _status_lines(name, states.get(name), beats.get(name), now):
+            _print(line)
+    return 0
+
+
+def _status_json(state: dict | None) -> dict | None:
+    """The saved state without the engine's order and fill history (what a script wants to read)."""
+    if state is None:
+        return None
+    engine = state.get("engine") or {}
+    return {**{k: v for k, v in state.items() if k not in ("engine", "broker")},
+            "positions": {s: u for s, (u, _) in engine.get("portfolio", {}).get("positions", {}).items() if u},
+            "balance": engine.get("portfolio", {}).get("balance"), "kill": engine.get("kill"),
+            "kill_reason": engine.get("kill_reason")}
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -1095,7 +1341,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=cmd_ui)
 
-    live = commands.add_parser("live", help="the live side: bars onto the bus (collector, replay)")
+    live = commands.add_parser("live", help="the live side: bars onto the bus (collector, replay), the runner (run, kill, status)")
     live_commands = live.add_subparsers(dest="action", required=True)
     replay = live_commands.add_parser("replay", help="stored bars -> bars.SYM.TF on NATS at a chosen speed (resumes)")
     replay.add_argument("--symbols", nargs="+", required=True)
@@ -1113,6 +1359,42 @@ def build_parser() -> argparse.ArgumentParser:
                          help="at start, how far back to resume after the stream's last bars")
     collect.add_argument("--no-ticks", action="store_true", help="do not publish ticks.SYM (bars only)")
     collect.set_defaults(func=cmd_live_collect)
+    run = live_commands.add_parser("run", help="the live runner: bars from NATS, the champion model, orders to the paper "
+                                               "or MT5 broker (until SIGTERM)")
+    run.add_argument("--symbols", nargs="+", required=True)
+    run.add_argument("--timeframe", type=_timeframe, default="M5", help="M1 M5 M15 M30 H1 H4 D1 W1 (default M5)")
+    run.add_argument("--model", required=True, help="NAME@ALIAS (followed when the alias moves) or NAME/VERSION (pinned)")
+    run.add_argument("--broker", choices=["paper", "mt5"], default="paper")
+    run.add_argument("--name", help="the runner's name (its state, consumer and kill switch); default: from the model")
+    run.add_argument("--strategy", help="what client order ids and the MT5 magic number come from; default: the name")
+    run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)")
+    run.add_argument("--metrics-host", default="127.0.0.1", help="the interface of the metrics endpoint (default 127.0.0.1)")
+    run.add_argument("--equity", type=float, default=100_000.0, help="the paper account's starting equity")
+    run.add_argument("--risk-fraction", type=float, default=0.01, help="equity risked a trade at the stop (default 0.01)")
+    run.add_argument("--max-daily-loss", type=float, help="kill switch at this loss of the day's starting equity "
+                                                           "(default 0.03; 0: none)")
+    run.add_argument("--max-drawdown", type=float, help="kill switch at this drawdown from the peak (default 0.10; 0: none)")
+    run.add_argument("--long-above", type=float, help="go long when P(up) is above this (default 0.55)")
+    run.add_argument("--short-below", type=float, help="go short when P(up) is below this (default 0.45)")
+    run.add_argument("--max-bar-age", type=float, help="seconds after its close a bar is too old to act on "
+                                                       "(default: two bars; 0: never, for replays of history)")
+    run.add_argument("--model-poll", type=float, default=30.0, help="seconds between looks at the registry's alias")
+    run.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats")
+    run.add_argument("--mt5-fake", help="HOST:PORT/NAME of a fake terminal server (python -m resources.brokers.mt5.remote)")
+    run.add_argument("--stop-when-idle", type=float, help="stop once no bar came for this many seconds (replays)")
+    run.set_defaults(func=cmd_live_run)
+    kill = live_commands.add_parser("kill", help="set a runner's kill switch (NATS KV); honoured at its next bar")
+    kill.add_argument("--name", help="the runner (needed when several have state on the bus)")
+    how = kill.add_mutually_exclusive_group()
+    how.add_argument("--reduce-only", action="store_true", help="only orders that shrink a position")
+    how.add_argument("--off", action="store_true", help="turn the kill switch off: trade again")
+    kill.add_argument("--flatten", action="store_true", help="also close every position and cancel working entries")
+    kill.add_argument("--reason", help="recorded with the decision")
+    kill.set_defaults(func=cmd_live_kill)
+    status = live_commands.add_parser("status", help="runners on the bus: positions, equity, last bar, model, limits, kill switch")
+    status.add_argument("--name", help="one runner")
+    status.add_argument("--json", action="store_true", help="machine-readable")
+    status.set_defaults(func=cmd_live_status)
     return parser
 
 

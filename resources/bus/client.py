@@ -172,11 +172,12 @@ class NatsBus:
     embedded server (started on demand)."""
 
     def __init__(self, url: str | None = None, store_dir: Path | str | None = None, connect_timeout_s: float = 2.0,
-                 name: str = "tradeforge", embedded_port: int = DEFAULT_PORT) -> None:
+                 name: str = "tradeforge", embedded_port: int = DEFAULT_PORT, max_reconnect_attempts: int = 3) -> None:
         self.url = url
         self.embedded = EmbeddedNatsServer(store_dir, port=embedded_port) if url is None else None
         self.connect_timeout_s = connect_timeout_s
         self.name = name
+        self.max_reconnect_attempts = max_reconnect_attempts  # -1: forever (a daemon riding out server restarts)
         self.nc: Any = None
         self.js: Any = None
         self._streams: set[str] = set()
@@ -195,13 +196,18 @@ class NatsBus:
         async def on_error(exc: Exception) -> None:
             log.debug("NATS: %s", exc)
 
+        # nats-py retries a first connection as often as it reconnects, forever with -1: a daemon
+        # that rides out server restarts must still say at start that the bus is not there.
+        forever = self.max_reconnect_attempts < 0
         try:
             self.nc = await nats.connect(
                 [u.strip() for u in url.split(",") if u.strip()], name=self.name, connect_timeout=self.connect_timeout_s, allow_reconnect=True,
-                max_reconnect_attempts=3, reconnect_time_wait=0.5, error_cb=on_error,
+                max_reconnect_attempts=3 if forever else self.max_reconnect_attempts, reconnect_time_wait=0.5, error_cb=on_error,
             )
         except Exception as exc:  # nats raises several types (NoServersError, timeouts, OSError)
             raise BusError(f"cannot reach {self.describe()}: {exc or type(exc).__name__}") from exc
+        if forever:
+            self.nc.options["max_reconnect_attempts"] = -1  # read at each reconnection
         self.js = self.nc.jetstream()
 
     async def close(self) -> None:
@@ -239,10 +245,11 @@ class NatsBus:
             merged["Nats-Msg-Id"] = msg_id
         await self.nc.publish(subject, _encode(data), headers=merged or None)
 
-    async def publish_durable(self, subject: str, data: Any, msg_id: str, timeout_s: float = 2.0) -> bool:
+    async def publish_durable(self, subject: str, data: Any, msg_id: str, timeout_s: float = 2.0,
+                              headers: dict[str, str] | None = None) -> bool:
         """JetStream publish, acknowledged once stored. ``msg_id`` makes a retry within the
         stream's duplicate window a no-op; returns False when the stream saw it already."""
-        ack = await self.js.publish(subject, _encode(data), timeout=timeout_s, headers={"Nats-Msg-Id": msg_id})
+        ack = await self.js.publish(subject, _encode(data), timeout=timeout_s, headers={**(headers or {}), "Nats-Msg-Id": msg_id})
         return not ack.duplicate
 
     async def request(self, subject: str, data: Any, timeout_s: float = 2.0) -> Any:

@@ -10,16 +10,23 @@
   into the warehouse by a Dagster sensor. Deliberately not ``broker.>``: the runner's own
   ``broker.fill.*`` / ``broker.error.*`` belong to its ledger stream (JetStream refuses two
   streams with overlapping subjects).
+- The runner's ledger: ``SIGNALS`` (``signals.>``), ``ORDERS`` (``orders.>``), ``BROKER``
+  (``broker.fill.*``, ``broker.error.*``), ``RISK`` (``risk.>``), ``PORTFOLIO`` (``portfolio.>``):
+  what it decided, sent, got filled and refused, and its account per bar, each message with a
+  deterministic ``Nats-Msg-Id``; the data-bridge sensor drains them into the warehouse and is
+  idempotent beyond the duplicate window (by row key).
 
 Retention is configurable from the environment when a stream is first created
 (``ensure_stream`` leaves an existing stream as it is): ``TRADEFORGE_BARS_RETENTION_DAYS``
 (default 30, 0 keeps bars forever), ``TRADEFORGE_BARS_DEDUP_MINUTES`` (default 120),
-``TRADEFORGE_BROKER_RETENTION_DAYS`` (default 7: the sensor drains it every minute).
+``TRADEFORGE_BROKER_RETENTION_DAYS`` (default 7: the sensor drains it every minute),
+``TRADEFORGE_LEDGER_RETENTION_DAYS`` (default 30, the runner's ledger streams).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -94,3 +101,19 @@ async def last_bar_ts(js: Any, symbol: str, timeframe: str, stream: str = "BARS"
         msg_id = (message.headers or {}).get("Nats-Msg-Id", "")
         tail = msg_id.rsplit(":", 1)[-1]
         return int(tail) if tail.isdigit() else None
+
+
+LEDGER_STREAMS = (
+    StreamSpec("SIGNALS", ("signals.>",), max_age=timedelta(days=30)),
+    StreamSpec("ORDERS", ("orders.>",), max_age=timedelta(days=30)),
+    StreamSpec("BROKER", ("broker.fill.*", "broker.error.*"), max_age=timedelta(days=30)),
+    StreamSpec("RISK", ("risk.>",), max_age=timedelta(days=30)),
+    StreamSpec("PORTFOLIO", ("portfolio.>",), max_age=timedelta(days=30)),
+)
+"""The runner's ledger streams with the default retention (names and subjects)."""
+
+
+def ledger_streams(retention_days: float | None = None) -> tuple[StreamSpec, ...]:
+    """The ledger streams with ``TRADEFORGE_LEDGER_RETENTION_DAYS`` (or ``retention_days``)."""
+    days = _number("TRADEFORGE_LEDGER_RETENTION_DAYS", 30.0) if retention_days is None else retention_days
+    return tuple(replace(spec, max_age=_retention(days)) for spec in LEDGER_STREAMS)

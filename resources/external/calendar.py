@@ -28,14 +28,9 @@ from resources.vendors.base import (
     refused,
     with_retries,
 )
+from resources.warehouse.external import EVENT_SCHEMA  # the table's shape, defined where it is read
 
 UTC_MS = pl.Datetime("ms", "UTC")
-EVENT_SCHEMA: dict[str, pl.DataType] = {
-    "event_id": pl.String(), "ts": UTC_MS, "currency": pl.String(), "impact": pl.String(), "title": pl.String(),
-    "actual": pl.Float64(), "forecast": pl.Float64(), "previous": pl.Float64(),
-    "actual_text": pl.String(), "forecast_text": pl.String(), "previous_text": pl.String(),
-    "known_at": UTC_MS, "source": pl.String(),
-}
 _IMPACTS = {"high": "high", "medium": "medium", "low": "low", "holiday": "holiday", "non-economic": "low"}
 _FILE_COLUMNS = ("ts", "currency", "impact", "title")
 

@@ -6,12 +6,17 @@ from datetime import date, datetime, timedelta
 
 import polars as pl
 
-from resources.external.calendar import EVENT_SCHEMA
-from resources.warehouse.client import TableWrite, Warehouse
+from resources.warehouse.connection import TableWrite, Warehouse
 from resources.warehouse.commits import PARTITIONED, visible
 from resources.warehouse.market import seconds_to_datetime
 
 UTC_MS = pl.Datetime("ms", "UTC")
+EVENT_SCHEMA: dict[str, pl.DataType] = {
+    "event_id": pl.String(), "ts": UTC_MS, "currency": pl.String(), "impact": pl.String(), "title": pl.String(),
+    "actual": pl.Float64(), "forecast": pl.Float64(), "previous": pl.Float64(),
+    "actual_text": pl.String(), "forecast_text": pl.String(), "previous_text": pl.String(),
+    "known_at": UTC_MS, "source": pl.String(),
+}
 _FRED_COLUMNS = ["series_id", "observation_date", "value", "realtime_start", "known_at", "week", "source"]
 _COMMODITY_COLUMNS = ["name", "ticker", "date", "open", "high", "low", "close", "volume", "currency", "known_at", "source"]
 _EVENT_COLUMNS = ["event_id", "ts", "currency", "impact", "title", "actual", "forecast", "previous",

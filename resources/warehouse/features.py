@@ -19,7 +19,7 @@ from models.features.labels import LABEL_SCHEMA
 from models.features.registry import FEATURE_NAMES, feature_set_version
 from models.market.instruments import instrument
 from models.market.timeframes import Timeframe
-from resources.warehouse.client import TableWrite, Warehouse
+from resources.warehouse.connection import TableWrite, Warehouse
 from resources.warehouse.commits import PARTITIONED, visible
 from resources.warehouse.external import read_calendar, read_commodities, read_fred_vintages
 from resources.warehouse.market import read_bars, seconds_to_datetime

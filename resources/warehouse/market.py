@@ -15,7 +15,7 @@ import polars as pl
 from models.market.candles import BAR_SCHEMA
 from models.market.ticks import TICK_SCHEMA, TS
 from models.market.timeframes import Timeframe
-from resources.warehouse.client import TableWrite, Warehouse
+from resources.warehouse.connection import TableWrite, Warehouse
 from resources.warehouse.commits import PARTITIONED, visible
 
 TICK_COLUMNS = ["symbol", "ts", "seq", "bid", "ask", "bid_size", "ask_size", "price", "size", "vendor_seq", "source"]

@@ -612,6 +612,17 @@ class MT5Broker(BrokerPort):
                 out[p.symbol] = out.get(p.symbol, 0.0) + sign * p.volume * self._contract(p.symbol)
         return {s: u for s, u in out.items() if abs(u) > 1e-9}
 
+    def pending_units(self) -> dict[str, float]:
+        """Net units of the fills queued for the engine and not taken yet: a market order sent at
+        a bar's close is filled at once at the broker, and the engine books it at its next bar."""
+        out: dict[str, float] = {}
+        for symbol, events in self._events.items():
+            for event in events:
+                if event.fill is not None:
+                    sign = 1.0 if event.fill.side is Side.BUY else -1.0
+                    out[symbol] = out.get(symbol, 0.0) + sign * event.fill.qty
+        return {s: u for s, u in out.items() if abs(u) > 1e-9}
+
     def drain_events(self, symbol: str | None = None) -> list[BrokerEvent]:
         """Events waiting for the engine (all symbols by default): after :meth:`reconcile`, the
         runner applies them (``engine.on_broker_events``) before comparing positions."""

@@ -1,0 +1,465 @@
+"""The live runner on the real engines (a nats-server per test, the embedded warehouse, MLflow's
+SQLite registry), in this process where a signal is not the point, so each test takes seconds:
+
+- parity: two days replayed through the runner with the paper broker are the backtest's orders,
+  fills and equity for those days (models/backtest, the same TradingEngine and configuration);
+- bad input: malformed, incomplete, impossible, out-of-order, duplicated and stale bars are
+  refused with a reason, counted (Prometheus) and published (``risk.alert.bad_bar``), and the
+  next good bar is processed;
+- hot swap: the alias moved mid-replay: no bar missed, each decision carries the version that
+  made it; a version on another feature set is refused and the old one keeps serving;
+- the kill switch: ``tradeforge live kill --flatten`` (KV) honoured at the next bar; the daily
+  loss limit trips it by itself;
+- SIGTERM mid-replay (``tradeforge live run`` in a process): exit 0, and a restart continues
+  without a bar missed or done twice;
+- Prometheus over HTTP; ``live/`` without dagster; the CLI's one-line failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections import Counter
+
+import polars as pl
+import pytest
+
+from live.config import RunnerConfig
+from live.runner import LiveRunner
+from models.backtest.runner import BacktestConfig, run_backtest
+from models.trading.fills import FillConfig
+from models.trading.risk import KillSwitch, RiskConfig
+from models.trading.strategy import ModelStrategy
+from orchestration.cli import main as cli
+from resources.bus import EmbeddedNatsServer, NatsBus
+from resources.registry import ModelRegistry
+from resources.warehouse import WarehouseClient
+from tests.conftest import ROOT
+from tests.live_support import (BAR_MS, BusClient, batch_predictions, make_bars, replay_start, store_history,
+                                train_and_register)
+from tests.natsserver import dead_url, free_port, fresh_mlflow_store
+
+HISTORY = 1500  # = WARMUP_BARS: the runner's warm-up and the backtest see the same bars before the replay
+DAYS = 2
+REPLAY = DAYS * 288
+MODEL = "direction.M5.live"
+RISK = {"risk_fraction": 0.002, "max_daily_loss": None, "max_drawdown": None}
+THRESHOLDS = {"long_above": 0.5, "short_below": 0.5}
+
+
+@pytest.fixture(scope="module")
+def world(warehouse_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("live-runner")
+    warehouse = WarehouseClient(embedded_path=str(warehouse_dir), database=f"t_{uuid.uuid4().hex[:12]}", lock_timeout_s=60)
+    bars = make_bars("EURUSD", replay_start(0), HISTORY + REPLAY, seed=5)
+    store_history(warehouse, bars.head(HISTORY))
+    uri = fresh_mlflow_store(root / "mlflow")
+    _, model = train_and_register(uri, MODEL, bars.head(HISTORY))
+    return {"root": root, "warehouse": warehouse, "bars": bars, "replay": bars.tail(REPLAY), "uri": uri, "model": model,
+            "trade_from": bars["ts"][HISTORY]}
+
+
+@pytest.fixture
+def nats(tmp_path):
+    server = EmbeddedNatsServer(tmp_path / "nats", port=free_port())
+    server.start(detach=False)
+    client = BusClient(server.url)
+    yield server.url, client
+    client.close()
+    server.stop()
+
+
+def config(name: str, **overrides) -> RunnerConfig:
+    settings = {"symbols": ("EURUSD",), "timeframe": "M5", "model": f"{MODEL}@champion", "name": name, "max_bar_age_s": 0,
+                "risk": RiskConfig(**{**RISK, **overrides.pop("risk", {})}), "thresholds": dict(THRESHOLDS),
+                "model_poll_s": 0, "heartbeat_s": 0.2, **overrides}
+    return RunnerConfig(**settings)
+
+
+def new_runner(world, url: str, cfg: RunnerConfig) -> LiveRunner:
+    return LiveRunner(cfg, bus=NatsBus(url, max_reconnect_attempts=-1), registry=ModelRegistry(world["uri"]),
+                      warehouse=world["warehouse"])
+
+
+async def process(runner: LiveRunner, count: int) -> list:
+    """The next ``count`` bar messages, one at a time, as the runner's loop takes them."""
+    out = []
+    while len(out) < count:
+        for msg in await runner._psub.fetch(batch=1, timeout=5):
+            out.append(await runner.handle(msg))
+    return out
+
+
+def published(client: BusClient, stream: str, runner: str, subject: str = ">") -> list[dict]:
+    return [d for _, d, _ in client.messages(stream, subject) if d.get("runner") == runner]
+
+
+# -- parity ------------------------------------------------------------------------------------
+def test_replaying_days_through_the_runner_with_the_paper_broker_is_the_backtest(world, nats):
+    url, client = nats
+    client.publish_bars(world["replay"])
+    runner = new_runner(world, url, config("parity"))
+
+    async def go():
+        await runner.start()
+        try:
+            return await process(runner, REPLAY)
+        finally:
+            await runner.close()
+
+    outcomes = asyncio.run(go())
+    assert [o.status for o in outcomes] == ["processed"] * REPLAY
+
+    preds = batch_predictions(world["model"], world["bars"], world["trade_from"])
+    strategy = ModelStrategy(column="prob_up", **THRESHOLDS)
+    result = run_backtest(world["bars"], strategy, BacktestConfig(risk=RiskConfig(**RISK), fill=FillConfig()),
+                          predictions=preds, name=runner.config.strategy, trade_from=world["trade_from"])
+    assert type(result.engine) is type(runner.engine)
+
+    # orders: the same client ids, sides, sizes, intents and bars, and the same final states
+    submitted = {d["client_id"]: d for d in published(client, "ORDERS", "parity") if d["status"] == "submitted"}
+    last = {}
+    for d in published(client, "ORDERS", "parity"):
+        if d["seq"] >= last.get(d["client_id"], {"seq": -1})["seq"]:
+            last[d["client_id"]] = d
+    theirs = result.orders.with_columns(pl.col("bar_ts").dt.epoch("ms"))
+    assert len(submitted) == theirs.height > 30
+    for row in theirs.iter_rows(named=True):
+        mine = submitted[row["client_id"]]
+        assert (mine["side"], mine["qty"], mine["intent"], mine["bar_ts"], mine["type"]) == \
+               (row["side"], row["qty"], row["intent"], row["bar_ts"], row["type"]), row["client_id"]
+        assert last[row["client_id"]]["status"] == row["state"], row["client_id"]
+    # fills: price, size, commission and time, exactly
+    fills = sorted((d["fill_id"], d["client_id"], d["qty"], d["price"], d["commission"], d["ts"])
+                   for d in published(client, "BROKER", "parity"))
+    expected = sorted((r["fill_id"], r["client_id"], r["qty"], r["price"], r["commission"], r["ts"])
+                      for r in result.fills.with_columns(pl.col("ts").dt.epoch("ms")).iter_rows(named=True))
+    assert fills == expected and len(fills) > 30
+    # equity at every bar's close
+    equity = {d["ts"]: d["equity"] for d in published(client, "PORTFOLIO", "parity")}
+    bt = dict(zip(result.equity["ts"].dt.epoch("ms").to_list(), result.equity["equity"].to_list()))
+    assert len(equity) == len(bt) == REPLAY
+    assert equity == bt  # to the bit: the same engine, the same floats
+    assert equity[max(bt)] == pytest.approx(runner.engine.equity(), abs=1e-9) and abs(equity[max(bt)] - 100_000) > 10
+    # one decision per bar, all by version 1
+    signals = published(client, "SIGNALS", "parity", "signals.EURUSD")
+    assert len(signals) == REPLAY and {s["model_version"] for s in signals} == {"1"}
+
+
+# -- bad input ---------------------------------------------------------------------------------
+def test_bad_bars_are_refused_with_a_reason_counted_published_and_the_next_good_bar_is_processed(world, nats):
+    url, client = nats
+    good = world["replay"].head(40).with_columns(pl.col("ts").dt.epoch("ms").alias("ms")).to_dicts()
+    for bar in good:
+        bar["ts"] = bar.pop("ms")
+    # the first 5 bars are stale when they arrive (closed longer ago than the limit), the rest fresh
+    limit = time.time() - (good[5]["ts"] + BAR_MS) / 1000 + BAR_MS / 2000
+    junk = 0
+
+    def bad(payload: bytes, tag: str) -> None:
+        nonlocal junk
+        junk += 1
+        client.publish_bar(good[0], msg_id=f"junk-{tag}", payload=payload)
+
+    def encoded(bar: dict, **change) -> bytes:
+        from resources.bus.messages import encode_bar
+
+        return encode_bar({**bar, "close_ts": bar["ts"] + BAR_MS, **change})
+
+    for i, bar in enumerate(good):
+        if i == 20:
+            continue  # published after 21: out of order
+        client.publish_bar(bar)
+        if i == 10:
+            bad(b"{not json", "json")
+            bad(json.dumps({"symbol": "EURUSD", "timeframe": "M5", "ts": bar["ts"]}).encode(), "fields")
+            bad(encoded({**good[11]}, high=good[11]["low"] * 0.999), "high-low")
+            bad(encoded({**good[11]}, low=-1.0), "negative")
+        if i == 21:
+            client.publish_bar(good[20])  # older than the last processed
+            client.publish_bar(good[21], msg_id="again-21")  # the same bar once more, under another id
+    runner = new_runner(world, url, config("bad", max_bar_age_s=limit, metrics_port=0))
+
+    async def go():
+        await runner.start()
+        try:
+            return await process(runner, len(good) + junk + 1)
+        finally:
+            await runner.close()
+
+    outcomes = asyncio.run(go())
+    statuses = [o.status for o in outcomes]
+    assert statuses[11:15] == ["malformed", "malformed", "impossible", "impossible"]
+    assert statuses.count("out_of_order") == 1 and statuses.count("duplicate") == 1
+    assert statuses[-1] == "processed" and statuses.count("processed") == len(good) - 1  # bar 20 came too late
+    rejected = {s.labels["reason"]: s.value for m in runner.metrics.rejected.collect() for s in m.samples
+                if s.name.endswith("_total")}
+    assert rejected == {"malformed": 2, "impossible": 2, "out_of_order": 1, "duplicate": 1, "stale": 5}
+    alerts = [d for d in published(client, "RISK", "bad", "risk.alert.bad_bar")]
+    reasons = Counter(a["reason"].split(":")[0] for a in alerts)
+    assert reasons == {"malformed": 2, "impossible": 2, "out_of_order": 1, "duplicate": 1, "stale": 5}
+    assert any("high" in a["reason"] for a in alerts) and any("not JSON" in a["reason"] for a in alerts)
+    signals = published(client, "SIGNALS", "bad", "signals.EURUSD")
+    assert [s["status"] for s in signals[:5]] == ["stale"] * 5 and signals[5]["status"] == "signal"  # no decision when stale
+    assert len(signals) == len(good) - 1
+
+
+# -- hot swap ----------------------------------------------------------------------------------
+def test_the_alias_moved_mid_replay_swaps_at_a_bar_boundary_and_another_feature_set_is_refused(world, nats):
+    url, client = nats
+    client.publish_bars(world["replay"].head(90))
+    registry = ModelRegistry(world["uri"])
+    runner = new_runner(world, url, config("swap", model=f"{MODEL}.swap@champion"))
+    models = {"1": train_and_register(world["uri"], f"{MODEL}.swap", world["bars"].head(HISTORY), seed=1)[1]}
+
+    async def go():
+        await runner.start()
+        try:
+            first = await process(runner, 30)
+            models["2"] = train_and_register(world["uri"], f"{MODEL}.swap", world["bars"].head(HISTORY), seed=2, trees=60)[1]
+            runner.watcher.poll()  # what the watcher's thread does every model_poll_s
+            second = await process(runner, 30)
+            train_and_register(world["uri"], f"{MODEL}.swap", world["bars"].head(HISTORY), seed=3, feature_set="fs-other")
+            runner.watcher.poll()
+            third = await process(runner, 30)
+            return first + second + third
+        finally:
+            await runner.close()
+
+    outcomes = asyncio.run(go())
+    assert [o.status for o in outcomes] == ["processed"] * 90
+    assert registry.alias(f"{MODEL}.swap", "champion").version == "3"  # the alias points at the refused one
+    signals = sorted(published(client, "SIGNALS", "swap", "signals.EURUSD"), key=lambda s: s["ts"])
+    assert [s["ts"] for s in signals] == world["replay"]["ts"].dt.epoch("ms").head(90).to_list()  # no bar missed or doubled
+    assert [s["model_version"] for s in signals] == ["1"] * 30 + ["2"] * 60
+    # each bar's value is the prediction of the version it names, not of the other
+    for version, other in (("1", "2"), ("2", "1")):
+        mine = batch_predictions(models[version], world["bars"], world["trade_from"])
+        theirs = batch_predictions(models[other], world["bars"], world["trade_from"])
+        at = [s for s in signals if s["model_version"] == version]
+        ours = dict(zip(mine["ts"].dt.epoch("ms").to_list(), mine["prob_up"].to_list()))
+        not_ours = dict(zip(theirs["ts"].dt.epoch("ms").to_list(), theirs["prob_up"].to_list()))
+        assert max(abs(s["value"] - ours[s["ts"]]) for s in at) < 1e-9
+        assert sum(abs(s["value"] - not_ours[s["ts"]]) > 1e-6 for s in at) > len(at) // 2
+    submitted = [d for d in published(client, "ORDERS", "swap") if d["status"] == "submitted"]
+    assert {d["model_version"] for d in submitted if d["bar_ts"] < signals[30]["ts"]} == {"1"}
+    assert {d["model_version"] for d in submitted if d["bar_ts"] >= signals[30]["ts"]} == {"2"}
+    alerts = published(client, "RISK", "swap", "risk.alert.>")
+    swap = [a for a in alerts if a["kind"] == "model_swap"]
+    refused = [a for a in alerts if a["kind"] == "model_refused"]
+    assert len(swap) == 1 and swap[0]["ts"] == signals[30]["ts"] and "v1" in swap[0]["reason"] and "v2" in swap[0]["reason"]
+    assert len(refused) == 1 and "fs-other" in refused[0]["reason"] and refused[0]["model_version"] == "3"
+
+
+# -- the kill switch ---------------------------------------------------------------------------
+def test_live_kill_flatten_is_honoured_at_the_next_bar_and_the_daily_loss_limit_trips_it(world, nats, monkeypatch, capsys):
+    url, client = nats
+    client.publish_bars(world["replay"].head(120))
+    runner = new_runner(world, url, config("kill"))
+    monkeypatch.setenv("NATS_URL", url)
+
+    async def go():
+        await runner.start()
+        try:
+            done = await process(runner, 5)
+            while not runner.engine.portfolio.position("EURUSD").units:
+                done += await process(runner, 1)
+            assert await asyncio.to_thread(cli, ["live", "kill", "--flatten", "--reason", "test"]) == 0
+            deadline = time.monotonic() + 5
+            while runner.kill_command is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # the KV watch delivers it
+            units = runner.engine.portfolio.position("EURUSD").units
+            kill_bar = (await process(runner, 1))[0]
+            after_kill = runner.engine.kill
+            rest = await process(runner, 20)
+            return done, units, kill_bar, after_kill, rest
+        finally:
+            await runner.close()
+
+    done, units, kill_bar, after_kill, rest = asyncio.run(go())
+    out = capsys.readouterr().out
+    assert "runner kill: kill switch halt: no new orders, and every position closed" in out
+    assert units and after_kill is KillSwitch.HALT and runner.engine.kill_reason == "test"
+    orders = published(client, "ORDERS", "kill")
+    flatten = [d for d in orders if d["intent"] == "flatten" and d["status"] == "submitted"]
+    # decided between the last bar and the next (the engine's last bar names it), filled at the next open
+    assert len(flatten) == 1 and flatten[0]["bar_ts"] == kill_bar.ts - BAR_MS and flatten[0]["qty"] == abs(units)
+    assert not [d for d in orders if d["intent"] == "entry" and d["bar_ts"] >= kill_bar.ts]  # no new entries
+    assert runner.engine.portfolio.position("EURUSD").units == 0  # closed at the next open
+    assert [o.status for o in rest] == ["processed"] * 20  # bars keep coming in, nothing traded
+
+    # `live status` shows it; `live kill --off` is the next revision
+    assert cli(["live", "status"]) == 0
+    status = capsys.readouterr().out
+    assert "runner kill: stopped" in status and "kill switch: halt (test)" in status and "positions: flat" in status
+    assert "model direction.M5.live v1 (@champion)" in status and f"{len(done) + 21:,} bars processed" in status
+    assert cli(["live", "status", "--name", "kill", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)["kill"]
+    assert doc["state"]["kill"] == "halt" and doc["state"]["positions"] == {} and doc["state"]["bars"] == len(done) + 21
+    assert doc["heartbeat"]["stopped"] and doc["heartbeat"]["limits"]["risk_fraction"] == 0.002
+
+    # automatic: a daily loss limit a few trades reach
+    client.publish_bars(world["replay"])
+    auto = new_runner(world, url, config("auto", risk={"risk_fraction": 0.02, "max_daily_loss": 0.004}))
+
+    async def go_auto():
+        await auto.start()
+        try:
+            out = []
+            while auto.engine.kill is KillSwitch.OFF and len(out) < REPLAY:
+                out += await process(auto, 1)
+            return out + await process(auto, 10)
+        finally:
+            await auto.close()
+
+    outcomes = asyncio.run(go_auto())
+    assert auto.engine.kill is KillSwitch.HALT and auto.engine.kill_reason.startswith("daily loss limit")
+    tripped = outcomes[-11].ts
+    alerts = published(client, "RISK", "auto", "risk.alert.limit")
+    assert len(alerts) == 1 and alerts[0]["ts"] <= tripped and "daily loss limit" in alerts[0]["reason"]
+    assert not [d for d in published(client, "ORDERS", "auto") if d["intent"] == "entry" and d["bar_ts"] > tripped]
+
+
+def test_live_kill_reduce_only_lets_exits_through_and_off_trades_again(world, nats, monkeypatch, capsys):
+    url, client = nats
+    client.publish_bars(world["replay"].head(150))
+    runner = new_runner(world, url, config("ro"))
+    monkeypatch.setenv("NATS_URL", url)
+
+    async def kill(*flags: str) -> None:
+        assert await asyncio.to_thread(cli, ["live", "kill", "--name", "ro", *flags]) == 0
+        deadline = time.monotonic() + 5
+        while runner.kill_command is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def go():
+        await runner.start()
+        try:
+            await process(runner, 10)
+            await kill("--reduce-only")
+            reduce_from = (await process(runner, 1))[0].ts
+            modes = [runner.engine.kill]
+            await process(runner, 60)
+            await kill("--off")
+            off_from = (await process(runner, 1))[0].ts
+            modes.append(runner.engine.kill)
+            await process(runner, 60)
+            return reduce_from, off_from, modes
+        finally:
+            await runner.close()
+
+    reduce_from, off_from, modes = asyncio.run(go())
+    assert "kill switch reduce only" in capsys.readouterr().out
+    assert modes == [KillSwitch.REDUCE_ONLY, KillSwitch.OFF]
+    submitted = [d for d in published(client, "ORDERS", "ro") if d["status"] == "submitted"]
+    during = [d for d in submitted if reduce_from <= d["bar_ts"] < off_from]
+    assert during and {d["intent"] for d in during} <= {"exit", "sl", "tp"}  # positions closed, none opened
+    refused = [d for d in published(client, "SIGNALS", "ro", "signals.rejected.EURUSD") if reduce_from <= d["ts"] < off_from]
+    assert refused and all("reduce" in d["reason"] for d in refused)
+    assert [d for d in submitted if d["bar_ts"] >= off_from and d["intent"] == "entry"]  # trading again
+
+
+# -- Prometheus --------------------------------------------------------------------------------
+def test_the_prometheus_endpoint_counts_the_bars_and_times_every_stage(world, nats):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url, client = nats
+    client.publish_bars(world["replay"].head(25))
+    runner = new_runner(world, url, config("metrics", metrics_port=0))
+
+    async def go():
+        await runner.start()
+        try:
+            await process(runner, 25)
+            return await asyncio.to_thread(
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{runner.metrics_port}/metrics", timeout=5).read().decode())
+        finally:
+            await runner.close()
+
+    text = asyncio.run(go())
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("tradeforge_live_bars_total", (("symbol", "EURUSD"),))] == 25
+    for stage in ("features", "inference", "risk", "broker", "publish", "persist", "bar", "bus"):
+        assert samples[("tradeforge_live_stage_seconds_count", (("stage", stage),))] == 25, stage
+        assert samples[("tradeforge_live_stage_seconds_sum", (("stage", stage),))] > 0, stage
+    assert samples[("tradeforge_live_equity", ())] == pytest.approx(runner.engine.equity())
+    assert samples[("tradeforge_live_model_version", ())] == 1
+    submitted = [d for d in published(client, "ORDERS", "metrics") if d["status"] == "submitted"]
+    assert samples[("tradeforge_live_orders_total", (("status", "submitted"),))] == len(submitted) > 0
+
+
+# -- SIGTERM, through the command line ---------------------------------------------------------
+def test_sigterm_mid_replay_exits_0_and_a_restart_continues_without_a_bar_missed_or_repeated(world, nats, subprocess_env):
+    url, client = nats
+    env = {**subprocess_env, "NATS_URL": url, "MLFLOW_TRACKING_URI": world["uri"], "OMP_NUM_THREADS": "1",
+           "TRADEFORGE_WAREHOUSE_PATH": world["warehouse"].embedded_path, "CLICKHOUSE_DATABASE": world["warehouse"].database}
+    bars = world["replay"].head(200)
+    command = [sys.executable, "-m", "orchestration.cli", "live", "run", "--symbols", "EURUSD", "--timeframe", "M5",
+               "--model", f"{MODEL}@champion", "--name", "term", "--max-bar-age", "0", "--risk-fraction", "0.002",
+               "--max-daily-loss", "0", "--max-drawdown", "0", "--long-above", "0.5", "--short-below", "0.5"]
+    first = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client.publish_bars(bars)
+    state = client.wait_state("term", lambda s: s["bars"] >= 60, timeout=120, alive=lambda: first.poll() is None)
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=30)
+    assert first.returncode == 0 and "Traceback" not in err, err
+    assert "trading; stop with SIGTERM" in out and "stopped:" in out
+    stopped = client.state("term")["bars"]
+    assert 60 <= stopped < 200
+    second = subprocess.run([*command, "--stop-when-idle", "1"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and "Traceback" not in second.stderr, second.stderr
+    final = client.state("term")
+    assert final["bars"] == 200 and final["starts"] == 2
+    seqs = sorted(d["bar_seq"] for d in published(client, "PORTFOLIO", "term"))
+    assert seqs == list(range(1, 201))
+    signals = Counter(d["ts"] for d in published(client, "SIGNALS", "term", "signals.EURUSD"))
+    assert len(signals) == 200 and set(signals.values()) == {1}
+    assert state["bars"] >= 60
+
+
+# -- live/ without dagster ---------------------------------------------------------------------
+def test_the_live_side_imports_without_dagster(subprocess_env):
+    modules = ("live.runner", "live.model", "live.ledger", "live.state", "live.metrics", "live.config", "live.history",
+               "live.replay", "live.collector", "live.broker_data", "live.publishing", "resources.brokers.paper",
+               "resources.brokers.mt5.broker", "resources.brokers.mt5.remote")
+    code = f"import sys\nimport {', '.join(modules)}\nassert 'dagster' not in sys.modules, 'dagster imported'\nprint('ok')"
+    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
+
+
+# -- the command line's one-line failures ------------------------------------------------------
+def test_live_run_failures_are_one_line_on_stderr_and_exit_1(world, nats, monkeypatch, capsys):
+    url, _ = nats
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world["uri"])
+    monkeypatch.setenv("TRADEFORGE_WAREHOUSE_PATH", world["warehouse"].embedded_path)
+    monkeypatch.setenv("CLICKHOUSE_DATABASE", world["warehouse"].database)
+    monkeypatch.setenv("NATS_URL", url)
+    monkeypatch.delenv("TRADEFORGE_DEBUG", raising=False)
+    train_and_register(world["uri"], f"{MODEL}.old", world["bars"].head(HISTORY), feature_set="fs-1999")
+    base = ["live", "run", "--symbols", "EURUSD", "--timeframe", "M5", "--max-bar-age", "0"]
+
+    def fails(argv: list[str]) -> str:
+        assert cli(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("tradeforge: ") and "Traceback" not in err, err
+        return err
+
+    assert "no registered model 'nope'" in fails([*base, "--model", "nope@champion"])
+    err = fails([*base, "--model", f"{MODEL}.old@champion"])
+    assert "trained on feature set fs-1999" in err and "retrain" in err
+    assert "exists only for Windows" in fails([*base, "--model", f"{MODEL}@champion", "--broker", "mt5"])
+    assert "no M5 bars of XAUUSD" in fails(["live", "run", "--symbols", "XAUUSD", "--model", f"{MODEL}@champion",
+                                            "--name", "nohistory"])
+    monkeypatch.setenv("NATS_URL", dead_url())
+    assert "cannot reach NATS" in fails([*base, "--model", f"{MODEL}@champion"])
+    assert "cannot reach NATS" in fails(["live", "status"])
+    assert "cannot reach NATS" in fails(["live", "kill"])
+    monkeypatch.setenv("NATS_URL", url)
+    assert "no runner" in fails(["live", "status"])
+    assert "no runner has saved its state" in fails(["live", "kill"])
