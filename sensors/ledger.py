@@ -16,6 +16,7 @@ starts none.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ from resources.bus.drain import DrainStats, StoreBatch, drain_stream
 from resources.bus.messages import BadMessage
 from resources.bus.resource import BusResource
 from resources.bus.streams import ledger_streams
-from resources.warehouse.client import Warehouse, WarehouseResource
+from resources.warehouse.client import Warehouse, WarehouseConnection, WarehouseResource
 from resources.warehouse.ledger import LEDGER_TABLES, ledger_frame, ledger_rows, write_ledger
 
 CONSUMER = "warehouse-ledger"
@@ -59,6 +60,10 @@ class LedgerDrain:
         return text
 
 
+def _session(warehouse: Warehouse) -> contextlib.AbstractContextManager:
+    return warehouse.session() if isinstance(warehouse, WarehouseConnection) else contextlib.nullcontext(warehouse)
+
+
 def _storer(warehouse: Warehouse, result: LedgerDrain) -> StoreBatch:
     def store(messages: list) -> list[tuple[object, str]]:
         rows: dict[str, list[dict]] = {table: [] for table in LEDGER_TABLES}
@@ -69,9 +74,11 @@ def _storer(warehouse: Warehouse, result: LedgerDrain) -> StoreBatch:
                     rows[table] += table_rows
             except BadMessage as exc:
                 refused.append((message, str(exc)))
-        for table, table_rows in rows.items():
-            if table_rows:
-                result.stored[table] += write_ledger(warehouse, table, ledger_frame(table, table_rows))
+        written = [(table, table_rows) for table, table_rows in rows.items() if table_rows]
+        if written:
+            with _session(warehouse) as session:  # one connection for the batch's tables
+                for table, table_rows in written:
+                    result.stored[table] += write_ledger(session, table, ledger_frame(table, table_rows))
         return refused
 
     return store

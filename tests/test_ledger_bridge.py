@@ -54,6 +54,7 @@ class Run:
     """A runner's bars through the engine: its ledger messages and what the engine held after each bar."""
 
     engine: TradingEngine
+    specs: dict
     messages: list[Message] = field(default_factory=list)
     per_bar: list[dict] = field(default_factory=list)  # bar_seq, ts, symbol, equity, balance, positions, model version
 
@@ -67,7 +68,7 @@ def _run() -> Run:
     ledger = LedgerWriter(RUNNER, "M5")
     bars = pl.concat([make_bars(s, START, BARS, seed=3 + i) for i, s in enumerate(SYMBOLS)]).sort("ts", "symbol")
     probs = np.random.default_rng(5).uniform(size=bars.height)
-    run, marks, peak = Run(engine), {}, config.initial_equity
+    run, marks, peak = Run(engine, specs=specs), {}, config.initial_equity
     for n, (bar, prob) in enumerate(zip(bars.iter_rows(named=True), probs, strict=True), start=1):
         symbol, ts = bar["symbol"], int(bar["ts"].timestamp() * 1000)
         model = SimpleNamespace(name="direction", version="3" if n <= SWAP else "4", column="prob_up")  # the alias moved
@@ -83,7 +84,8 @@ def _run() -> Run:
         run.messages.append(ledger.portfolio(engine, n, ts, symbol, marks, peak, model.version))
         run.per_bar.append({"bar_seq": n, "ts": ts, "symbol": symbol, "equity": engine.equity(),
                             "balance": engine.portfolio.balance, "model_version": model.version, "side": signal["side"],
-                            "positions": {s: p.units for s, p in engine.portfolio.positions.items() if p.units}})
+                            "positions": {s: p.units for s, p in engine.portfolio.positions.items() if p.units},
+                            "marks": dict(marks)})
     return run
 
 
@@ -120,8 +122,9 @@ def _version(ts: int) -> str:
 
 
 def _tables(warehouse) -> dict[str, pl.DataFrame]:
-    return {t: read_ledger(warehouse, t, RUNNER) for t in
-            ("trading_signals", "orders", "executions", "positions", "portfolio_value", "risk_events")}
+    with warehouse.session() as session:
+        return {t: read_ledger(session, t, RUNNER) for t in
+                ("trading_signals", "orders", "executions", "positions", "portfolio_value", "risk_events")}
 
 
 def test_the_sensor_stores_exactly_the_engines_ledger_once(nats, warehouse):
@@ -181,6 +184,11 @@ def test_the_sensor_stores_exactly_the_engines_ledger_once(nats, warehouse):
     assert equity["bar_seq"].to_list() == list(range(1, n + 1))
     assert equity["equity"].to_list() == [b["equity"] for b in run.per_bar]  # the engine's equity after each bar
     assert equity["balance"].to_list() == [b["balance"] for b in run.per_bar]
+    # the margin and gross notional the positions held, as the backtest reports them (USD-quoted symbols: no conversion)
+    notional = [sum(abs(u) * b["marks"][s] for s, u in b["positions"].items()) for b in run.per_bar]
+    margin = [sum(abs(u) * b["marks"][s] / run.specs[s].leverage for s, u in b["positions"].items()) for b in run.per_bar]
+    assert equity["exposure"].to_list() == pytest.approx(notional, rel=1e-12) and max(notional) > 0
+    assert equity["margin"].to_list() == pytest.approx(margin, rel=1e-12) and max(margin) > 0
     assert equity["kill"].to_list()[-1] == "halt" and equity["symbol"].to_list() == [b["symbol"] for b in run.per_bar]
 
     positions = tables["positions"]
@@ -219,7 +227,8 @@ def test_a_full_redelivery_stores_nothing_twice(nats, warehouse):
 
         for spec in ledger_streams():
             sub = await durable_consumer(bus, spec, CONSUMER, ack_wait_s=1.0, description="crashed")
-            await sub.fetch(10_000, timeout=2)  # ... and never acknowledged
+            pending = (await bus.js.consumer_info(spec.name, CONSUMER)).num_pending
+            assert len(await sub.fetch(pending, timeout=2)) == pending  # ... and never acknowledged
             await sub.unsubscribe()
         await bus.close()
         await asyncio.sleep(1.2)
