@@ -73,6 +73,12 @@ def _run() -> Run:
         symbol, ts = bar["symbol"], int(bar["ts"].timestamp() * 1000)
         model = SimpleNamespace(name="direction", version="3" if n <= SWAP else "4", column="prob_up")  # the alias moved
         window = Window(engine)
+        if n == SWAP + 1:  # as LiveRunner._maintain when the alias moved
+            run.messages.append(ledger.alert("model_swap", model.version, ts, "", "direction v3 -> direction v4",
+                                             model_version=model.version))
+        if n == 7:  # as LiveRunner._refuse: a bar message sent twice
+            run.messages.append(ledger.alert("bad_bar", "7", ts, symbol, "duplicate: EURUSD bar is not after the last one",
+                                             subject="bars.EURUSD.M5", stream_seq=7))
         signal = strategy.signals(pl.DataFrame({"prob_up": [float(prob)]})).row(0, named=True)
         engine.on_bar(symbol, {"ts": ts, **{k: bar[k] for k in ("open", "high", "low", "close", "bid_close", "ask_close")}},
                       signal)
@@ -173,11 +179,17 @@ def test_the_sensor_stores_exactly_the_engines_ledger_once(nats, warehouse):
         assert fills[column].to_list() == expected[column].to_list(), column  # the engine's floats, exactly
     assert fills["side"].to_list() == expected["side"].to_list() and _ms(fills, "ts") == expected["ts"].to_list()
 
-    events = tables["risk_events"].sort("ts", "event_id")
+    alerts = tables["risk_events"].filter(pl.col("source") == "runner").sort("ts")
+    assert alerts.select("event_id", "kind", "approved", "model_version", "details").rows() == [
+        (f"bad_bar:{RUNNER}:7", "bad_bar", False, "", '{"stream_seq":7,"subject":"bars.EURUSD.M5"}'),
+        (f"model_swap:{RUNNER}:4", "model_swap", False, "4", ""),
+    ]
+    assert alerts["reason"].to_list()[1] == "direction v3 -> direction v4"
+    events = tables["risk_events"].filter(pl.col("source") == "engine").sort("ts", "event_id")
     mine = sorted(((e.ts, e.symbol, e.kind, e.approved, e.reason, e.client_id, e.qty) for e in engine.risk_events))
     assert sorted(zip(_ms(events, "ts"), *(events[c].to_list() for c in
                                             ("symbol", "kind", "approved", "reason", "client_id", "qty")))) == mine
-    assert set(events["source"]) == {"engine"} and "kill_switch" in set(events["kind"])
+    assert "kill_switch" in set(events["kind"])
     assert events["model_version"].to_list() == [_version(t) for t in _ms(events, "ts")]
 
     equity = tables["portfolio_value"]
