@@ -257,6 +257,9 @@ def test_a_bad_message_is_refused_with_its_reason_and_not_redelivered(nats, ware
     signal = next(m for m in good if m.subject == "signals.EURUSD")
     order = next(m for m in run.messages if m.subject.startswith("orders."))
     portfolio = next(m for m in good if m.subject.startswith("portfolio."))
+    fill = next(m for m in run.messages if m.subject.startswith("broker.fill."))
+    good.append(Message(fill.subject, {**fill.data, "fill_id": "mt5-1", "conv": float("nan"), "mid": float("nan")},
+                        f"fill:{RUNNER}:mt5-1"))  # an MT5 fill that did not know the rate: stored, not refused
     bad = [
         Message("orders.filled.EURUSD", b"{not json", "bad-1"),  # type: ignore[arg-type]
         Message("signals.XAUUSD", {**signal.data, "ts": "yesterday"}, "bad-2"),
@@ -289,6 +292,8 @@ def test_a_bad_message_is_refused_with_its_reason_and_not_redelivered(nats, ware
     assert tables["trading_signals"].height == sum(m.subject.count(".") == 1 and m.subject.startswith("signals.")
                                                    for m in good)
     assert tables["portfolio_value"].height == sum(m.subject.startswith("portfolio.") for m in good)
+    mt5 = tables["executions"].filter(pl.col("fill_id") == "mt5-1")
+    assert mt5.select("price", "conv", "mid").row(0) == (fill.data["price"], None, None)
 
 
 def test_without_a_bus_the_sensor_says_so_and_starts_nothing(tmp_path, warehouse):

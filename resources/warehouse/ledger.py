@@ -67,7 +67,7 @@ _ORDER = {"runner": "str", "client_id": "str", "seq": "int", "event": "str", "st
           "stop_loss": "float?", "take_profit": "float?", "filled_qty": "float", "avg_fill_price": "float",
           "parent_id": "str?", "reason": "str", "model_version": "version", "ts": "ms"}
 _FILL = {"runner": "str", "fill_id": "str", "client_id": "str", "symbol": "str", "side": "side", "qty": "float",
-         "price": "float", "commission": "float", "ts": "ms", "conv": "float", "mid": "float", "reason": "str"}
+         "price": "float", "commission": "float", "ts": "ms", "conv": "float?", "mid": "float?", "reason": "str"}  # an MT5 fill may not know conv, mid
 _RISK = {"runner": "str", "event_id": "str", "ts": "ms", "symbol": "str", "kind": "str", "approved": "bool",
          "reason": "str", "client_id": "str", "qty": "float", "source": "str"}
 _PORTFOLIO = {"runner": "str", "bar_seq": "int", "ts": "ms", "symbol": "str", "equity": "float", "balance": "float",

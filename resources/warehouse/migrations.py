@@ -546,8 +546,8 @@ MIGRATIONS: tuple[Migration, ...] = (
                 price Float64 COMMENT 'quote currency',
                 commission Float64 COMMENT 'account currency',
                 ts DateTime64(3, 'UTC'),
-                conv Float64 COMMENT 'quote -> account rate applied',
-                mid Float64 COMMENT 'mid price at the fill: spread and slippage apart',
+                conv Nullable(Float64) COMMENT 'quote -> account rate applied; null where the broker did not know it',
+                mid Nullable(Float64) COMMENT 'mid price at the fill: spread and slippage apart; null where unknown',
                 reason LowCardinality(String) COMMENT 'market, stop, limit, gap',
                 received_at DateTime64(3, 'UTC') DEFAULT now64(3)
             ) ENGINE = ReplacingMergeTree(received_at)
