@@ -157,7 +157,8 @@ def test_the_sensor_stores_exactly_the_engines_ledger_once(nats, warehouse):
     assert _ms(signals, "close_ts") == [b["ts"] + BAR_MS for b in run.per_bar] and set(signals["timeframe"]) == {"M5"}
 
     orders = tables["orders"]
-    history = sorted((o.client_id, k, e.value, s.value) for o in engine.orders.values() for k, (e, s) in enumerate(o.history))
+    history = sorted((o.client_id, k, e.value, s.value)
+                     for o in engine.orders.values() for k, (e, s) in enumerate(o.history))
     assert sorted(orders.select("client_id", "seq", "event", "status").rows()) == history  # every transition, once
     states = read_order_states(warehouse, RUNNER)
     assert states.height == len(engine.orders)
@@ -281,11 +282,12 @@ def test_a_bad_message_is_refused_with_its_reason_and_not_redelivered(nats, ware
     context = _context(nats, warehouse)
     result = asyncio.run(drain(NatsBus(nats.url), warehouse))
     assert result.messages == len(good) + 4
+    sym = order.data["symbol"]
     assert sorted((subject, reason.split(" (")[0]) for _, _, subject, reason in result.refused) == sorted([
         ("orders.filled.EURUSD", "malformed: not JSON"),
         ("signals.XAUUSD", "malformed: signal ts is 'yesterday'"),
         ("portfolio." + RUNNER, "malformed: portfolio lacks equity"),
-        (f"orders.filled.{order.data['symbol']}", f"mismatch: order status on orders.filled.{order.data['symbol']} says 'new'"),
+        (f"orders.filled.{sym}", f"mismatch: order status on orders.filled.{sym} says 'new'"),
     ])
     assert _tick(context) == "ledger: nothing new"  # the refused ones are not delivered again
     tables = _tables(warehouse)

@@ -66,8 +66,9 @@ _ORDER = {"runner": "str", "client_id": "str", "seq": "int", "event": "str", "st
           "side": "side", "type": "str", "qty": "float", "intent": "str", "bar_ts": "ms", "price": "float?",
           "stop_loss": "float?", "take_profit": "float?", "filled_qty": "float", "avg_fill_price": "float",
           "parent_id": "str?", "reason": "str", "model_version": "version", "ts": "ms"}
+# An MT5 fill may not know the conversion rate or the mid: null, not refused.
 _FILL = {"runner": "str", "fill_id": "str", "client_id": "str", "symbol": "str", "side": "side", "qty": "float",
-         "price": "float", "commission": "float", "ts": "ms", "conv": "float?", "mid": "float?", "reason": "str"}  # an MT5 fill may not know conv, mid
+         "price": "float", "commission": "float", "ts": "ms", "conv": "float?", "mid": "float?", "reason": "str"}
 _RISK = {"runner": "str", "event_id": "str", "ts": "ms", "symbol": "str", "kind": "str", "approved": "bool",
          "reason": "str", "client_id": "str", "qty": "float", "source": "str"}
 _PORTFOLIO = {"runner": "str", "bar_seq": "int", "ts": "ms", "symbol": "str", "equity": "float", "balance": "float",
@@ -202,4 +203,5 @@ def read_ledger(warehouse: Warehouse, table: str, runner: str | None = None) -> 
 def read_order_states(warehouse: Warehouse, runner: str | None = None) -> pl.DataFrame:
     """Each order once, in its latest state (its last transition)."""
     orders = read_ledger(warehouse, "orders", runner)
-    return orders.sort("seq").group_by("runner", "client_id", maintain_order=True).last().sort("runner", "bar_ts", "client_id")
+    latest = orders.sort("seq").group_by("runner", "client_id", maintain_order=True).last()
+    return latest.sort("runner", "bar_ts", "client_id")
