@@ -304,3 +304,52 @@ def test_without_a_bus_the_sensor_says_so_and_starts_nothing(tmp_path, warehouse
                                               "warehouse": warehouse})
     assert "no bus to drain" in _tick(context)
     assert not EmbeddedNatsServer(tmp_path / "nats", port=port).running()
+
+
+@pytest.mark.slow
+def test_a_paper_replay_through_the_live_runner_lands_in_the_tables(nats, warehouse, tmp_path):
+    """The real runner (in this process: warm-up from the warehouse, a registered LightGBM, the
+    paper broker) trades a short replay; every message it published is a row, none refused, and
+    the tables end where its engine ended."""
+    from live.runner import run_runner
+    from resources.registry import ModelRegistry
+    from tests.live_support import BusClient, store_history, train_and_register
+    from tests.natsserver import fresh_mlflow_store
+
+    history, replay = 1520, 24
+    bars = {s: make_bars(s, START, history + replay, seed=11 + i) for i, s in enumerate(SYMBOLS)}
+    store_history(warehouse, pl.concat([b.head(history) for b in bars.values()]))
+    uri = fresh_mlflow_store(tmp_path / "mlflow")
+    version, _ = train_and_register(uri, "direction.M5.bridge", pl.concat([b.head(history) for b in bars.values()]))
+    client = BusClient(nats.url)
+    client.publish_bars(pl.concat([b.tail(replay) for b in bars.values()]))
+    config = RunnerConfig(symbols=SYMBOLS, timeframe="M5", model="direction.M5.bridge@champion", name=RUNNER,
+                          max_bar_age_s=0, risk=RiskConfig(risk_fraction=0.002), model_poll_s=0, heartbeat_s=1,
+                          thresholds={"long_above": 0.5, "short_below": 0.5}, stop_when_idle_s=0.5)
+    runners = []
+    assert asyncio.run(run_runner(config, bus=NatsBus(nats.url), registry=ModelRegistry(uri), warehouse=warehouse,
+                                  on_started=runners.append)) == 0
+    engine = runners[0].engine
+    published = {stream: client.messages(stream) for stream in ("SIGNALS", "ORDERS", "BROKER", "RISK", "PORTFOLIO")}
+    client.close()
+
+    result = asyncio.run(drain(NatsBus(nats.url), warehouse))
+    assert not result.refused and result.messages == sum(len(m) for m in published.values())
+    tables = _tables(warehouse)
+    signals = tables["trading_signals"]
+    assert signals.height == 2 * replay and set(signals["model_version"]) == {version} and set(signals["status"]) == {"signal"}
+    assert sorted(tables["orders"].select("client_id", "seq").rows()) == sorted(
+        (d["client_id"], d["seq"]) for _, d, _ in published["ORDERS"])
+    assert len(published["ORDERS"]) > 0 and set(tables["orders"]["model_version"]) == {version}
+    assert sorted(tables["executions"]["fill_id"]) == sorted(d["fill_id"] for _, d, _ in published["BROKER"])
+    assert {f.fill_id for f in engine.fills} <= set(tables["executions"]["fill_id"])
+    equity = tables["portfolio_value"]
+    assert equity.height == 2 * replay and equity["equity"][-1] == engine.equity()
+    account = sorted((d["bar_seq"], d["equity"], d["balance"], d["margin"]) for _, d, _ in published["PORTFOLIO"])
+    assert equity.select("bar_seq", "equity", "balance", "margin").rows() == account
+    assert engine.fills and equity["margin"].max() > 0
+    assert equity["balance"][-1] == engine.portfolio.balance
+    last = tables["positions"].filter(pl.col("bar_seq") == equity["bar_seq"][-1])
+    assert dict(last.select("symbol", "units").rows()) == {s: p.units for s, p in engine.portfolio.positions.items() if p.units}
+    assert tables["risk_events"].height == len(published["RISK"]) + sum(
+        m.count(".") == 2 for m, _, _ in published["SIGNALS"])
