@@ -30,7 +30,7 @@ from models.trading.strategy import ModelStrategy
 from resources.bus import EmbeddedNatsServer, NatsBus
 from resources.bus.resource import BusResource
 from resources.bus.streams import ledger_streams
-from resources.warehouse.ledger import read_ledger, read_order_states
+from resources.warehouse.ledger import read_ledger, read_order_states, read_signals
 from sensors.ledger import CONSUMER, drain, drain_ledger
 from tests.live_support import BAR_MS, START, make_bars
 from tests.natsserver import free_port
@@ -192,6 +192,14 @@ def test_the_sensor_stores_exactly_the_engines_ledger_once(nats, warehouse):
                                             ("symbol", "kind", "approved", "reason", "client_id", "qty")))) == mine
     assert "kill_switch" in set(events["kind"])
     assert events["model_version"].to_list() == [_version(t) for t in _ms(events, "ts")]
+
+    answered = read_signals(warehouse, RUNNER)  # each signal beside the risk model's answer on its bar
+    for kind in ("entry", "exit"):
+        asked = {(e.symbol, e.ts): (e.approved, e.reason) for e in engine.risk_events if e.kind == kind}
+        got = {(r["symbol"], int(r["ts"].timestamp() * 1000)): (r[f"{kind}_approved"], r[f"{kind}_reason"])
+               for r in answered.iter_rows(named=True) if r[f"{kind}_approved"] is not None}
+        assert asked and got == asked, kind
+    assert answered.height == n
 
     equity = tables["portfolio_value"]
     assert equity["bar_seq"].to_list() == list(range(1, n + 1))

@@ -205,3 +205,18 @@ def read_order_states(warehouse: Warehouse, runner: str | None = None) -> pl.Dat
     orders = read_ledger(warehouse, "orders", runner)
     latest = orders.sort("seq").group_by("runner", "client_id", maintain_order=True).last()
     return latest.sort("runner", "bar_ts", "client_id")
+
+
+def read_signals(warehouse: Warehouse, runner: str | None = None) -> pl.DataFrame:
+    """``trading_signals`` beside the risk model's answers on the same bar: ``entry_approved`` /
+    ``entry_reason`` and ``exit_approved`` / ``exit_reason`` (null where nothing was asked; a
+    reversal asks both)."""
+    signals = read_ledger(warehouse, "trading_signals", runner)
+    events = read_ledger(warehouse, "risk_events", runner).filter(pl.col("kind").is_in(["entry", "exit"]))
+    for kind in ("entry", "exit"):
+        answers = (events.filter(pl.col("kind") == kind)
+                   .unique(["runner", "symbol", "ts"], keep="last", maintain_order=True)
+                   .select("runner", "symbol", "ts", pl.col("approved").alias(f"{kind}_approved"),
+                           pl.col("reason").alias(f"{kind}_reason")))
+        signals = signals.join(answers, on=["runner", "symbol", "ts"], how="left", maintain_order="left")
+    return signals
