@@ -106,10 +106,11 @@ class LedgerWriter:
     def portfolio(self, engine: TradingEngine, bar_seq: int, ts: int, symbol: str, marks: dict[str, float], peak: float,
                   model_version: str) -> Message:
         equity = engine.equity()
+        exposure, margin = engine.exposure()
         positions = {s: {"units": p.units, "avg": p.avg, "mark": marks.get(s)} for s, p in engine.portfolio.positions.items()
                      if p.units}
         data = {"runner": self.runner, "bar_seq": bar_seq, "ts": ts, "symbol": symbol, "equity": equity,
-                "balance": engine.portfolio.balance, "positions": positions, "peak": peak,
+                "balance": engine.portfolio.balance, "margin": margin, "exposure": exposure, "positions": positions, "peak": peak,
                 "drawdown": 0.0 if peak <= 0 else max(0.0, 1.0 - equity / peak), "kill": engine.kill.value,
                 "kill_reason": engine.kill_reason, "model_version": model_version}
         return Message(subjects.portfolio(self.runner), data, f"pf:{self.runner}:{bar_seq}")

@@ -29,6 +29,7 @@ from orchestration.resources import resources_from_env
 from sensors.backtests import backtest_models, backtest_new_challengers
 from sensors.broker_data import drain_broker_data
 from sensors.labels import labels_follow_candles
+from sensors.ledger import drain_ledger
 from sensors.training import retrain_on_new_features, sync_model_specs, train_models, weekly_retrain
 
 ingest_market_data = define_asset_job(
@@ -89,6 +90,6 @@ defs = Definitions(
           backtest_models],
     schedules=[daily_market_data, weekly_fred, daily_commodities, daily_calendar, weekly_retrain],
     sensors=[labels_follow_candles, retrain_on_new_features, sync_model_specs,
-             backtest_new_challengers, drain_broker_data],
+             backtest_new_challengers, drain_broker_data, drain_ledger],
     resources=resources_from_env(),
 )

@@ -21,6 +21,7 @@ from typing import Any
 from dagster import DefaultSensorStatus, SensorEvaluationContext, SkipReason, sensor
 
 from resources.bus.client import BusError, NatsBus, StreamSpec
+from resources.bus.drain import DrainStats, StoreBatch, drain_stream, durable_consumer
 from resources.bus.messages import BadMessage, broker_frame, decode_broker_row
 from resources.bus.resource import BusResource
 from resources.bus.streams import broker_data_stream
@@ -28,14 +29,13 @@ from resources.warehouse.broker import write_account, write_quotes, write_trades
 from resources.warehouse.client import Warehouse, WarehouseResource
 
 CONSUMER = "warehouse-broker-data"
+_DESCRIPTION = "the drain_broker_data sensor: BROKER_DATA -> broker_* tables"
 _WRITERS = {"account": write_account, "quote": write_quotes, "deal": write_trades}
 
 
 @dataclass
-class DrainResult:
+class DrainResult(DrainStats):
     stored: dict[str, int] = field(default_factory=lambda: {"account": 0, "quote": 0, "deal": 0})
-    refused: list[tuple[int, str, str]] = field(default_factory=list)  # (stream sequence, subject, reason)
-    messages: int = 0
 
     def describe(self) -> str:
         s = self.stored
@@ -53,78 +53,41 @@ def _kind(subject: str) -> str:
 
 
 async def _consumer(bus: NatsBus, stream: StreamSpec, ack_wait_s: float) -> Any:
-    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-    from nats.js.errors import NotFoundError
-
-    await bus.ensure_stream(stream)
-    try:
-        await bus.js.consumer_info(stream.name, CONSUMER)
-    except NotFoundError:
-        await bus.js.add_consumer(stream.name, ConsumerConfig(
-            durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=ack_wait_s,
-            max_ack_pending=-1, description="the drain_broker_data sensor: BROKER_DATA -> broker_* tables",
-        ))
-    return await bus.js.pull_subscribe_bind(durable=CONSUMER, stream=stream.name)
+    return await durable_consumer(bus, stream, CONSUMER, ack_wait_s=ack_wait_s, description=_DESCRIPTION)
 
 
-async def _store(messages: list[Any], warehouse: Warehouse, result: DrainResult) -> None:
-    """Write a batch, then acknowledge it (refused messages are terminated, not redelivered)."""
-    rows: dict[str, list[dict]] = {kind: [] for kind in _WRITERS}
-    good, bad = [], []
-    for message in messages:
-        kind = _kind(message.subject)
-        try:
-            if kind not in _WRITERS:
-                raise BadMessage("malformed", f"no broker data kind on subject {message.subject}")
-            rows[kind].append(decode_broker_row(kind, message.data))
-            good.append(message)
-        except BadMessage as exc:
-            bad.append(message)
-            result.refused.append((message.metadata.sequence.stream, message.subject, str(exc)))
-    for kind, writer in _WRITERS.items():
-        if rows[kind]:
-            result.stored[kind] += writer(warehouse, broker_frame(kind, rows[kind]))
-    for message in good:  # only now: a crash before this line redelivers, and the rows replace themselves
-        await message.ack()
-    for message in bad:
-        await message.term()
-    result.messages += len(messages)
+def _storer(warehouse: Warehouse, result: DrainResult) -> StoreBatch:
+    def store(messages: list[Any]) -> list[tuple[Any, str]]:
+        """Write the rows of a batch; the messages that are not rows of their table are refused."""
+        rows: dict[str, list[dict]] = {kind: [] for kind in _WRITERS}
+        refused = []
+        for message in messages:
+            kind = _kind(message.subject)
+            try:
+                if kind not in _WRITERS:
+                    raise BadMessage("malformed", f"no broker data kind on subject {message.subject}")
+                rows[kind].append(decode_broker_row(kind, message.data))
+            except BadMessage as exc:
+                refused.append((message, str(exc)))
+        for kind, writer in _WRITERS.items():
+            if rows[kind]:
+                result.stored[kind] += writer(warehouse, broker_frame(kind, rows[kind]))
+        return refused
+
+    return store
 
 
 async def drain(bus: NatsBus, warehouse: Warehouse, *, stream: StreamSpec | None = None, batch: int = 1000,
                 max_messages: int = 200_000, budget_s: float = 40.0, ack_wait_s: float = 120.0) -> DrainResult:
     """Write what ``BROKER_DATA`` holds beyond the consumer's acknowledged position, batch by
-    batch, each acknowledged after its rows are written."""
-    stream = stream or broker_data_stream()
+    batch, each acknowledged after its rows are written (:func:`resources.bus.drain.drain_stream`)."""
     result = DrainResult()
-    started = time.monotonic()
-
-    def more() -> bool:
-        return result.messages < max_messages and time.monotonic() - started < budget_s
-
     await bus.connect()
-    subscription = None
     try:
-        subscription = await _consumer(bus, stream, ack_wait_s)
-        info = await bus.js.consumer_info(stream.name, CONSUMER)
-        waiting = info.num_pending  # not delivered yet; what is published meanwhile waits for the next tick
-        while waiting > 0 and more():
-            try:
-                messages = await subscription.fetch(min(batch, waiting), timeout=5.0)
-            except TimeoutError:  # nats' and asyncio's
-                break
-            waiting -= len(messages)
-            await _store(messages, warehouse, result)
-        if info.num_ack_pending:  # delivered before and never acknowledged: back once their ack_wait is over
-            while more():
-                try:
-                    messages = await subscription.fetch(batch, timeout=0.25)
-                except TimeoutError:
-                    break
-                await _store(messages, warehouse, result)
+        await drain_stream(bus, stream or broker_data_stream(), CONSUMER, _storer(warehouse, result),
+                           description=_DESCRIPTION, batch=batch, max_messages=max_messages,
+                           deadline=time.monotonic() + budget_s, ack_wait_s=ack_wait_s, stats=result)
     finally:
-        if subscription is not None:
-            await subscription.unsubscribe()  # a pull subscription left open makes the drain below wait 30 s
         await bus.close()  # drains the connection: the acknowledgements are sent before it closes
     return result
 

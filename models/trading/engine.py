@@ -725,6 +725,18 @@ class TradingEngine:
                 equity += p.units * (o.last_close - p.avg) * o.last_conv
         return equity
 
+    def exposure(self) -> tuple[float, float]:
+        """Gross notional of the positions and the margin it holds, account currency, at each
+        symbol's last close (what the backtest reports per bar)."""
+        notional = margin = 0.0
+        for s, p in self.portfolio.positions.items():
+            if p.units:
+                o = self._symbols[s]
+                value = abs(p.units) * o.last_close * o.last_conv
+                notional += value
+                margin += value / o.spec.leverage
+        return notional, margin
+
     def _record(self, ts: int, symbol: str, kind: str, approved: bool, reason: str, client_id: str = "", qty: float = 0.0) -> None:
         self.risk_events.append(RiskEvent(ts, symbol, kind, approved, reason, client_id, qty))
 

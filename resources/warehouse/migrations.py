@@ -477,6 +477,138 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ADD COLUMN IF NOT EXISTS mlflow_run_id String DEFAULT '' COMMENT 'the MLflow run holding the tearsheet'",
         ),
     ),
+    # -- the live runner's ledger: 14-15 ---------------------------------------------------------
+    # Drained from JetStream by the data-bridge sensor (sensors/ledger.py), at least once: each
+    # row's key comes from its message's deterministic id, so a redelivered message replaces its
+    # row (ReplacingMergeTree, read with FINAL). Partitions are functions of the key, so the two
+    # copies of a row always meet.
+    Migration(
+        14,
+        "the live ledger: trading_signals, orders, executions, positions, portfolio_value, risk_events",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS trading_signals (
+                runner LowCardinality(String),
+                symbol LowCardinality(String),
+                timeframe LowCardinality(String),
+                ts DateTime64(3, 'UTC') COMMENT 'bar open',
+                close_ts DateTime64(3, 'UTC') COMMENT 'bar close: when the decision was made',
+                model_name LowCardinality(String),
+                model_version String COMMENT 'the registered version that made the decision',
+                feature_set LowCardinality(String),
+                model_column LowCardinality(String) COMMENT 'what the model predicts (prob_up, ...)',
+                value Nullable(Float64) COMMENT 'the model output; null while the features warm up',
+                side Nullable(Int8) COMMENT '+1 long, -1 short, 0 flat; null: no signal',
+                confidence Nullable(Float64),
+                prob Nullable(Float64),
+                status LowCardinality(String) COMMENT 'signal, warming_up, stale',
+                reason String,
+                received_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = ReplacingMergeTree(received_at)
+            PARTITION BY toYYYYMM(ts)
+            ORDER BY (runner, symbol, timeframe, ts)
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS orders (
+                runner LowCardinality(String),
+                client_id String,
+                seq UInt16 COMMENT 'the transition''s place in the order''s history',
+                event LowCardinality(String) COMMENT 'what happened: submit, accept, fill, cancel, ...',
+                status LowCardinality(String) COMMENT 'the state it led to',
+                symbol LowCardinality(String),
+                side Int8,
+                type LowCardinality(String),
+                qty Float64 COMMENT 'units',
+                intent LowCardinality(String) COMMENT 'entry, exit, stop_loss, take_profit, flatten, ...',
+                bar_ts DateTime64(3, 'UTC') COMMENT 'open of the bar whose close made the decision',
+                price Nullable(Float64) COMMENT 'limit or stop level',
+                stop_loss Nullable(Float64),
+                take_profit Nullable(Float64),
+                filled_qty Float64,
+                avg_fill_price Float64,
+                parent_id Nullable(String),
+                reason String,
+                model_version String,
+                ts DateTime64(3, 'UTC') COMMENT 'the bar being processed when it moved',
+                received_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = ReplacingMergeTree(received_at)
+            PARTITION BY toYYYYMM(bar_ts)
+            ORDER BY (runner, client_id, seq)
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS executions (
+                runner LowCardinality(String),
+                fill_id String,
+                client_id String,
+                symbol LowCardinality(String),
+                side Int8,
+                qty Float64 COMMENT 'units',
+                price Float64 COMMENT 'quote currency',
+                commission Float64 COMMENT 'account currency',
+                ts DateTime64(3, 'UTC'),
+                conv Nullable(Float64) COMMENT 'quote -> account rate applied; null where the broker did not know it',
+                mid Nullable(Float64) COMMENT 'mid price at the fill: spread and slippage apart; null where unknown',
+                reason LowCardinality(String) COMMENT 'market, stop, limit, gap',
+                received_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = ReplacingMergeTree(received_at)
+            PARTITION BY toYYYYMM(ts)
+            ORDER BY (runner, fill_id)
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS positions (
+                runner LowCardinality(String),
+                bar_seq UInt64 COMMENT 'the runner''s bar count: one account state per bar',
+                ts DateTime64(3, 'UTC') COMMENT 'open of that bar',
+                symbol LowCardinality(String),
+                units Float64 COMMENT 'signed; a symbol without a row at a bar is flat',
+                avg_price Float64,
+                mark Nullable(Float64) COMMENT 'the last close the runner saw',
+                received_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = ReplacingMergeTree(received_at)
+            PARTITION BY toYYYYMM(ts)
+            ORDER BY (runner, bar_seq, symbol)
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS portfolio_value (
+                runner LowCardinality(String),
+                bar_seq UInt64,
+                ts DateTime64(3, 'UTC') COMMENT 'open of the bar just processed',
+                symbol LowCardinality(String) COMMENT 'the symbol of that bar',
+                equity Float64 COMMENT 'account currency, positions marked at their last close',
+                balance Float64 COMMENT 'cash: realised P&L net of costs',
+                margin Nullable(Float64) COMMENT 'margin the positions hold (null from runners that do not say)',
+                exposure Nullable(Float64) COMMENT 'gross notional, account currency',
+                open_positions UInt16,
+                peak Float64,
+                drawdown Float64 COMMENT 'from the peak, a fraction',
+                kill LowCardinality(String) COMMENT 'the kill switch: off, halt, reduce_only',
+                kill_reason String,
+                model_version String,
+                received_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = ReplacingMergeTree(received_at)
+            PARTITION BY toYYYYMM(ts)
+            ORDER BY (runner, bar_seq)
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS risk_events (
+                runner LowCardinality(String),
+                event_id String,
+                ts DateTime64(3, 'UTC'),
+                symbol LowCardinality(String),
+                kind LowCardinality(String) COMMENT 'entry, exit, order, kill_switch, broker, bad_bar, reconcile, model_swap, ...',
+                approved Bool,
+                reason String,
+                client_id String,
+                qty Float64,
+                source LowCardinality(String) COMMENT 'engine (the risk model) or runner (its own alerts)',
+                model_version String,
+                details String COMMENT 'JSON: any other fields of the message',
+                received_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            ) ENGINE = ReplacingMergeTree(received_at)
+            ORDER BY (runner, event_id)
+            """,
+        ),
+    ),
     # -- broker data (MetaTrader 5): 16-17 ------------------------------------------------------
     # Streams sampled from the broker and drained idempotently: a row redelivered (the bus, a
     # rerun) replaces itself by its key, so these are ReplacingMergeTree read with FINAL, not
