@@ -139,10 +139,7 @@ def make_broker(config: RunnerConfig) -> tuple[Any, dict[str, Instrument]]:
         module, clock, sleep = load_mt5_module(), time.time, time.sleep
     broker = MT5Broker(module, MT5Config(magic=magic_number(config.strategy), symbols=config.symbols), clock=clock, sleep=sleep,
                        account_currency=config.account_currency)
-    env = os.environ
-    broker.connect(login=int(env["MT5_LOGIN"]) if env.get("MT5_LOGIN") and not config.mt5_fake else None,
-                   password=env.get("MT5_PASSWORD"), server=env.get("MT5_SERVER"),
-                   path=None if config.mt5_fake else env.get("MT5_TERMINAL_PATH"))
+    broker.connect_from_environment(fake=bool(config.mt5_fake))
     return broker, {s: broker.trading_spec(s) for s in config.symbols}
 
 
