@@ -387,24 +387,26 @@ class TradingEngine:
         pos = self.portfolio.position(symbol)
         c = self.risk.config
         limits = c.max_drawdown is not None or c.max_daily_loss is not None
+        next_signal, next_day, step, base = scan.next_signal, scan.next_at_or_after, self._step, self._base
         i = first
+        last = segments[-1][0]
         while i < n:
             if not st.working_market and self._unknown == 0:
                 q, avg = pos.units, pos.avg
-                cur = float((q > 0) - (q < 0))
-                stop = min(scan.next_signal(i, cur, st.refused), scan.next_at_or_after(self._day_end, i))
-                levels = (st.up_ask, st.dn_ask, st.up_bid, st.dn_bid)
-                if limits or levels != (_INF, -_INF, _INF, -_INF):
-                    stop = self._first_touch(scan, i, stop, levels, segments[-1][1], q, avg, limits)
+                stop = min(next_signal(i, float((q > 0) - (q < 0)), st.refused), next_day(self._day_end, i))
+                if limits or st.up_ask != _INF or st.dn_ask != -_INF or st.up_bid != _INF or st.dn_bid != -_INF:
+                    stop = self._first_touch(scan, i, stop, (st.up_ask, st.dn_ask, st.up_bid, st.dn_bid),
+                                             segments[-1][1], q, avg, limits)
                 if stop >= n:
                     break
                 i = stop
-            self._step(st, block, i)
-            entry = (i, self._base(symbol), pos.units, pos.avg)
-            if segments[-1][0] == i:
+            step(st, block, i)
+            entry = (i, base(symbol), pos.units, pos.avg)
+            if last == i:
                 segments[-1] = entry
             else:
                 segments.append(entry)
+                last = i
             i += 1
 
     def _first_touch(self, scan: _Scan, i: int, stop: int, levels: tuple[float, float, float, float], base: float,
@@ -599,10 +601,11 @@ class TradingEngine:
         """Apply what the broker reported. A duplicate fill is ignored; an event the order's
         state does not allow is recorded, never applied."""
         touched = set()
+        orders = self.orders
         for event in events:
-            order = self.orders.get(event.client_id)
-            when = event.ts if event.ts >= 0 else (ts or 0)
+            order = orders.get(event.client_id)
             if order is None:
+                when = event.ts if event.ts >= 0 else (ts or 0)
                 self._record(when, symbol or "", "broker", False, f"event {event.kind.value} for unknown order {event.client_id}",
                              event.client_id)
                 continue
@@ -613,20 +616,22 @@ class TradingEngine:
                 else:
                     order.apply(event.kind, event.reason)
             except IllegalTransition as exc:
+                when = event.ts if event.ts >= 0 else (ts or 0)
                 self._record(when, order.symbol, "order", False, f"{order.client_id}: {exc}", order.client_id)
         for s in touched:
             self._refresh(self._symbols[s])
 
     def _on_fill(self, order: Order, fill: Fill) -> None:
-        if fill.fill_id in self._fill_ids:
+        fill_ids = self._fill_ids
+        if fill.fill_id in fill_ids:
             return
-        self._fill_ids.add(fill.fill_id)
-        equity = self.equity()
-        stop = order.stop_loss if order.intent == "entry" else None
-        self.portfolio.apply_fill(fill, equity, stop, _EXIT_REASONS.get(order.intent, order.intent))
+        fill_ids.add(fill.fill_id)
+        intent = order.intent
+        portfolio = self.portfolio
+        portfolio.apply_fill(fill, self.equity(), order.stop_loss if intent == "entry" else None, _EXIT_REASONS.get(intent, intent))
         self._symbols[order.symbol].refused = math.nan  # the position changed: ask again
         self.fills.append(fill)
-        order.add_fill(fill.qty, fill.price, complete=order.reduce_only and self.portfolio.position(order.symbol).units == 0)
+        order.add_fill(fill.qty, fill.price, order.reduce_only and portfolio.positions[order.symbol].units == 0)
 
     def _refresh(self, st: _SymbolState) -> None:
         """Recount this symbol's working orders and the price levels that can trigger one."""
