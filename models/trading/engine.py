@@ -329,9 +329,10 @@ class TradingEngine:
         st.last_ts, st.last_close, st.last_conv = block.ts[-1].item(), block.close[-1].item(), block.conv[-1].item()
         st.tail = self._ranges[-self.risk.config.atr_period:].tolist()
         equity, units = np.full(n, np.nan), np.full(n, np.nan)
-        starts = np.array([s[0] for s in segments], dtype=np.int64)
+        columns = list(zip(*segments))
+        starts = np.array(columns[0], dtype=np.int64)
         lengths = np.diff(np.r_[starts, n])
-        base, qty, avg = (np.repeat(np.array([s[k] for s in segments], dtype=np.float64), lengths) for k in (1, 2, 3))
+        base, qty, avg = (np.repeat(np.array(columns[k], dtype=np.float64), lengths) for k in (1, 2, 3))
         equity[first:] = base + qty * (block.close[first:] - avg) * block.conv[first:]  # each segment's marks, at once
         units[first:] = qty
         return BlockResult(equity, units, n - first)
