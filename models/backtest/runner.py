@@ -237,10 +237,7 @@ def orders_frame(engine: TradingEngine) -> pl.DataFrame:
               "intent": pl.String, "bar_ts": pl.Int64, "price": pl.Float64, "state": pl.String, "filled_qty": pl.Float64,
               "avg_fill_price": pl.Float64, "parent_id": pl.String, "reason": pl.String}
     orders = list(engine.orders.values())
-    columns = _columns(orders, [n for n in schema if n not in ("side", "type", "state")])
-    columns["side"] = list(map(int, map(attrgetter("side"), orders)))
-    columns["type"] = list(map(str.__str__, map(attrgetter("type"), orders)))  # the enum's value, without its __str__
-    columns["state"] = list(map(str.__str__, map(attrgetter("state"), orders)))
+    columns = _columns(orders, schema)  # the enums are int and str: polars reads their values
     return pl.DataFrame(columns, schema=schema).with_columns(_ms("bar_ts"))
 
 
@@ -249,9 +246,7 @@ def fills_frame(engine: TradingEngine) -> pl.DataFrame:
               "price": pl.Float64, "commission": pl.Float64, "ts": pl.Int64, "conv": pl.Float64, "mid": pl.Float64,
               "reason": pl.String}
     fills = engine.fills
-    columns = _columns(fills, [n for n in schema if n != "side"])
-    columns["side"] = list(map(int, map(attrgetter("side"), fills)))
-    return pl.DataFrame(columns, schema=schema).with_columns(_ms("ts"))
+    return pl.DataFrame(_columns(fills, schema), schema=schema).with_columns(_ms("ts"))
 
 
 def risk_events_frame(engine: TradingEngine) -> pl.DataFrame:
