@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import cached_property
 from operator import attrgetter
 from typing import Any
 
@@ -44,17 +45,32 @@ class BacktestConfig:
 
 @dataclass
 class BacktestResult:
+    """A finished run. ``orders``, ``fills`` and ``risk_events`` are frames of the engine's
+    records, built on first access (then kept): a sweep or an optimisation reads the metrics of
+    thousands of runs and none of them, and on a run of thousands of trades they are most of
+    what the backtest costs after the event loop. ``engine`` is the finished engine: drive it
+    further and those frames (if not read yet) follow it."""
+
     strategy: str
     symbols: list[str]
     timeframe: str
     equity: pl.DataFrame  # ts, equity, drawdown, exposure, margin, buy_hold
     trades: pl.DataFrame
-    orders: pl.DataFrame
-    fills: pl.DataFrame
-    risk_events: pl.DataFrame
     metrics: dict[str, float]
     config: BacktestConfig
     engine: TradingEngine = field(repr=False)
+
+    @cached_property
+    def orders(self) -> pl.DataFrame:
+        return orders_frame(self.engine)
+
+    @cached_property
+    def fills(self) -> pl.DataFrame:
+        return fills_frame(self.engine)
+
+    @cached_property
+    def risk_events(self) -> pl.DataFrame:
+        return risk_events_frame(self.engine)
 
 
 def join_predictions(bars: pl.DataFrame, predictions: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
@@ -178,8 +194,7 @@ def run_backtest(bars: pl.DataFrame, strategy: Strategy, config: BacktestConfig 
     metrics["orders"] = len(engine.orders)
     metrics["rejections"] = sum(1 for e in engine.risk_events if not e.approved)
     return BacktestResult(engine_config.strategy, symbols, str(bars["timeframe"][0]) if "timeframe" in bars.columns else "",
-                          result_equity, trades, orders_frame(engine), fills_frame(engine), risk_events_frame(engine),
-                          metrics, config, engine)
+                          result_equity, trades, metrics, config, engine)
 
 
 def _interleaved(engine: TradingEngine, blocks: dict[str, BarBlock], specs: Mapping[str, Instrument],
