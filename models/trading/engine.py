@@ -57,7 +57,7 @@ from models.trading.orders import (
     Side,
     client_order_id,
 )
-from models.trading.portfolio import Portfolio
+from models.trading.portfolio import Portfolio, Position
 from models.trading.risk import KS_OFF, EntryContext, KillSwitch, RiskModel, mean_true_range, true_ranges
 
 _INF = math.inf
@@ -497,11 +497,10 @@ class TradingEngine:
             units = pos.units
         s = block.side.item(i)
         if s == s and s != (units > 0) - (units < 0) and s != st.refused:
-            self._decide(st, block, i, int(s), ts)
+            self._decide(st, block, i, int(s), ts, pos)
 
-    def _decide(self, st: _SymbolState, block: BarBlock, i: int, side: int, ts: int) -> None:
+    def _decide(self, st: _SymbolState, block: BarBlock, i: int, side: int, ts: int, pos: Position) -> None:
         symbol = st.symbol
-        pos = self.portfolio.position(symbol)
         if st.working_market:  # kept by _refresh after every change of an order
             self._record(ts, symbol, "entry" if side else "exit", False, "an order of this symbol is still working")
             return
@@ -553,8 +552,8 @@ class TradingEngine:
                 st.refused = float(side)
             return
         stop, target = decision.stop, decision.target
-        entry = Order(entry_id, symbol, _SIDE[side], OT_MARKET, decision.qty, "entry", ts,
-                      stop_loss=stop, take_profit=target, reason=decision.reason)
+        entry = Order(entry_id, symbol, _SIDE[side], OT_MARKET, decision.qty, "entry", ts, None, False, None, stop, target,
+                      ST_NEW, 0.0, 0.0, decision.reason)
         if not self._submit(entry, st, ts) or (stop is None and target is None):
             return
         for intent, level, kind in (("sl", stop, OT_STOP), ("tp", target, OT_LIMIT)):

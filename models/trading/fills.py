@@ -254,8 +254,9 @@ class SimulatedBroker(BrokerPort):
         mode = self.conv_modes.get(symbol, CM_ONE)
         conv = 1.0 if mode is CM_ONE else fill_conversion(mode, price, conv_known)
         work.fills += 1
-        fill = Fill(f"{cid}-{work.fills}", cid, symbol, order.side, qty, price,
-                    commission(self.config, self.instruments[symbol], qty, price, conv), ts, conv, mid, how)
+        config = self.config  # commission(), inlined
+        charge = config.commission_rate * qty * price * conv + config.commission_per_lot * qty / self.instruments[symbol].contract_size
+        fill = Fill(f"{cid}-{work.fills}", cid, symbol, order.side, qty, price, charge, ts, conv, mid, how)
         filled = work.filled
         work.avg = (work.avg * filled + price * qty) / (filled + qty)
         work.filled = filled = filled + qty
