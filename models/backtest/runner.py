@@ -132,7 +132,8 @@ def run_backtest(bars: pl.DataFrame, strategy: Strategy, config: BacktestConfig 
         if not isinstance(strategy, ModelStrategy):
             raise ValueError("predictions drive the model strategy only")
         bars, _ = join_predictions(bars, predictions)
-    bars = bars.sort("symbol", "ts")
+    if not (_constant(bars["symbol"]) and bars["ts"].null_count() == 0 and bars["ts"].is_sorted()):  # one symbol in time order: sorted
+        bars = bars.sort("symbol", "ts")
     symbols = bars["symbol"].unique(maintain_order=True).to_list()
     specs = {s: config.instruments.get(s) or instrument(s) for s in symbols}
     spreads = {s: config.fill.spread if config.fill.spread is not None else specs[s].spread for s in symbols}
