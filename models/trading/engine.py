@@ -157,10 +157,14 @@ class _Scan:
         hs = block.half_spread
         self.ts, self.close, self.conv = ts, block.close, block.conv
         self.ha, self.la, self.hb, self.lb = block.high + hs, block.low + hs, block.high - hs, block.low - hs
-        side = block.side
+        self.side = side = block.side
+        self.next_known = _next_true(~np.isnan(side), np.arange(n, dtype=np.int64), n)  # the next bar with any decision
+        self.next_side = None  # per side, built when first needed (see next_signal)
+        return self
+
+    def _per_side(self) -> None:
+        side, n = self.side, self.n
         index = np.arange(n, dtype=np.int64)
-        self.side = side
-        self.next_known = _next_true(~np.isnan(side), index, n)  # the next bar with any decision
         self.next_side = {}
         known = np.isnan(side)
         for value in (-1.0, 0.0, 1.0):
@@ -168,7 +172,6 @@ class _Scan:
             known |= hit
             self.next_side[value] = _next_true(hit, index, n)
         self.next_other = _next_true(~known, index, n) if not known.all() else None  # any other side acts
-        return self
 
     def next_signal(self, i: int, cur: float, refused: float) -> int:
         """The first bar at or after ``i`` whose signal differs from the position and from a side
@@ -179,6 +182,8 @@ class _Scan:
         s = self.side.item(j)
         if s != cur and s != refused:  # the next decision acts: it is the first (the usual case)
             return j
+        if self.next_side is None:
+            self._per_side()
         best = self.n if self.next_other is None else int(self.next_other[i])
         for value, nxt in self.next_side.items():
             if value != cur and value != refused:
