@@ -541,3 +541,47 @@ def test_drawdown_duration_from_peak_to_recovery():
     ts = np.arange(8) * 86_400_000
     equity = np.array([100, 110, 105, 100, 108, 111, 109, 112.0])
     assert drawdown_duration(ts, equity) == (4.0, 4)  # 110 on day 1, back above on day 5
+
+
+def test_apply_follows_the_table_for_every_pair_and_records_it():
+    """Order.apply reads a table derived from TRANSITIONS (with shared history entries): it must
+    agree with the table on every pair and leave an order untouched by an illegal event."""
+    for (state, event), target in TRANSITIONS.items():
+        order = Order("x", "EURUSD", Side.BUY, OrderType.MARKET, 1000, "entry", T0, state=state)
+        assert order.apply(event) is target and order.state is target and order.history == [(event, target)]
+    for state in OrderState:
+        for event in OrderEvent:
+            if (state, event) not in TRANSITIONS:
+                order = Order("x", "EURUSD", Side.BUY, OrderType.MARKET, 1000, "entry", T0, state=state)
+                with pytest.raises(IllegalTransition):
+                    order.apply(event)
+                assert order.state is state and order.history == []
+
+
+class _Recounted(TradingEngine):
+    """The engine, checking after every order it sends that its quick bookkeeping of the
+    symbol's working orders (a market order only counted) equals a full recount."""
+
+    checked = 0
+
+    def _submit(self, order, st, ts):
+        sent = super()._submit(order, st, ts)
+        kept = (st.working_market, st.up_ask, st.dn_ask, st.up_bid, st.dn_bid, set(st.live))
+        self._refresh(st)
+        assert kept == (st.working_market, st.up_ask, st.dn_ask, st.up_bid, st.dn_bid, set(st.live)), order.client_id
+        self.checked += 1
+        return sent
+
+
+def test_the_working_order_count_kept_on_submit_equals_a_full_recount():
+    bars = _walk(3000)
+    block = _block(bars, SmaCross(fast=10, slow=50))
+    spec = instrument("EURUSD")
+    broker = SimulatedBroker({"EURUSD": spec}, FillConfig(commission_per_lot=3.5, slippage=0.00001))
+    engine = _Recounted(EngineConfig("sma"), RiskModel(RISKY), broker, {"EURUSD": spec})
+    engine.run("EURUSD", block.slice(0, 1500))
+    engine.set_kill_switch(KillSwitch.REDUCE_ONLY, "test", flatten=True)  # cancels entries, sends a flatten order
+    engine.set_kill_switch(KillSwitch.OFF, "test over")
+    engine.run("EURUSD", block.slice(1500, 3000))
+    reasons = [t.exit_reason for t in engine.portfolio.trades]
+    assert engine.checked > 50 and {"stop_loss", "take_profit", "kill_switch"} <= set(reasons), (engine.checked, set(reasons))

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import cached_property
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -43,17 +45,32 @@ class BacktestConfig:
 
 @dataclass
 class BacktestResult:
+    """A finished run. ``orders``, ``fills`` and ``risk_events`` are frames of the engine's
+    records, built on first access (then kept): a sweep or an optimisation reads the metrics of
+    thousands of runs and none of them, and on a run of thousands of trades they are most of
+    what the backtest costs after the event loop. ``engine`` is the finished engine: drive it
+    further and those frames (if not read yet) follow it."""
+
     strategy: str
     symbols: list[str]
     timeframe: str
     equity: pl.DataFrame  # ts, equity, drawdown, exposure, margin, buy_hold
     trades: pl.DataFrame
-    orders: pl.DataFrame
-    fills: pl.DataFrame
-    risk_events: pl.DataFrame
     metrics: dict[str, float]
     config: BacktestConfig
     engine: TradingEngine = field(repr=False)
+
+    @cached_property
+    def orders(self) -> pl.DataFrame:
+        return orders_frame(self.engine)
+
+    @cached_property
+    def fills(self) -> pl.DataFrame:
+        return fills_frame(self.engine)
+
+    @cached_property
+    def risk_events(self) -> pl.DataFrame:
+        return risk_events_frame(self.engine)
 
 
 def join_predictions(bars: pl.DataFrame, predictions: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
@@ -115,7 +132,8 @@ def run_backtest(bars: pl.DataFrame, strategy: Strategy, config: BacktestConfig 
         if not isinstance(strategy, ModelStrategy):
             raise ValueError("predictions drive the model strategy only")
         bars, _ = join_predictions(bars, predictions)
-    bars = bars.sort("symbol", "ts")
+    if not (_constant(bars["symbol"]) and bars["ts"].null_count() == 0 and bars["ts"].is_sorted()):  # one symbol in time order: sorted
+        bars = bars.sort("symbol", "ts")
     symbols = bars["symbol"].unique(maintain_order=True).to_list()
     specs = {s: config.instruments.get(s) or instrument(s) for s in symbols}
     spreads = {s: config.fill.spread if config.fill.spread is not None else specs[s].spread for s in symbols}
@@ -177,8 +195,7 @@ def run_backtest(bars: pl.DataFrame, strategy: Strategy, config: BacktestConfig 
     metrics["orders"] = len(engine.orders)
     metrics["rejections"] = sum(1 for e in engine.risk_events if not e.approved)
     return BacktestResult(engine_config.strategy, symbols, str(bars["timeframe"][0]) if "timeframe" in bars.columns else "",
-                          result_equity, trades, orders_frame(engine), fills_frame(engine), risk_events_frame(engine),
-                          metrics, config, engine)
+                          result_equity, trades, metrics, config, engine)
 
 
 def _interleaved(engine: TradingEngine, blocks: dict[str, BarBlock], specs: Mapping[str, Instrument],
@@ -218,13 +235,15 @@ TRADE_SCHEMA = {"trade_id": pl.Int64, "symbol": pl.String, "side": pl.Int8, "qty
                 "exit_reason": pl.String}
 
 
+def _columns(records: list, names) -> dict[str, list]:
+    """One list per attribute, each filled in one pass at C speed (``map`` of an ``attrgetter``:
+    a third of a comprehension's time per value, on thousands of orders)."""
+    return {name: list(map(attrgetter(name), records)) for name in names}
+
+
 def trades_frame(engine: TradingEngine) -> pl.DataFrame:
     trades = engine.portfolio.trades
-    columns = {name: [getattr(t, name) for t in trades] for name in TRADE_SCHEMA
-               if name not in ("pnl", "return_pct", "r_multiple", "exit_reason")}
-    columns["pnl"] = [t.pnl for t in trades]
-    columns["return_pct"] = [t.return_pct for t in trades]
-    columns["r_multiple"] = [t.r_multiple for t in trades]
+    columns = _columns(trades, [n for n in TRADE_SCHEMA if n != "exit_reason"])
     columns["exit_reason"] = [t.exit_reason or ("open" if t.is_open else "") for t in trades]
     return pl.DataFrame(columns, schema=TRADE_SCHEMA).with_columns(_ms("entry_ts"), _ms("exit_ts"))
 
@@ -234,10 +253,7 @@ def orders_frame(engine: TradingEngine) -> pl.DataFrame:
               "intent": pl.String, "bar_ts": pl.Int64, "price": pl.Float64, "state": pl.String, "filled_qty": pl.Float64,
               "avg_fill_price": pl.Float64, "parent_id": pl.String, "reason": pl.String}
     orders = list(engine.orders.values())
-    columns = {name: [getattr(o, name) for o in orders] for name in schema if name not in ("side", "type", "state")}
-    columns["side"] = [int(o.side) for o in orders]
-    columns["type"] = [o.type.value for o in orders]
-    columns["state"] = [o.state.value for o in orders]
+    columns = _columns(orders, schema)  # the enums are int and str: polars reads their values
     return pl.DataFrame(columns, schema=schema).with_columns(_ms("bar_ts"))
 
 
@@ -246,16 +262,13 @@ def fills_frame(engine: TradingEngine) -> pl.DataFrame:
               "price": pl.Float64, "commission": pl.Float64, "ts": pl.Int64, "conv": pl.Float64, "mid": pl.Float64,
               "reason": pl.String}
     fills = engine.fills
-    columns = {name: [getattr(f, name) for f in fills] for name in schema if name != "side"}
-    columns["side"] = [int(f.side) for f in fills]
-    return pl.DataFrame(columns, schema=schema).with_columns(_ms("ts"))
+    return pl.DataFrame(_columns(fills, schema), schema=schema).with_columns(_ms("ts"))
 
 
 def risk_events_frame(engine: TradingEngine) -> pl.DataFrame:
     schema = {"ts": pl.Int64, "symbol": pl.String, "kind": pl.String, "approved": pl.Boolean, "reason": pl.String,
               "client_id": pl.String, "qty": pl.Float64}
-    events = engine.risk_events
-    return pl.DataFrame({name: [getattr(e, name) for e in events] for name in schema}, schema=schema).with_columns(_ms("ts"))
+    return pl.DataFrame(_columns(engine.risk_events, schema), schema=schema).with_columns(_ms("ts"))
 
 
 def with_params(config: BacktestConfig, **risk: Any) -> BacktestConfig:

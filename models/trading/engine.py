@@ -57,7 +57,7 @@ from models.trading.orders import (
     Side,
     client_order_id,
 )
-from models.trading.portfolio import Portfolio
+from models.trading.portfolio import Portfolio, Position
 from models.trading.risk import KS_OFF, EntryContext, KillSwitch, RiskModel, mean_true_range, true_ranges
 
 _INF = math.inf
@@ -139,7 +139,7 @@ class _Scan:
     """A block's arrays for the quiet-bar test on long runs of bars: the bid/ask highs and lows,
     and for each bar and each side the next bar (from there on) with that signal."""
 
-    __slots__ = ("n", "ts", "close", "conv", "ha", "la", "hb", "lb", "next_side", "next_other", "day")
+    __slots__ = ("n", "ts", "close", "conv", "ha", "la", "hb", "lb", "side", "next_known", "next_side", "next_other", "day")
 
     @classmethod
     def of(cls, block: BarBlock, first: int) -> _Scan | None:
@@ -157,7 +157,13 @@ class _Scan:
         hs = block.half_spread
         self.ts, self.close, self.conv = ts, block.close, block.conv
         self.ha, self.la, self.hb, self.lb = block.high + hs, block.low + hs, block.high - hs, block.low - hs
-        side = block.side
+        self.side = side = block.side
+        self.next_known = _next_true(~np.isnan(side), np.arange(n, dtype=np.int64), n)  # the next bar with any decision
+        self.next_side = None  # per side, built when first needed (see next_signal)
+        return self
+
+    def _per_side(self) -> None:
+        side, n = self.side, self.n
         index = np.arange(n, dtype=np.int64)
         self.next_side = {}
         known = np.isnan(side)
@@ -166,11 +172,18 @@ class _Scan:
             known |= hit
             self.next_side[value] = _next_true(hit, index, n)
         self.next_other = _next_true(~known, index, n) if not known.all() else None  # any other side acts
-        return self
 
     def next_signal(self, i: int, cur: float, refused: float) -> int:
         """The first bar at or after ``i`` whose signal differs from the position and from a side
         the kill switch refused (``n`` when none)."""
+        j = self.next_known.item(i)
+        if j == self.n:
+            return j
+        s = self.side.item(j)
+        if s != cur and s != refused:  # the next decision acts: it is the first (the usual case)
+            return j
+        if self.next_side is None:
+            self._per_side()
         best = self.n if self.next_other is None else int(self.next_other[i])
         for value, nxt in self.next_side.items():
             if value != cur and value != refused:
@@ -321,9 +334,10 @@ class TradingEngine:
         st.last_ts, st.last_close, st.last_conv = block.ts[-1].item(), block.close[-1].item(), block.conv[-1].item()
         st.tail = self._ranges[-self.risk.config.atr_period:].tolist()
         equity, units = np.full(n, np.nan), np.full(n, np.nan)
-        starts = np.array([s[0] for s in segments], dtype=np.int64)
+        columns = list(zip(*segments))
+        starts = np.array(columns[0], dtype=np.int64)
         lengths = np.diff(np.r_[starts, n])
-        base, qty, avg = (np.repeat(np.array([s[k] for s in segments], dtype=np.float64), lengths) for k in (1, 2, 3))
+        base, qty, avg = (np.repeat(np.array(columns[k], dtype=np.float64), lengths) for k in (1, 2, 3))
         equity[first:] = base + qty * (block.close[first:] - avg) * block.conv[first:]  # each segment's marks, at once
         units[first:] = qty
         return BlockResult(equity, units, n - first)
@@ -379,24 +393,26 @@ class TradingEngine:
         pos = self.portfolio.position(symbol)
         c = self.risk.config
         limits = c.max_drawdown is not None or c.max_daily_loss is not None
+        next_signal, next_day, step, base = scan.next_signal, scan.next_at_or_after, self._step, self._base
         i = first
+        last = segments[-1][0]
         while i < n:
             if not st.working_market and self._unknown == 0:
                 q, avg = pos.units, pos.avg
-                cur = float((q > 0) - (q < 0))
-                stop = min(scan.next_signal(i, cur, st.refused), scan.next_at_or_after(self._day_end, i))
-                levels = (st.up_ask, st.dn_ask, st.up_bid, st.dn_bid)
-                if limits or levels != (_INF, -_INF, _INF, -_INF):
-                    stop = self._first_touch(scan, i, stop, levels, segments[-1][1], q, avg, limits)
+                stop = min(next_signal(i, float((q > 0) - (q < 0)), st.refused), next_day(self._day_end, i))
+                if limits or st.up_ask != _INF or st.dn_ask != -_INF or st.up_bid != _INF or st.dn_bid != -_INF:
+                    stop = self._first_touch(scan, i, stop, (st.up_ask, st.dn_ask, st.up_bid, st.dn_bid),
+                                             segments[-1][1], q, avg, limits)
                 if stop >= n:
                     break
                 i = stop
-            self._step(st, block, i)
-            entry = (i, self._base(symbol), pos.units, pos.avg)
-            if segments[-1][0] == i:
+            step(st, block, i)
+            entry = (i, base(symbol), pos.units, pos.avg)
+            if last == i:
                 segments[-1] = entry
             else:
                 segments.append(entry)
+                last = i
             i += 1
 
     def _first_touch(self, scan: _Scan, i: int, stop: int, levels: tuple[float, float, float, float], base: float,
@@ -453,10 +469,10 @@ class TradingEngine:
         symbol = st.symbol
         ts = block.ts.item(i)
         pos = self.portfolio.position(symbol)
-        prev_close = block.close.item(i - 1) if i > 0 else st.last_close
         prev_conv = block.conv.item(i - 1) if i > 0 else st.last_conv
         if ts >= self._day_end:
             # A new day: its loss is measured from the equity at the last close before it.
+            prev_close = block.close.item(i - 1) if i > 0 else st.last_close
             marked = pos.units * (prev_close - pos.avg) * prev_conv if pos.units else 0.0
             self._day_ref = self._base(symbol) + marked
             self._day_end = _next_day_end(ts, self.config.day_boundary)
@@ -476,81 +492,89 @@ class TradingEngine:
             self.on_broker_events(events, ts, symbol)
         # Mark at the close and watch the account's limits.
         st.last_close, st.last_conv, st.last_ts = close, conv, ts
-        equity = self._base(symbol) + pos.units * (st.last_close - pos.avg) * st.last_conv
+        units = pos.units
+        equity = self._base(symbol) + units * (close - pos.avg) * conv
         if equity > self._peak:
             self._peak = equity
             self._update_floor()
         if equity < self._floor:
             self._breach(equity, ts, symbol)
+            units = pos.units
         s = block.side.item(i)
-        cur = (pos.units > 0) - (pos.units < 0)
-        if s == s and s != cur and s != st.refused:
-            self._decide(st, block, i, int(s), ts)
+        if s == s and s != (units > 0) - (units < 0) and s != st.refused:
+            self._decide(st, block, i, int(s), ts, pos)
 
-    def _decide(self, st: _SymbolState, block: BarBlock, i: int, side: int, ts: int) -> None:
+    def _decide(self, st: _SymbolState, block: BarBlock, i: int, side: int, ts: int, pos: Position) -> None:
         symbol = st.symbol
-        pos = self.portfolio.position(symbol)
         if st.working_market:  # kept by _refresh after every change of an order
             self._record(ts, symbol, "entry" if side else "exit", False, "an order of this symbol is still working")
             return
-        cur = (pos.units > 0) - (pos.units < 0)
+        units = pos.units
+        cur = (units > 0) - (units < 0)
+        strategy = self.config.strategy
+        events = self.risk_events
         if cur:
             decision = self.risk.evaluate_exit(self.kill)
-            exit_id = client_order_id(self.config.strategy, symbol, ts, "exit")
-            self._record(ts, symbol, "exit", decision.approved, decision.reason, exit_id, abs(pos.units))
+            exit_id = client_order_id(strategy, symbol, ts, "exit")
+            events.append(RiskEvent(ts, symbol, "exit", decision.approved, decision.reason, exit_id, abs(units)))
             if not decision.approved:
                 st.refused = float(side)  # the kill switch: refused until it or the position changes
                 return
-            self._submit(Order(exit_id, symbol, _SIDE[-cur], OT_MARKET, abs(pos.units), "exit", ts,
-                               reduce_only=True, reason="signal"), st, ts)
+            self._submit(Order(exit_id, symbol, _SIDE[-cur], OT_MARKET, abs(units), "exit", ts, None, True,
+                               reason="signal"), st, ts)
         if side == 0:
             return
-        close = block.close.item(i)
-        conv = block.conv.item(i)
-        atr = mean_true_range(self._ranges, self.risk.config.atr_period, i + 1 + self._offset)
+        risk = self.risk
+        atr = mean_true_range(self._ranges, risk.config.atr_period, i + 1 + self._offset)
         prob = block.prob.item(i)
         # Other symbols count with their positions and their entries still on the way.
         notional = margin = 0.0
         open_elsewhere = 0
-        for s, o in self._symbols.items():
-            if s == symbol:
-                continue
-            units = abs(self.portfolio.position(s).units) if s in self.portfolio.positions else 0.0
-            units += sum(self.orders[c].remaining for c in o.live if not self.orders[c].reduce_only)
-            if units:
-                value = units * o.last_close * o.last_conv
-                notional += value
-                margin += value / o.spec.leverage
-                open_elsewhere += 1
-        while self._order_times and self._order_times[0] <= ts - self.risk.config.order_window_minutes * 60_000:
-            self._order_times.popleft()
-        ctx = EntryContext(symbol, side, close, conv, atr, self.equity(), block.confidence.item(i),
-                           prob if prob == prob else None, notional, margin, open_elsewhere, len(self._order_times), self.kill)
-        decision = self.risk.evaluate_entry(ctx, st.spec)
-        entry_id = client_order_id(self.config.strategy, symbol, ts, "entry")
-        self._record(ts, symbol, "entry", decision.approved, decision.reason, entry_id, decision.qty)
+        if len(self._symbols) > 1:
+            positions, orders = self.portfolio.positions, self.orders
+            for s, o in self._symbols.items():
+                if s == symbol:
+                    continue
+                units = abs(positions[s].units) if s in positions else 0.0
+                units += sum(orders[c].remaining for c in o.live if not orders[c].reduce_only)
+                if units:
+                    value = units * o.last_close * o.last_conv
+                    notional += value
+                    margin += value / o.spec.leverage
+                    open_elsewhere += 1
+        times = self._order_times
+        if times:
+            since = ts - risk.config.order_window_minutes * 60_000
+            while times and times[0] <= since:
+                times.popleft()
+        ctx = EntryContext(symbol, side, block.close.item(i), block.conv.item(i), atr, self.equity(), block.confidence.item(i),
+                           prob if prob == prob else None, notional, margin, open_elsewhere, len(times), self.kill)
+        decision = risk.evaluate_entry(ctx, st.spec)
+        entry_id = client_order_id(strategy, symbol, ts, "entry")
+        events.append(RiskEvent(ts, symbol, "entry", decision.approved, decision.reason, entry_id, decision.qty))
         if not decision.approved:
             if self.kill is not KS_OFF:
                 st.refused = float(side)
             return
-        entry = Order(entry_id, symbol, _SIDE[side], OT_MARKET, decision.qty, "entry", ts,
-                      stop_loss=decision.stop, take_profit=decision.target, reason=decision.reason)
-        if not self._submit(entry, st, ts):
+        stop, target = decision.stop, decision.target
+        entry = Order(entry_id, symbol, _SIDE[side], OT_MARKET, decision.qty, "entry", ts, None, False, None, stop, target,
+                      ST_NEW, 0.0, 0.0, decision.reason)
+        if not self._submit(entry, st, ts) or (stop is None and target is None):
             return
-        for intent, level, kind in (("sl", decision.stop, OT_STOP), ("tp", decision.target, OT_LIMIT)):
+        for intent, level, kind in (("sl", stop, OT_STOP), ("tp", target, OT_LIMIT)):
             if level is not None:
-                self._submit(Order(client_order_id(self.config.strategy, symbol, ts, intent), symbol, _SIDE[-side], kind,
+                self._submit(Order(client_order_id(strategy, symbol, ts, intent), symbol, _SIDE[-side], kind,
                                    decision.qty, intent, ts, price=level, reduce_only=True, parent_id=entry_id), st, ts)
 
     # -- orders and broker events ----------------------------------------------------------
     def _submit(self, order: Order, st: _SymbolState, ts: int) -> bool:
-        if order.client_id in self.orders:
-            self._record(ts, order.symbol, "order", False, f"decision replayed: order {order.client_id} already exists, not sent again",
-                         order.client_id)
+        cid = order.client_id
+        if cid in self.orders:
+            self._record(ts, order.symbol, "order", False, f"decision replayed: order {cid} already exists, not sent again", cid)
             return False
-        self.orders[order.client_id] = order
+        self.orders[cid] = order
         order.apply(EV_SUBMIT)
-        st.live.add(order.client_id)
+        st.live.add(cid)
         if order.parent_id is None:
             self._order_times.append(ts)
         try:
@@ -562,22 +586,31 @@ class TradingEngine:
                          order.client_id)
             self._refresh(st)
             return True
-        if ack.status is ACK_ACCEPTED:
+        status = ack.status
+        if status is ACK_ACCEPTED:
             order.apply(EV_ACCEPT)
-        elif ack.status is ACK_REJECTED:
+        elif status is ACK_REJECTED:
             order.apply(EV_REJECT, ack.reason)
-            self._record(ts, order.symbol, "broker", False, f"broker rejected {order.client_id}: {ack.reason}", order.client_id)
-        self._refresh(st)
-        return order.state is not ST_REJECTED
+            self._record(ts, order.symbol, "broker", False, f"broker rejected {cid}: {ack.reason}", cid)
+            self._refresh(st)
+            return False
+        if order.type is OT_MARKET and not self._unknown:
+            # A working market order: the one count it changes (the levels count stops and
+            # limits only, and every other order of the symbol is as the last refresh left it).
+            st.working_market += 1
+        else:
+            self._refresh(st)
+        return True
 
     def on_broker_events(self, events: list[BrokerEvent], ts: int | None = None, symbol: str | None = None) -> None:
         """Apply what the broker reported. A duplicate fill is ignored; an event the order's
         state does not allow is recorded, never applied."""
         touched = set()
+        orders = self.orders
         for event in events:
-            order = self.orders.get(event.client_id)
-            when = event.ts if event.ts >= 0 else (ts or 0)
+            order = orders.get(event.client_id)
             if order is None:
+                when = event.ts if event.ts >= 0 else (ts or 0)
                 self._record(when, symbol or "", "broker", False, f"event {event.kind.value} for unknown order {event.client_id}",
                              event.client_id)
                 continue
@@ -588,20 +621,22 @@ class TradingEngine:
                 else:
                     order.apply(event.kind, event.reason)
             except IllegalTransition as exc:
+                when = event.ts if event.ts >= 0 else (ts or 0)
                 self._record(when, order.symbol, "order", False, f"{order.client_id}: {exc}", order.client_id)
         for s in touched:
             self._refresh(self._symbols[s])
 
     def _on_fill(self, order: Order, fill: Fill) -> None:
-        if fill.fill_id in self._fill_ids:
+        fill_ids = self._fill_ids
+        if fill.fill_id in fill_ids:
             return
-        self._fill_ids.add(fill.fill_id)
-        equity = self.equity()
-        stop = order.stop_loss if order.intent == "entry" else None
-        self.portfolio.apply_fill(fill, equity, stop, _EXIT_REASONS.get(order.intent, order.intent))
+        fill_ids.add(fill.fill_id)
+        intent = order.intent
+        portfolio = self.portfolio
+        portfolio.apply_fill(fill, self.equity(), order.stop_loss if intent == "entry" else None, _EXIT_REASONS.get(intent, intent))
         self._symbols[order.symbol].refused = math.nan  # the position changed: ask again
         self.fills.append(fill)
-        order.add_fill(fill.qty, fill.price, complete=order.reduce_only and self.portfolio.position(order.symbol).units == 0)
+        order.add_fill(fill.qty, fill.price, order.reduce_only and portfolio.positions[order.symbol].units == 0)
 
     def _refresh(self, st: _SymbolState) -> None:
         """Recount this symbol's working orders and the price levels that can trigger one."""

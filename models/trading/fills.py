@@ -199,11 +199,12 @@ class SimulatedBroker(BrokerPort):
     def _fill_market(self, work: _Working, bar: tuple) -> None:
         ts, open_, _, _, hs, conv_known = bar
         order = work.order
-        qty = self._reducible(work)
+        qty = self._reducible(work) if order.reduce_only else order.qty - work.filled
         if qty <= 0:
             self._cancel(work, ts, "reduce-only order with no position to reduce")
             return
-        price = market_price(order.side, open_, hs, self.config.slippage)
+        slippage = self.config.slippage
+        price = open_ + hs + slippage if order.side > 0 else open_ - hs - slippage  # market_price, inlined
         self._fill(work, qty, price, open_, ts, conv_known, "market")
 
     def _reducible(self, work: _Working) -> float:
@@ -249,26 +250,33 @@ class SimulatedBroker(BrokerPort):
 
     def _fill(self, work: _Working, qty: float, price: float, mid: float, ts: int, conv_known: float, how: str) -> None:
         order = work.order
-        spec = self.instruments[order.symbol]
-        conv = fill_conversion(self.conv_modes.get(order.symbol, CM_ONE), price, conv_known)
+        symbol, cid = order.symbol, order.client_id
+        mode = self.conv_modes.get(symbol, CM_ONE)
+        conv = 1.0 if mode is CM_ONE else fill_conversion(mode, price, conv_known)
         work.fills += 1
-        fill = Fill(f"{order.client_id}-{work.fills}", order.client_id, order.symbol, order.side, qty, price,
-                    commission(self.config, spec, qty, price, conv), ts, conv, mid, how)
-        work.avg = (work.avg * work.filled + price * qty) / (work.filled + qty)
-        work.filled += qty
-        done = work.filled >= order.qty - 1e-9 * max(1.0, order.qty)
+        config = self.config  # commission(), inlined
+        charge = config.commission_rate * qty * price * conv + config.commission_per_lot * qty / self.instruments[symbol].contract_size
+        fill = Fill(f"{cid}-{work.fills}", cid, symbol, order.side, qty, price, charge, ts, conv, mid, how)
+        filled = work.filled
+        work.avg = (work.avg * filled + price * qty) / (filled + qty)
+        work.filled = filled = filled + qty
+        done = filled >= order.qty - 1e-9 * max(1.0, order.qty)
         if not done and order.reduce_only:
             done = True  # a close order is done once the position is closed
         work.state = ST_FILLED if done else ST_PARTIALLY_FILLED
-        self._events.append(BrokerEvent(EV_FILL, order.client_id, ts, how, fill))
-        before = self._pos.get(order.symbol, 0.0)
+        self._events.append(BrokerEvent(EV_FILL, cid, ts, how, fill))
+        positions = self._pos
+        before = positions.get(symbol, 0.0)
         after = before + order.side * qty
         if abs(after) < 1e-9 * max(1.0, abs(before)):
             after = 0.0
-        self._pos[order.symbol] = after
+        positions[symbol] = after
+        resting = self._resting.get(symbol)
+        if not resting:
+            return  # no stop or limit of this symbol to cancel or to activate
         if before != 0 and (after == 0 or (after > 0) != (before > 0)):
             # The position this order closed takes its protective orders with it.
-            for other in self._resting.get(order.symbol, []):
+            for other in resting:
                 if other.order.parent_id is not None and other.active and other.state is ST_ACCEPTED \
                         and other.order.parent_id != order.client_id:
                     self._cancel(other, ts, "position closed")

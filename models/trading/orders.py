@@ -92,6 +92,10 @@ TRANSITIONS: dict[tuple[OrderState, OrderEvent], OrderState] = {
     (S.UNKNOWN, E.TIMEOUT): S.UNKNOWN,
 }
 del S, E
+# Each transition's history entry, built once: an order's history shares these tuples (no
+# allocation per transition, and nothing new for the garbage collector to track).
+_STEPS: dict[tuple[OrderState, OrderEvent], tuple[OrderState, tuple[OrderEvent, OrderState]]] = {
+    key: (state, (key[1], state)) for key, state in TRANSITIONS.items()}
 
 TERMINAL = frozenset({OrderState.FILLED, OrderState.CANCELLED, OrderState.REJECTED, OrderState.EXPIRED})
 WORKING = frozenset({OrderState.SUBMITTED, OrderState.ACCEPTED, OrderState.PARTIALLY_FILLED,
@@ -155,11 +159,11 @@ class Order:
 
     def apply(self, event: OrderEvent, reason: str = "") -> OrderState:
         """Move along the transition table; raises :class:`IllegalTransition` otherwise."""
-        state = TRANSITIONS.get((self.state, event))
-        if state is None:
+        step = _STEPS.get((self.state, event))
+        if step is None:
             next_state(self.state, event)  # raises with the message
-        self.state = state
-        self.history.append((event, state))
+        self.state, entry = step
+        self.history.append(entry)
         if reason and event in _REASONED:
             self.reason = reason
         return self.state

@@ -85,7 +85,7 @@ class Portfolio:
     def apply_fill(self, fill: Fill, equity: float, stop: float | None, reason: str) -> None:
         """Book one execution. ``equity`` is the account's before it (for the trade's record),
         ``stop`` the protective stop of an entry (for its R), ``reason`` why it closed one."""
-        pos = self.position(fill.symbol)
+        pos = self.positions.get(fill.symbol) or self.position(fill.symbol)
         q, side, x, price, conv = pos.units, int(fill.side), fill.qty, fill.price, fill.conv
         self.balance -= fill.commission
         self.commission_total += fill.commission
