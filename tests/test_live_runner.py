@@ -142,7 +142,7 @@ def test_replaying_days_through_the_runner_with_the_paper_broker_is_the_backtest
     lines = report_lines(report)
     assert lines[1].split()[-4:] == lines[2].split()[-4:] == [f"{len(live.orders):,}", str(live.entries),
                                                                 f"{len(live.fills):,}", f"{bt[max(bt)]:,.2f}"]
-    assert lines[3].startswith(f"  identical:") and f"all {REPLAY:,} bar closes" in lines[3]
+    assert lines[3].startswith("  identical:") and f"all {REPLAY:,} bar closes" in lines[3]
     # and it finds a difference where there is one
     moved = backtest_record(result)
     moved.equity[max(moved.equity)] += 0.01

@@ -541,3 +541,32 @@ def test_drawdown_duration_from_peak_to_recovery():
     ts = np.arange(8) * 86_400_000
     equity = np.array([100, 110, 105, 100, 108, 111, 109, 112.0])
     assert drawdown_duration(ts, equity) == (4.0, 4)  # 110 on day 1, back above on day 5
+
+
+def test_equity_sums_the_positions_in_symbol_order_whichever_traded_first():
+    """The live runner warms up symbol by symbol and a backtest bar by bar, so their positions
+    appear in different orders; the same account must still give the same float (parity)."""
+    import itertools
+
+    specs = {s: instrument(s) for s in ("BTCUSD", "EURUSD", "XAUUSD")}
+    book = {"BTCUSD": (4.81, 21758.855000000003, 21771.77), "EURUSD": (-105000.0, 1.0062000000000002, 1.0059),
+            "XAUUSD": (44.0, 2370.8950000000004, 2371.74)}
+
+    def equity(order: tuple[str, ...]) -> float:
+        engine = TradingEngine(EngineConfig("eq"), RiskModel(RiskConfig()), SimulatedBroker(specs, FillConfig()), specs)
+        engine.portfolio.balance = 100_013.5771
+        for symbol in order:
+            position = engine.portfolio.position(symbol)
+            position.units, position.avg = book[symbol][:2]
+            state = engine._state(symbol)
+            state.last_close, state.last_conv = book[symbol][2], 1.0
+        return engine.equity()
+
+    def in_order(order: tuple[str, ...]) -> float:
+        total = 100_013.5771
+        for s in order:
+            total += book[s][0] * (book[s][2] - book[s][1])
+        return total
+
+    assert len({in_order(o) for o in itertools.permutations(book)}) > 1  # these marks round differently in another order
+    assert len({equity(order) for order in itertools.permutations(book)}) == 1

@@ -710,16 +710,18 @@ class TradingEngine:
     def _base(self, symbol: str) -> float:
         """Balance plus the other symbols' unrealised PnL at their last marks."""
         base = self.portfolio.balance
-        for s, p in self.portfolio.positions.items():
+        for s, p in sorted(self.portfolio.positions.items()):  # symbol order: see equity()
             if s != symbol and p.units:
                 o = self._symbols[s]
                 base += p.units * (o.last_close - p.avg) * o.last_conv
         return base
 
     def equity(self) -> float:
-        """Balance plus every position marked at its symbol's last close."""
+        """Balance plus every position marked at its symbol's last close, summed in symbol order:
+        the same account gives the same float whichever symbol traded first (the live runner warms
+        up symbol by symbol, a backtest bar by bar)."""
         equity = self.portfolio.balance
-        for s, p in self.portfolio.positions.items():
+        for s, p in sorted(self.portfolio.positions.items()):
             if p.units:
                 o = self._symbols[s]
                 equity += p.units * (o.last_close - p.avg) * o.last_conv
