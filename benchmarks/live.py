@@ -8,9 +8,10 @@ its own event loop. The publisher sends one bar at a time (the next once the run
 finished the last: acknowledged, its ledger stored), stamping the send time in the
 ``Tradeforge-Sent-Ns`` header the runner reads; so each figure is one bar's own latency, with
 no queue in front of it. Stages come from the runner's own timings (what it observes into its
-Prometheus histograms, kept per bar here): bus (published -> received), features, inference,
-risk (the engine's step without the broker), broker (time inside the paper broker); then what
-follows the accepted order: the ledger to JetStream and the state to NATS KV.
+Prometheus histograms, kept per bar here): bus (published -> received), features, inference
+(the model and the strategy's signal; the model alone is timed apart), risk (the engine's step
+without the broker), broker (time inside the paper broker); then what follows the accepted
+order: the ledger to JetStream and the state to NATS KV.
 """
 
 from __future__ import annotations
@@ -69,6 +70,18 @@ async def _request_reply(url: str, n: int) -> dict[str, float]:
     await sub.unsubscribe()
     await requester.close()
     await responder.close()
+    return _pct(times)
+
+
+def _model_alone(runner: LiveRunner, n: int = 3_000) -> dict[str, float]:
+    """The served model's own call on one feature vector, as the runner makes it."""
+    model = runner.model
+    rows = np.random.default_rng(3).normal(size=(n, len(model.features))).astype(np.float32)
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        model._predict(rows[i:i + 1])
+        times.append(time.perf_counter() - t0)
     return _pct(times)
 
 
@@ -131,6 +144,7 @@ def bench_live(quick: bool = False) -> dict:
             asyncio.run(_drive(runner, server.url, bars.tail(n)))
             wall = time.perf_counter() - t0
             outcomes = [o for o in runner.outcomes if o.status == "processed"]
+            model_alone = _model_alone(runner)
             rr = asyncio.run(_request_reply(server.url, min(n, 10_000)))
         finally:
             server.stop()
@@ -140,7 +154,7 @@ def bench_live(quick: bool = False) -> dict:
         "bars": len(outcomes), "bars_with_orders": len(with_orders), "trees": TREES, "seconds": round(wall, 1),
         "end_to_end": _pct(end_to_end), "end_to_end_bars_with_orders": _pct(with_orders),
         "stages": {s: _pct(stages[s]) for s in (*STAGES, "bar", "publish", "persist")},
-        "nats_request_reply": rr,
+        "model_alone": model_alone, "nats_request_reply": rr,
     }
     e2e = out["end_to_end"]
     print(f"  {len(outcomes):,} bars in {wall:.1f}s ({len(with_orders):,} placed orders)")
@@ -153,6 +167,9 @@ def bench_live(quick: bool = False) -> dict:
         after = " (after the order: the ledger to JetStream)" if stage == "publish" else \
             " (after the order: the state to NATS KV, then the ack)" if stage == "persist" else ""
         print(f"    {stage:<10} p50 {s['p50_ms']:.3f} ms  p99 {s['p99_ms']:.3f} ms{after}")
+        if stage == "inference":
+            print(f"      of which the model alone ({TREES} trees, one row): p50 {model_alone['p50_ms']:.3f} ms, "
+                  f"p99 {model_alone['p99_ms']:.3f} ms (the rest: the strategy's signal)")
     print(f"  baseline, NATS request/reply round trip (same server, same run): p50 {rr['p50_ms']:.3f} ms, "
           f"p99 {rr['p99_ms']:.3f} ms; end-to-end p50 = {e2e['p50_ms'] / rr['p50_ms']:.1f}x a round trip")
     return out
