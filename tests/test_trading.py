@@ -570,3 +570,38 @@ def test_equity_sums_the_positions_in_symbol_order_whichever_traded_first():
 
     assert len({in_order(o) for o in itertools.permutations(book)}) > 1  # these marks round differently in another order
     assert len({equity(order) for order in itertools.permutations(book)}) == 1
+
+
+def test_the_model_strategy_signal_of_one_value_is_the_row_signals_gives():
+    values = [None, float("nan"), 0.0, 0.2, 0.45, 0.4500001, 0.5, 0.55, 0.5499999, 0.9, 1.0, -0.003, 0.003]
+    for params in ({}, {"exit_between": False}, {"long_above": 0.6, "short_below": 0.4},
+                   {"column": "prediction", "long_above": 0.001, "short_below": -0.001}):
+        strategy = ModelStrategy(**params)
+        column = strategy.params["column"]
+        frame = strategy.signals(pl.DataFrame({column: values}, schema={column: pl.Float64}))
+        for value, row in zip(values, frame.iter_rows(named=True)):
+            mine = strategy.signal(value)
+            assert mine == row or all(a == b or (a != a and b != b) for a, b in zip(mine.values(), row.values())), (params, value)
+            assert mine.keys() == row.keys() and all(v is None or type(v) is float for v in mine.values())
+
+
+def test_one_bar_block_is_the_block_build_makes_of_a_one_row_frame():
+    from datetime import UTC, datetime
+
+    bars = [{"ts": datetime(2024, 3, 4, 10, 5, tzinfo=UTC), "open": 1.1, "high": 1.2, "low": 1.0, "close": 1.15,
+             "bid_close": 1.1499, "ask_close": 1.1501},
+            {"ts": 1709546700000, "open": 1.1, "high": 1.2, "low": 1.0, "close": 1.15, "bid_close": None, "ask_close": 1.1501},
+            {"ts": datetime(2024, 3, 4, 10, 5, 0, 999_000, tzinfo=UTC), "open": 2, "high": 3, "low": 1, "close": 2}]
+    signals = [None, {"side": 1.0, "confidence": 0.3, "prob": 0.65}, {"side": None, "confidence": None, "prob": None},
+               {"side": -1.0}]
+    for bar in bars:
+        for signal in signals:
+            for conv in (None, np.array([0.9])):
+                frame = pl.DataFrame([bar])
+                sig = None if signal is None else pl.DataFrame(
+                    {"side": [signal.get("side")], "confidence": [signal.get("confidence", 1.0)], "prob": [signal.get("prob")]},
+                    schema={"side": pl.Float64, "confidence": pl.Float64, "prob": pl.Float64})
+                built, one = BarBlock.build(frame, sig, 0.0002, conv), BarBlock.one(bar, signal, 0.0002, conv)
+                for name in built.__dataclass_fields__:
+                    a, b = getattr(built, name), getattr(one, name)
+                    assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), (bar, signal, name, a, b)
