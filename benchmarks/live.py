@@ -169,7 +169,7 @@ def bench_live(quick: bool = False) -> dict:
         print(f"    {stage:<10} p50 {s['p50_ms']:.3f} ms  p99 {s['p99_ms']:.3f} ms{after}")
         if stage == "inference":
             print(f"      of which the model alone ({TREES} trees, one row): p50 {model_alone['p50_ms']:.3f} ms, "
-                  f"p99 {model_alone['p99_ms']:.3f} ms (the rest: the strategy's signal)")
+                  f"p99 {model_alone['p99_ms']:.3f} ms (the rest: the feature vector and the strategy's signal)")
     print(f"  baseline, NATS request/reply round trip (same server, same run): p50 {rr['p50_ms']:.3f} ms, "
           f"p99 {rr['p99_ms']:.3f} ms; end-to-end p50 = {e2e['p50_ms'] / rr['p50_ms']:.1f}x a round trip")
     return out
