@@ -426,7 +426,7 @@ def test_sigterm_mid_replay_exits_0_and_a_restart_continues_without_a_bar_missed
 # -- live/ without dagster ---------------------------------------------------------------------
 def test_the_live_side_imports_without_dagster(subprocess_env):
     modules = ("live.runner", "live.model", "live.ledger", "live.state", "live.metrics", "live.config", "live.history",
-               "live.replay", "live.collector", "live.broker_data", "live.publishing", "resources.brokers.paper",
+               "live.replay", "live.collector", "live.broker_data", "live.publishing", "live.parity", "resources.brokers.paper",
                "resources.brokers.mt5.broker", "resources.brokers.mt5.remote")
     code = f"import sys\nimport {', '.join(modules)}\nassert 'dagster' not in sys.modules, 'dagster imported'\nprint('ok')"
     done = subprocess.run([sys.executable, "-c", code], env=subprocess_env, cwd=ROOT, capture_output=True, text=True, timeout=120)
