@@ -11,6 +11,7 @@ from benchmarks.backtest import bench_backtest
 from benchmarks.candles import bench_candles
 from benchmarks.features import bench_features
 from benchmarks.history import bench_history
+from benchmarks.live import bench_live
 from benchmarks.training import bench_training
 from benchmarks.vendors import bench_vendors
 from benchmarks.warehouse import bench_warehouse
@@ -24,6 +25,7 @@ BENCHMARKS = {
     "history": bench_history,
     "training": bench_training,
     "backtest": bench_backtest,
+    "live": bench_live,
 }
 
 

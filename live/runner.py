@@ -467,7 +467,7 @@ class LiveRunner:
                 messages.append(self.ledger.alert("bad_bar", str(seq), ts, symbol, f"stale: {reason}", subject=msg.subject,
                                                   stream_seq=seq))
             else:
-                sig = self.strategy.signals(pl.DataFrame({model.column: [value]}, schema={model.column: pl.Float64})).row(0, named=True)
+                sig = self.strategy.signal(value)
         t3 = time.perf_counter()
         self.timed.seconds = 0.0
         engine.on_bar(symbol, {"ts": ts, "open": bar["open"], "high": bar["high"], "low": bar["low"], "close": bar["close"],

@@ -198,6 +198,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 1
     if demo_backtest(instance, resources):
         return 1
+    if demo_live(resources, last):
+        return 1
     _print("")
     _print("Open the Dagster UI on the same data:")
     _print("  make ui        (or: .venv/bin/tradeforge ui)  ->  http://127.0.0.1:3000")
@@ -591,6 +593,85 @@ def demo_backtest(instance, resources) -> int:
     _print(f"tearsheet: {meta['tearsheet'].value}")
     _print(f"MLflow: {meta['mlflow_run'].value}  (the backtest's run, nested under the training run; tearsheet under "
            f"artifacts/backtest)")
+    return 0
+
+
+DEMO_LIVE_DAYS = 1  # the demo's last days replayed through the live runner
+
+
+def demo_live(resources, last: date, days: int = DEMO_LIVE_DAYS) -> int:
+    """The demo's last ``days`` replayed through the live runner (paper broker, a private
+    nats-server, the challenger pinned by version) beside the backtest of the same version on
+    the same bars (live/parity.py): orders, fills and final equity of both, and whether they
+    are identical. Exit 1 when they are not."""
+    import asyncio
+    import tempfile
+    from datetime import UTC, datetime
+
+    import numpy as np
+    import polars as pl
+
+    from live.config import RunnerConfig
+    from live.parity import report_lines, run_parity
+    from models.backtest.model import strategy_params
+    from models.backtest.spec import fill_config
+    from models.trading.risk import RiskConfig
+    from resources.bus import EmbeddedNatsServer
+    from resources.registry import CHALLENGER
+    from resources.warehouse.market import read_bars
+
+    spec = resources["training"].spec(DEMO_SPEC)
+    registry = resources["registry"].process_config_and_initialize().get_client()
+    challenger = registry.alias(spec.registered_model_name, CHALLENGER)
+    if challenger is None:
+        return 0  # nothing was trained (demo_training said why)
+    warehouse = resources["warehouse"].process_config_and_initialize()
+    start = datetime.combine(last - timedelta(days=days - 1), datetime.min.time(), UTC)
+    end = start + timedelta(days=days)
+    frames = [read_bars(warehouse, s, spec.timeframe, start, end) for s in spec.symbols]
+    bars = pl.concat([f for f in frames if f.height]).sort("ts", "symbol") if any(f.height for f in frames) else None
+    if bars is None:
+        _print(f"live runner: skipped, no {spec.timeframe.value} bars on {start:%Y-%m-%d} .. {end - timedelta(days=1):%Y-%m-%d}")
+        return 0
+    symbols = tuple(sorted(bars["symbol"].unique().to_list()))
+    settings = spec.backtest
+    version = registry.version(spec.registered_model_name, challenger.version)
+    config = RunnerConfig(
+        symbols=symbols, timeframe=spec.timeframe, model=f"{spec.registered_model_name}/{challenger.version}",
+        name="demo-live", initial_equity=settings.initial_equity, account_currency=settings.account_currency,
+        risk=RiskConfig.from_dict(settings.risk), fill=fill_config(settings.fill),
+        thresholds=strategy_params(settings.params, version.tags.get("task") == "regression"),
+        day_boundary=_day_boundary(), max_bar_age_s=0, history_end=start, model_poll_s=0, heartbeat_s=60)
+    span = f"{start:%Y-%m-%d}" + (f" .. {end - timedelta(days=1):%Y-%m-%d}" if days > 1 else "")
+    _print("")
+    _print(f"live runner: {span} ({bars.height:,} {spec.timeframe.value} bars of {' '.join(symbols)}) replayed over NATS "
+           f"through the live runner with the paper broker and {spec.registered_model_name} v{challenger.version}, beside "
+           f"the backtest of that version on the same bars (the refitted version has seen these days: this checks that "
+           f"live trading is the backtest, not the model)")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tradeforge-demo-nats-") as where:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = EmbeddedNatsServer(where, port=port)  # private: the demo leaves no runner or bars on the user's bus
+        server.start(detach=False)
+        try:
+            report, _, outcomes, _ = asyncio.run(run_parity(config, bars, bus_url=server.url, registry=registry,
+                                                            warehouse=warehouse))
+        finally:
+            server.stop()
+    for line in report_lines(report):
+        _print(line)
+    took = np.array([o.accepted - o.received for o in outcomes if o.status == "processed"]) * 1000
+    if took.size:
+        _print(f"  {report.bars:,} bars in {time.perf_counter() - t0:.1f}s; bar received -> orders accepted: "
+               f"p50 {np.percentile(took, 50):.2f} ms, p99 {np.percentile(took, 99):.2f} ms")
+    if not report.identical:
+        print(f"tradeforge: the live runner and the backtest differ: {report.difference}", file=sys.stderr)
+        return 1
     return 0
 
 

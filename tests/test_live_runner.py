@@ -31,6 +31,7 @@ import polars as pl
 import pytest
 
 from live.config import RunnerConfig
+from live.parity import backtest_record, compare, report_lines, run_parity
 from live.runner import LiveRunner
 from models.backtest.runner import BacktestConfig, run_backtest
 from models.trading.fills import FillConfig
@@ -103,53 +104,52 @@ def published(client: BusClient, stream: str, runner: str, subject: str = ">") -
 # -- parity ------------------------------------------------------------------------------------
 def test_replaying_days_through_the_runner_with_the_paper_broker_is_the_backtest(world, nats):
     url, client = nats
-    client.publish_bars(world["replay"])
-    runner = new_runner(world, url, config("parity"))
-
-    async def go():
-        await runner.start()
-        try:
-            return await process(runner, REPLAY)
-        finally:
-            await runner.close()
-
-    outcomes = asyncio.run(go())
+    report, runner, outcomes, shared = asyncio.run(run_parity(
+        config("parity"), world["replay"], bus_url=url, registry=ModelRegistry(world["uri"]), warehouse=world["warehouse"]))
     assert [o.status for o in outcomes] == ["processed"] * REPLAY
 
+    # the referee: this test's own backtest (its own batch predictions of the model it trained)
     preds = batch_predictions(world["model"], world["bars"], world["trade_from"])
     strategy = ModelStrategy(column="prob_up", **THRESHOLDS)
     result = run_backtest(world["bars"], strategy, BacktestConfig(risk=RiskConfig(**RISK), fill=FillConfig()),
                           predictions=preds, name=runner.config.strategy, trade_from=world["trade_from"])
     assert type(result.engine) is type(runner.engine)
+    live = report.live  # what the runner published on JetStream (ORDERS, BROKER, PORTFOLIO)
 
     # orders: the same client ids, sides, sizes, intents and bars, and the same final states
-    submitted = {d["client_id"]: d for d in published(client, "ORDERS", "parity") if d["status"] == "submitted"}
-    last = {}
-    for d in published(client, "ORDERS", "parity"):
-        if d["seq"] >= last.get(d["client_id"], {"seq": -1})["seq"]:
-            last[d["client_id"]] = d
     theirs = result.orders.with_columns(pl.col("bar_ts").dt.epoch("ms"))
-    assert len(submitted) == theirs.height > 30
+    assert len(live.orders) == theirs.height > 30
     for row in theirs.iter_rows(named=True):
-        mine = submitted[row["client_id"]]
-        assert (mine["side"], mine["qty"], mine["intent"], mine["bar_ts"], mine["type"]) == \
-               (row["side"], row["qty"], row["intent"], row["bar_ts"], row["type"]), row["client_id"]
-        assert last[row["client_id"]]["status"] == row["state"], row["client_id"]
+        mine = live.orders[row["client_id"]]
+        assert (mine["side"], mine["qty"], mine["intent"], mine["bar_ts"], mine["type"], mine["state"]) == \
+               (row["side"], row["qty"], row["intent"], row["bar_ts"], row["type"], row["state"]), row["client_id"]
     # fills: price, size, commission and time, exactly
-    fills = sorted((d["fill_id"], d["client_id"], d["qty"], d["price"], d["commission"], d["ts"])
-                   for d in published(client, "BROKER", "parity"))
     expected = sorted((r["fill_id"], r["client_id"], r["qty"], r["price"], r["commission"], r["ts"])
                       for r in result.fills.with_columns(pl.col("ts").dt.epoch("ms")).iter_rows(named=True))
-    assert fills == expected and len(fills) > 30
+    assert live.fills == expected and len(live.fills) > 30
     # equity at every bar's close
-    equity = {d["ts"]: d["equity"] for d in published(client, "PORTFOLIO", "parity")}
     bt = dict(zip(result.equity["ts"].dt.epoch("ms").to_list(), result.equity["equity"].to_list()))
-    assert len(equity) == len(bt) == REPLAY
-    assert equity == bt  # to the bit: the same engine, the same floats
-    assert equity[max(bt)] == pytest.approx(runner.engine.equity(), abs=1e-9) and abs(equity[max(bt)] - 100_000) > 10
+    assert len(live.equity) == len(bt) == REPLAY
+    assert live.equity == bt  # to the bit: the same engine, the same floats
+    assert live.final_equity == pytest.approx(runner.engine.equity(), abs=1e-9) and abs(live.final_equity - 100_000) > 10
     # one decision per bar, all by version 1
     signals = published(client, "SIGNALS", "parity", "signals.EURUSD")
     assert len(signals) == REPLAY and {s["model_version"] for s in signals} == {"1"}
+
+    # the shared procedure (make demo's) agrees with the referee, and says so
+    assert report.identical and report.bars == REPLAY
+    assert backtest_record(shared) == backtest_record(result)
+    lines = report_lines(report)
+    assert lines[1].split()[-4:] == lines[2].split()[-4:] == [f"{len(live.orders):,}", str(live.entries),
+                                                                f"{len(live.fills):,}", f"{bt[max(bt)]:,.2f}"]
+    assert lines[3].startswith("  identical:") and f"all {REPLAY:,} bar closes" in lines[3]
+    # and it finds a difference where there is one
+    moved = backtest_record(result)
+    moved.equity[max(moved.equity)] += 0.01
+    assert compare(live, moved, REPLAY).difference.startswith("equity after the bar opening at")
+    dropped = backtest_record(result)
+    dropped.fills.pop()
+    assert "fills live" in compare(live, dropped, REPLAY).difference
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -426,7 +426,7 @@ def test_sigterm_mid_replay_exits_0_and_a_restart_continues_without_a_bar_missed
 # -- live/ without dagster ---------------------------------------------------------------------
 def test_the_live_side_imports_without_dagster(subprocess_env):
     modules = ("live.runner", "live.model", "live.ledger", "live.state", "live.metrics", "live.config", "live.history",
-               "live.replay", "live.collector", "live.broker_data", "live.publishing", "resources.brokers.paper",
+               "live.replay", "live.collector", "live.broker_data", "live.publishing", "live.parity", "resources.brokers.paper",
                "resources.brokers.mt5.broker", "resources.brokers.mt5.remote")
     code = f"import sys\nimport {', '.join(modules)}\nassert 'dagster' not in sys.modules, 'dagster imported'\nprint('ok')"
     done = subprocess.run([sys.executable, "-c", code], env=subprocess_env, cwd=ROOT, capture_output=True, text=True, timeout=120)

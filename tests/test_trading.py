@@ -585,3 +585,67 @@ def test_the_working_order_count_kept_on_submit_equals_a_full_recount():
     engine.run("EURUSD", block.slice(1500, 3000))
     reasons = [t.exit_reason for t in engine.portfolio.trades]
     assert engine.checked > 50 and {"stop_loss", "take_profit", "kill_switch"} <= set(reasons), (engine.checked, set(reasons))
+
+
+def test_equity_sums_the_positions_in_symbol_order_whichever_traded_first():
+    """The live runner warms up symbol by symbol and a backtest bar by bar, so their positions
+    appear in different orders; the same account must still give the same float (parity)."""
+    import itertools
+
+    specs = {s: instrument(s) for s in ("BTCUSD", "EURUSD", "XAUUSD")}
+    book = {"BTCUSD": (4.81, 21758.855000000003, 21771.77), "EURUSD": (-105000.0, 1.0062000000000002, 1.0059),
+            "XAUUSD": (44.0, 2370.8950000000004, 2371.74)}
+
+    def equity(order: tuple[str, ...]) -> float:
+        engine = TradingEngine(EngineConfig("eq"), RiskModel(RiskConfig()), SimulatedBroker(specs, FillConfig()), specs)
+        engine.portfolio.balance = 100_013.5771
+        for symbol in order:
+            position = engine.portfolio.position(symbol)
+            position.units, position.avg = book[symbol][:2]
+            state = engine._state(symbol)
+            state.last_close, state.last_conv = book[symbol][2], 1.0
+        return engine.equity()
+
+    def in_order(order: tuple[str, ...]) -> float:
+        total = 100_013.5771
+        for s in order:
+            total += book[s][0] * (book[s][2] - book[s][1])
+        return total
+
+    assert len({in_order(o) for o in itertools.permutations(book)}) > 1  # these marks round differently in another order
+    assert len({equity(order) for order in itertools.permutations(book)}) == 1
+
+
+def test_the_model_strategy_signal_of_one_value_is_the_row_signals_gives():
+    values = [None, float("nan"), 0.0, 0.2, 0.45, 0.4500001, 0.5, 0.55, 0.5499999, 0.9, 1.0, -0.003, 0.003]
+    for params in ({}, {"exit_between": False}, {"long_above": 0.6, "short_below": 0.4},
+                   {"column": "prediction", "long_above": 0.001, "short_below": -0.001}):
+        strategy = ModelStrategy(**params)
+        column = strategy.params["column"]
+        frame = strategy.signals(pl.DataFrame({column: values}, schema={column: pl.Float64}))
+        for value, row in zip(values, frame.iter_rows(named=True)):
+            mine = strategy.signal(value)
+            assert mine == row or all(a == b or (a != a and b != b) for a, b in zip(mine.values(), row.values())), (params, value)
+            assert mine.keys() == row.keys() and all(v is None or type(v) is float for v in mine.values())
+
+
+def test_one_bar_block_is_the_block_build_makes_of_a_one_row_frame():
+    from datetime import UTC, datetime
+
+    bars = [{"ts": datetime(2024, 3, 4, 10, 5, tzinfo=UTC), "open": 1.1, "high": 1.2, "low": 1.0, "close": 1.15,
+             "bid_close": 1.1499, "ask_close": 1.1501},
+            {"ts": 1709546700000, "open": 1.1, "high": 1.2, "low": 1.0, "close": 1.15, "bid_close": None, "ask_close": 1.1501},
+            {"ts": datetime(2024, 3, 4, 10, 5, 0, 999_000, tzinfo=UTC), "open": 2, "high": 3, "low": 1, "close": 2}]
+    signals = [None, {"side": 1.0, "confidence": 0.3, "prob": 0.65}, {"side": None, "confidence": None, "prob": None},
+               {"side": -1.0}]
+    for bar in bars:
+        for signal in signals:
+            for conv in (None, np.array([0.9])):
+                frame = pl.DataFrame([bar])
+                sig = None if signal is None else pl.DataFrame(
+                    {"side": [signal.get("side")], "confidence": [signal.get("confidence", 1.0)], "prob": [signal.get("prob")]},
+                    schema={"side": pl.Float64, "confidence": pl.Float64, "prob": pl.Float64})
+                built, one = BarBlock.build(frame, sig, 0.0002, conv), BarBlock.one(bar, signal, 0.0002, conv)
+                for name in built.__dataclass_fields__:
+                    a, b = getattr(built, name), getattr(one, name)
+                    assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), (bar, signal, name, a, b)

@@ -209,7 +209,9 @@ def _interleaved(engine: TradingEngine, blocks: dict[str, BarBlock], specs: Mapp
         block = blocks[symbol]
         result = engine.run(symbol, block.slice(i, i + 1))
         values[symbol] = abs(float(result.units[0])) * float(block.close[i]) * float(block.conv[i])
-        row = (float(result.equity[0]), sum(values.values()), sum(v / specs[s].leverage for s, v in values.items()))
+        # the account's equity as the engine reports it (engine.equity(), what the live runner publishes): the
+        # block's own figure sums the same marks in another order, a last-bit difference with several symbols
+        row = (engine.equity(), sum(values.values()), sum(v / specs[s].leverage for s, v in values.items()))
         if ts_out and ts_out[-1] == t:
             eq_out[-1], exp_out[-1], margin_out[-1] = row
         else:

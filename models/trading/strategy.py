@@ -150,7 +150,20 @@ class ModelStrategy(Strategy):
         column = self.params["column"]
         if column not in bars.columns:
             raise ValueError(f"model strategy needs a {column!r} column (bars joined with model_predictions)")
-        p = bars[column].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        return _frame(*self._decide(bars[column].cast(pl.Float64).fill_null(np.nan).to_numpy()))
+
+    def signal(self, value: float | None) -> dict[str, float | None]:
+        """One prediction's signal (the live runner, per bar): the row :meth:`signals` gives for
+        it (``side, confidence, prob``, None where null), by the same code, without a frame."""
+        side, confidence, prob = self._decide(np.array([np.nan if value is None else value], dtype=np.float64))
+
+        def value_of(x: np.ndarray | None) -> float | None:
+            return None if x is None or np.isnan(x[0]) else float(x[0])
+
+        return {"side": value_of(side), "confidence": float(confidence[0]), "prob": value_of(prob)}
+
+    def _decide(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        column = self.params["column"]
         hi, lo = float(self.params["long_above"]), float(self.params["short_below"])
         if not lo <= hi:
             raise ValueError(f"model strategy needs short_below <= long_above, got {lo} > {hi}")
@@ -162,7 +175,7 @@ class ModelStrategy(Strategy):
             prob = np.where(side > 0, p, np.where(side < 0, 1.0 - p, np.nan))
         else:
             confidence, prob = np.ones(len(p)), None
-        return _frame(side, confidence, prob)
+        return side, confidence, prob
 
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (SmaCross, DonchianBreakout, ModelStrategy)}
