@@ -54,7 +54,8 @@ from models.features.online import RollingFeatures
 from models.features.registry import feature_set_version
 from models.market.candles import BAR_SCHEMA
 from models.market.instruments import Instrument, instrument
-from models.trading.broker import BrokerEvent, BrokerPort, OrderStatus, SubmitAck
+from models.market.timeframes import bar_close_at, bar_open_at
+from models.trading.broker import BrokerEvent, BrokerPort, BrokerTimeout, OrderStatus, SubmitAck
 from models.trading.currency import conversion_mode, mark_conversion
 from models.trading.engine import BarBlock, EngineConfig, TradingEngine
 from models.trading.ledger import Ledger
@@ -175,6 +176,10 @@ class LiveRunner:
         self._tasks: list[asyncio.Task] = []
         self._last_message = time.monotonic()
         self._pending: list[Message] = []
+        self._messages: list[Message] = []  # the ledger of the bar in hand, not published yet
+        self._current: BarOutcome | None = None
+        self._applied_kill: tuple[int, int, dict] | None = None  # (revision before, revision, command) of this bar
+        self._stage = "checks"  # how far the bar in hand got: checks, features, engine, after, publish
 
     # -- start ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -378,6 +383,13 @@ class LiveRunner:
                 loop.add_signal_handler(sig, self.request_stop)
         idle = self.config.stop_when_idle_s
         self._last_message = time.monotonic()
+        try:
+            await self._loop(idle)
+        finally:
+            await self.close()
+        return 0
+
+    async def _loop(self, idle: float | None) -> None:
         reconnects = self.bus.nc.stats["reconnects"]
         while not self._stop.is_set():
             if self.bus.nc.stats["reconnects"] != reconnects:
@@ -405,18 +417,61 @@ class LiveRunner:
             for msg in msgs:
                 self._last_message = time.monotonic()
                 await self.handle(msg)
-        await self.close()
-        return 0
 
     def request_stop(self) -> None:
         self._stop.set()
 
     async def handle(self, msg: Any) -> BarOutcome:
-        """One bar message, start to ack (see the module doc)."""
+        """One bar message, start to ack (see the module doc), behind a guard: no message can
+        crash the daemon or make it crash-loop on its redelivery.
+
+        A broker that cannot be reached mid-bar (``BrokerTimeout`` or a lost connection escaping
+        the engine) leaves the account in a state only a reconciliation can settle: the runner
+        stops with one line (:class:`RunnerError`), unacknowledged, and the restart reconciles.
+        Any other exception is a bug or an input the checks missed: it is logged with the
+        message's subject and sequence, counted (``rejected{reason="error"}``), published on
+        ``risk.alert.bad_bar`` with the exception's text and the message terminated. If the
+        engine had started on the bar, its account is rolled back to the last saved state
+        first, and with a real broker (which may have acted) trading halts until a restart
+        reconciles."""
+        self._stage = "checks"
+        try:
+            return await self._handle(msg)
+        except RunnerError:
+            raise
+        except (BrokerTimeout, ConnectionError) as exc:
+            if self._stage == "checks":  # nothing reached the broker: a bug, refused below
+                return await self._failed(msg, exc)
+            raise RunnerError(f"runner {self.config.name}: the broker did not answer during bar message "
+                              f"{msg.metadata.sequence.stream} on {msg.subject} ({type(exc).__name__}: {exc}): stopping "
+                              f"unacknowledged; a restart reconciles with the broker and does the bar again") from None
+        except Exception as exc:  # noqa: BLE001  (the guard: counted and published, never silent)
+            return await self._failed(msg, exc)
+
+    async def _failed(self, msg: Any, exc: Exception) -> BarOutcome:
+        seq = msg.metadata.sequence.stream
+        text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
+        log.error("%s: bar message %d on %s failed at the %s stage (%s): refused and terminated", self.config.name, seq,
+                  msg.subject, self._stage, text)
+        log.debug("the failure of bar message %d", seq, exc_info=True)
+        out = self._current or BarOutcome(seq)
+        if self._stage in ("engine", "after", "publish"):  # the account may be half-stepped: back to the last saved state
+            self.engine.restore(self.state.engine)
+            if self.state.broker is not None and hasattr(self.broker, "load"):
+                self.broker.load(self.state.broker)
+            if self.config.broker != "paper" and self.engine.kill is not KillSwitch.HALT:
+                self.engine.set_kill_switch(KillSwitch.HALT, f"internal error at bar message {seq} ({text}): restart the "
+                                                             f"runner to reconcile with the broker")
+            if self._applied_kill is not None and self.kill_command is None:  # undone with the engine: at the next bar
+                self.state.kill_revision, self.kill_command = self._applied_kill[0], self._applied_kill[1:]
+        return await self._refuse(msg, out, "error", text, terminate=True)
+
+    async def _handle(self, msg: Any) -> BarOutcome:
+        self._current, self._messages, self._applied_kill = None, [], None
         received = time.time()
         t0 = time.perf_counter()
         seq = msg.metadata.sequence.stream
-        out = BarOutcome(seq, received=received)
+        out = self._current = BarOutcome(seq, received=received)
         sent = (msg.headers or {}).get(SENT_HEADER)
         out.sent = int(sent) / 1e9 if sent else msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else None
         if seq <= self.state.last_seq:  # delivered again after its save (the ack was lost): done already
@@ -431,6 +486,19 @@ class LiveRunner:
             return await self._refuse(msg, out, bad.reason, str(bad))
         symbol, ts = bar["symbol"], bar["ts"]
         out.symbol, out.ts = symbol, ts
+        c = self.config
+        opened = _dt(ts)
+        if bar_open_at(opened, c.timeframe, c.day_boundary) != opened:
+            return await self._refuse(msg, out, "off_grid", f"{symbol} bar at {opened:%Y-%m-%d %H:%M:%S} is not the open of a "
+                                                            f"{c.timeframe.value} bar ({c.day_boundary.value} days)")
+        close_ts = round(bar_close_at(opened, c.timeframe, c.day_boundary).timestamp() * 1000)
+        if bar["close_ts"] != close_ts:
+            return await self._refuse(msg, out, "impossible", f"{symbol} {c.timeframe.value} bar at {_iso(ts)} closes at "
+                                                              f"{close_ts}, not {bar['close_ts']}")
+        if bar["close_ts"] > received * 1000 + c.max_clock_skew_s * 1000:
+            return await self._refuse(msg, out, "future", f"{symbol} bar closes at {_dt(bar['close_ts']):%Y-%m-%d %H:%M:%S}, "
+                                                          f"{bar['close_ts'] / 1000 - received:.0f}s after now on this "
+                                                          f"runner's clock (tolerance {c.max_clock_skew_s:.0f}s)")
         if ts <= self._seen_last(symbol):
             if symbol not in self.state.last_ts and ts <= self.history_end[symbol]:
                 out.status = "in_history"  # the warm-up already holds this bar (a fresh runner reads the whole stream)
@@ -440,18 +508,21 @@ class LiveRunner:
                 return out
             reason = "duplicate" if ts in self.recent[symbol] else "out_of_order"
             return await self._refuse(msg, out, reason, f"{symbol} bar {_iso(ts)} is not after the last one, {_iso(self._seen_last(symbol))}")
-        engine, c = self.engine, self.config
+        engine = self.engine
         self._compact(ts)
         window = Window(engine)
         tag = str(self.state.bars + 1)
-        messages: list[Message] = []
-        self._maintain(ts, messages)
+        messages: list[Message] = self._messages
         frame = _bar_frame(bar)
         t1 = time.perf_counter()
+        self._stage = "features"
         try:
             row = self.features[symbol].update(frame, self.external.get(symbol))
         except ValueError as exc:
             return await self._refuse(msg, out, "impossible", str(exc))
+        self.recent[symbol].append(ts)  # the window holds it now (a restart's catch-up reads it back too)
+        self.marks[symbol] = bar["close"]
+        self._maintain(ts, messages)  # after the last refusal that leaves the engine as it was
         t2 = time.perf_counter()
         model = self.model
         value, sig, status, reason = None, None, "signal", ""
@@ -470,13 +541,13 @@ class LiveRunner:
                 sig = self.strategy.signals(pl.DataFrame({model.column: [value]}, schema={model.column: pl.Float64})).row(0, named=True)
         t3 = time.perf_counter()
         self.timed.seconds = 0.0
+        self._stage = "engine"
         engine.on_bar(symbol, {"ts": ts, "open": bar["open"], "high": bar["high"], "low": bar["low"], "close": bar["close"],
                                "bid_close": bar["bid_close"], "ask_close": bar["ask_close"]}, sig)
         t4 = time.perf_counter()
         out.accepted = received + (t4 - t0)
         broker_s = self.timed.seconds
-        self.marks[symbol] = bar["close"]
-        self.recent[symbol].append(ts)
+        self._stage = "after"
         self._after_step(ts, symbol, messages)
         self.state.bars += 1
         self.state.last_seq = seq
@@ -489,6 +560,7 @@ class LiveRunner:
         messages.append(self.ledger.portfolio(engine, self.state.bars, ts, symbol, self.marks, self.state.peak, model.version))
         out.orders = sum(1 for order, first in window.transitions(engine) if first == 0)
         t5 = time.perf_counter()
+        self._stage, self._messages = "publish", []
         await self._publish(messages)
         t6 = time.perf_counter()
         await self._save()
@@ -524,6 +596,7 @@ class LiveRunner:
             revision, command = self.kill_command
             self.kill_command = None
             if revision > state.kill_revision:
+                self._applied_kill = (state.kill_revision, revision, command)
                 mode = KillSwitch(command.get("mode", "halt"))
                 engine.set_kill_switch(mode, command.get("reason") or "operator", flatten=bool(command.get("flatten")))
                 state.kill_revision = revision
@@ -571,15 +644,22 @@ class LiveRunner:
             messages.append(self.ledger.alert("broker_halted", str(ts), ts, symbol, broker.halted))
             log.error("%s: %s", self.config.name, broker.halted)
 
-    async def _refuse(self, msg: Any, out: BarOutcome, reason: str, detail: str) -> BarOutcome:
+    async def _refuse(self, msg: Any, out: BarOutcome, reason: str, detail: str, terminate: bool = False) -> BarOutcome:
+        """Count, log and publish the refusal with what the bar had already produced (alerts of
+        the model watcher, a model swap, the kill switch's orders), then ack (or terminate)."""
         self.metrics.rejected.labels(reason).inc()
         seq = msg.metadata.sequence.stream
         log.warning("%s: bar message %d on %s refused: %s", self.config.name, seq, msg.subject, detail)
         alert = self.ledger.alert("bad_bar", str(seq), out.ts or self._now_ms(), out.symbol, f"{reason}: {detail}",
                                   subject=msg.subject, stream_seq=seq)
-        await self._publish([alert])
+        messages, self._messages = [*self._messages, alert], []
+        await self._publish(messages)
         self.state.last_seq = seq
-        await self._ack(msg)
+        if terminate:
+            with contextlib.suppress(Exception):  # not redelivered: it failed once, it would fail again
+                await msg.term()
+        else:
+            await self._ack(msg)
         out.status = reason
         self.outcomes.append(out)
         return out

@@ -181,6 +181,17 @@ def test_bad_bars_are_refused_with_a_reason_counted_published_and_the_next_good_
             bad(json.dumps({"symbol": "EURUSD", "timeframe": "M5", "ts": bar["ts"]}).encode(), "fields")
             bad(encoded({**good[11]}, high=good[11]["low"] * 0.999), "high-low")
             bad(encoded({**good[11]}, low=-1.0), "negative")
+            # wrong types and absurd values that once crashed the daemon, and bars the fill model must not see
+            bad(encoded({**good[11]}, timeframe=["M5"]), "tf-list")
+            bad(encoded({**good[11]}, ts=10**17, close_ts=10**17 + BAR_MS), "ts-huge")
+            bad(encoded({**good[11]}, tick_count=10**20), "ticks-huge")
+            bad(encoded({**good[11]}, bid_close=good[11]["ask_close"] + 0.0001), "crossed")
+            bad(encoded({**good[11]}, bid_close=0.0), "bid-zero")
+            bad(encoded({**good[11]}, ts=good[11]["ts"] + 60_000, close_ts=good[11]["ts"] + 60_000 + BAR_MS), "off-grid")
+            bad(encoded({**good[11]}, close_ts=good[11]["ts"] + 2 * BAR_MS), "close-ts")
+            # from the future: refused, so it cannot make every real bar after it look out of order
+            future = (int(time.time() * 1000) // BAR_MS + 288) * BAR_MS
+            bad(encoded({**good[11]}, ts=future, close_ts=future + BAR_MS), "future")
         if i == 21:
             client.publish_bar(good[20])  # older than the last processed
             client.publish_bar(good[21], msg_id="again-21")  # the same bar once more, under another id
@@ -195,19 +206,71 @@ def test_bad_bars_are_refused_with_a_reason_counted_published_and_the_next_good_
 
     outcomes = asyncio.run(go())
     statuses = [o.status for o in outcomes]
-    assert statuses[11:15] == ["malformed", "malformed", "impossible", "impossible"]
+    assert statuses[11:23] == ["malformed", "malformed", "impossible", "impossible", "malformed", "impossible",
+                               "impossible", "impossible", "impossible", "off_grid", "impossible", "future"]
     assert statuses.count("out_of_order") == 1 and statuses.count("duplicate") == 1
     assert statuses[-1] == "processed" and statuses.count("processed") == len(good) - 1  # bar 20 came too late
     rejected = {s.labels["reason"]: s.value for m in runner.metrics.rejected.collect() for s in m.samples
                 if s.name.endswith("_total")}
-    assert rejected == {"malformed": 2, "impossible": 2, "out_of_order": 1, "duplicate": 1, "stale": 5}
+    expected = {"malformed": 3, "impossible": 7, "off_grid": 1, "future": 1, "out_of_order": 1, "duplicate": 1, "stale": 5}
+    assert rejected == expected
     alerts = [d for d in published(client, "RISK", "bad", "risk.alert.bad_bar")]
     reasons = Counter(a["reason"].split(":")[0] for a in alerts)
-    assert reasons == {"malformed": 2, "impossible": 2, "out_of_order": 1, "duplicate": 1, "stale": 5}
+    assert reasons == expected
+    assert any("crossed" in a["reason"] for a in alerts) and any("after now" in a["reason"] for a in alerts)
     assert any("high" in a["reason"] for a in alerts) and any("not JSON" in a["reason"] for a in alerts)
     signals = published(client, "SIGNALS", "bad", "signals.EURUSD")
     assert [s["status"] for s in signals[:5]] == ["stale"] * 5 and signals[5]["status"] == "signal"  # no decision when stale
     assert len(signals) == len(good) - 1
+
+
+def test_an_unexpected_error_in_one_bar_is_refused_counted_published_and_nothing_it_carried_is_lost(world, nats, monkeypatch):
+    """The guard: a fault the checks cannot foresee (here the broker raising mid-step) is refused
+    with the exception's text, the account rolled back to the last saved state, the message
+    terminated, and the operator's command and the watcher's alert it carried are not lost."""
+    url, client = nats
+    client.publish_bars(world["replay"].head(30))
+    runner = new_runner(world, url, config("guard"))
+    monkeypatch.setenv("NATS_URL", url)
+
+    def fault(*args, **kwargs):
+        raise RuntimeError("boom in the broker")
+
+    async def go():
+        await runner.start()
+        try:
+            first = await process(runner, 10)
+            saved = runner.engine.snapshot()
+            assert await asyncio.to_thread(cli, ["live", "kill", "--name", "guard", "--reduce-only", "--reason", "guard"]) == 0
+            deadline = time.monotonic() + 5
+            while runner.kill_command is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            runner._model_refused("9", "trained on feature set fs-x")  # what the watcher's thread reports
+            broker = runner.timed.inner
+            broker.advance = fault  # a fault in the broker, not in the runner
+            failed = (await process(runner, 1))[0]
+            del broker.advance
+            rolled_back = runner.engine.snapshot() == saved
+            kill_after_failure = runner.engine.kill
+            rest = await process(runner, 19)
+            return first, failed, rolled_back, kill_after_failure, rest
+        finally:
+            await runner.close()
+
+    first, failed, rolled_back, kill_after_failure, rest = asyncio.run(go())
+    assert failed.status == "error" and rolled_back and kill_after_failure is KillSwitch.OFF
+    assert [o.status for o in first + rest] == ["processed"] * 29  # the daemon went on
+    assert runner.engine.kill is KillSwitch.REDUCE_ONLY and runner.engine.kill_reason == "guard"  # applied at the next bar
+    rejected = {s.labels["reason"]: s.value for m in runner.metrics.rejected.collect() for s in m.samples
+                if s.name.endswith("_total")}
+    assert rejected == {"error": 1}
+    alerts = published(client, "RISK", "guard", "risk.alert.>")
+    errors = [a for a in alerts if a["kind"] == "bad_bar"]
+    assert len(errors) == 1 and errors[0]["reason"] == "error: RuntimeError: boom in the broker" and errors[0]["ts"] == failed.ts
+    assert len([a for a in alerts if a["kind"] == "model_refused" and "fs-x" in a["reason"]]) == 1
+    signals = published(client, "SIGNALS", "guard", "signals.EURUSD")
+    assert failed.ts not in {s["ts"] for s in signals} and len(signals) == 29
+    assert runner.state.last_seq == 30
 
 
 # -- hot swap ----------------------------------------------------------------------------------
