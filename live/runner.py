@@ -328,6 +328,8 @@ class LiveRunner:
                         bar = decode_bar(msg.data, msg.subject)
                     except BadMessage:
                         continue
+                    if self._off_grid(bar) is not None:  # refused when it came: not in the window either
+                        continue
                     s, ts = bar["symbol"], bar["ts"]
                     lo, hi = need.get(s, (0, -1))
                     if lo < ts <= hi and ts > self._seen_last(s):
@@ -346,6 +348,20 @@ class LiveRunner:
                 log.warning("%s: the feature window of %s has a gap: the stream no longer holds every bar between the "
                             "warehouse's last (%s) and the last processed (%s); %d bars read back", self.config.name, s,
                             _iso(lo), _iso(hi), seeded[s])
+
+    def _off_grid(self, bar: dict) -> tuple[str, str] | None:
+        """(reason, detail) when the bar's times are not a bar of the runner's timeframe and day
+        boundary (its open on the grid, its close the open plus the timeframe), else None."""
+        c = self.config
+        opened = _dt(bar["ts"])
+        if bar_open_at(opened, c.timeframe, c.day_boundary) != opened:
+            return "off_grid", (f"{bar['symbol']} bar at {opened:%Y-%m-%d %H:%M:%S} is not the open of a {c.timeframe.value} "
+                                f"bar ({c.day_boundary.value} days)")
+        close_ts = round(bar_close_at(opened, c.timeframe, c.day_boundary).timestamp() * 1000)
+        if bar["close_ts"] != close_ts:
+            return "impossible", (f"{bar['symbol']} {c.timeframe.value} bar at {_iso(bar['ts'])} closes at {close_ts}, "
+                                  f"not {bar['close_ts']}")
+        return None
 
     def _seen_last(self, symbol: str) -> int:
         return self.recent[symbol][-1] if self.recent[symbol] else self.history_end.get(symbol, -1)
@@ -487,14 +503,9 @@ class LiveRunner:
         symbol, ts = bar["symbol"], bar["ts"]
         out.symbol, out.ts = symbol, ts
         c = self.config
-        opened = _dt(ts)
-        if bar_open_at(opened, c.timeframe, c.day_boundary) != opened:
-            return await self._refuse(msg, out, "off_grid", f"{symbol} bar at {opened:%Y-%m-%d %H:%M:%S} is not the open of a "
-                                                            f"{c.timeframe.value} bar ({c.day_boundary.value} days)")
-        close_ts = round(bar_close_at(opened, c.timeframe, c.day_boundary).timestamp() * 1000)
-        if bar["close_ts"] != close_ts:
-            return await self._refuse(msg, out, "impossible", f"{symbol} {c.timeframe.value} bar at {_iso(ts)} closes at "
-                                                              f"{close_ts}, not {bar['close_ts']}")
+        off = self._off_grid(bar)
+        if off is not None:
+            return await self._refuse(msg, out, *off)
         if bar["close_ts"] > received * 1000 + c.max_clock_skew_s * 1000:
             return await self._refuse(msg, out, "future", f"{symbol} bar closes at {_dt(bar['close_ts']):%Y-%m-%d %H:%M:%S}, "
                                                           f"{bar['close_ts'] / 1000 - received:.0f}s after now on this "
