@@ -273,6 +273,38 @@ def test_an_unexpected_error_in_one_bar_is_refused_counted_published_and_nothing
     assert runner.state.last_seq == 30
 
 
+def test_a_broker_that_does_not_answer_the_check_after_a_restart_is_asked_again_at_the_next_bar():
+    """MT5 after a restart: the positions check after the first bar meets a terminal that does
+    not answer (positions_get -> None, BrokerTimeout): an alert, no crash, the check at the next bar."""
+    from models.market.instruments import instrument
+    from models.trading.engine import EngineConfig, TradingEngine
+    from models.trading.risk import RiskModel
+    from resources.brokers.mt5 import constants as C
+    from resources.brokers.mt5.broker import MT5Broker, MT5Config
+    from resources.brokers.mt5.fake import FakeTerminal
+
+    t0 = 1_709_546_400_000
+    fake = FakeTerminal(margin_mode=C.ACCOUNT_MARGIN_MODE_RETAIL_HEDGING, commission_per_lot=7.0, start_ms=t0, server_utc_offset_s=0)
+    fake.add_symbol("EURUSD")
+    fake.initialize()
+    fake.set_quote("EURUSD", 1.08500, 1.08502, t0)
+    broker = MT5Broker(fake, MT5Config(magic=4242, symbols=("EURUSD",)), clock=fake.utc_now, sleep=lambda s: None)
+    broker.connect()
+    runner = LiveRunner(config("hiccup", broker="mt5"), bus=NatsBus("nats://127.0.0.1:1"), registry=None, warehouse=None)
+    runner.broker = broker
+    runner.engine = TradingEngine(EngineConfig("hiccup"), RiskModel(RiskConfig()), broker, {"EURUSD": instrument("EURUSD")})
+    runner.claim_check = True
+    fake.kill_ipc()
+    messages = []
+    runner._after_step(t0, "EURUSD", messages)
+    assert runner.claim_check and runner.engine.kill is KillSwitch.OFF and not broker.halted
+    assert [m.data["kind"] for m in messages] == ["broker_timeout"] and "asked again at the next bar" in messages[0].data["reason"]
+    fake.restore_ipc()
+    messages = []
+    runner._after_step(t0 + BAR_MS, "EURUSD", messages)
+    assert not runner.claim_check and messages == [] and runner.engine.kill is KillSwitch.OFF  # checked, and they agree
+
+
 # -- hot swap ----------------------------------------------------------------------------------
 def test_the_alias_moved_mid_replay_swaps_at_a_bar_boundary_and_another_feature_set_is_refused(world, nats):
     url, client = nats
