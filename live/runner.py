@@ -176,6 +176,7 @@ class LiveRunner:
         self._tasks: list[asyncio.Task] = []
         self._last_message = time.monotonic()
         self._pending: list[Message] = []
+        self._kill_refused = 0  # the KV revision of a kill command refused (not refused again)
         self._messages: list[Message] = []  # the ledger of the bar in hand, not published yet
         self._current: BarOutcome | None = None
         self._applied_kill: tuple[int, int, dict] | None = None  # (revision before, revision, command) of this bar
@@ -235,9 +236,7 @@ class LiveRunner:
         self.metrics.model_version.set(float(self.model.version))
         self.marks = {s: self.engine.snapshot()["symbols"][s]["last_close"] for s in c.symbols} if not fresh else {}
         await self._warm_up(fresh)
-        revision, command = await self._kill_command()
-        if command is not None and revision > self.state.kill_revision:
-            self.kill_command = (revision, command)
+        await self._kill_command()
         messages += self.ledger.changes(self.engine, window, tag, self._now_ms(), self.model.version)
         await self._publish(messages)
         await self._save()
@@ -735,26 +734,70 @@ class LiveRunner:
             return None
         return entry.revision, entry.value
 
-    async def _kill_command(self) -> tuple[int, dict | None]:
+    async def _kill_command(self) -> None:
+        """At start: the operator's command written since the state was saved, to apply at the first bar."""
         found = await self._kv_get(self.kv_control, kill_key(self.config.name))
-        if found is None:
-            return 0, None
-        return found[0], json.loads(found[1])
+        if found is None or found[0] <= self.state.kill_revision:
+            return
+        command = self._kill_value(*found)
+        if command is None:
+            self._kill_refused = found[0]
+        else:
+            self.kill_command = (found[0], command)
+
+    def _kill_value(self, revision: int, raw: bytes) -> dict | None:
+        """The operator's kill command in KV, checked (it may be written by hand with ``nats kv
+        put``): a JSON object with ``mode`` off|halt|reduce_only (halt when absent), ``flatten``
+        a boolean, ``reason`` text. Anything else is refused with one line and a
+        ``risk.alert.kill_switch`` alert (with the next bar's ledger); the switch stays as it is."""
+        modes = [m.value for m in KillSwitch]
+        try:
+            command = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            problem = f"not JSON ({exc})"
+        else:
+            if not isinstance(command, dict):
+                problem = f"a JSON {type(command).__name__}, not an object"
+            elif command.get("mode", "halt") not in modes:
+                problem = f"mode {command.get('mode')!r} is not one of {', '.join(modes)}"
+            elif not isinstance(command.get("flatten", False), bool):
+                problem = f"flatten {command.get('flatten')!r} is not true or false"
+            elif not isinstance(command.get("reason") or "", str):
+                problem = f"reason {command.get('reason')!r} is not text"
+            else:
+                return command
+        problem = problem[:300]
+        log.warning("%s: the kill command in NATS KV (%s/%s, revision %d) is refused: %s; the kill switch stays %s "
+                    "(write it with tradeforge live kill)", self.config.name, CONTROL_BUCKET, kill_key(self.config.name),
+                    revision, problem, self.engine.kill.value if self.engine is not None else "as it is")
+        self._pending.append(self.ledger.alert("kill_switch", f"refused:{revision}", self._now_ms(), "",
+                                               f"kill command revision {revision} refused: {problem}"))
+        return None
 
     async def _watch_kill(self) -> None:
         """The operator's kill command, as soon as it is written (applied at the next bar)."""
+        failures = 0
         while not self._stop.is_set():
             try:
                 watcher = self._kill_watcher = await self.kv_control.watch(kill_key(self.config.name))
+                failures = 0
                 async for entry in watcher:
                     if entry is None or entry.value is None:
                         continue
-                    if entry.revision > self.state.kill_revision:
-                        self.kill_command = (entry.revision, json.loads(entry.value))
+                    if entry.revision > self.state.kill_revision and entry.revision != self._kill_refused:
+                        command = self._kill_value(entry.revision, entry.value)
+                        if command is None:
+                            self._kill_refused = entry.revision  # refused once, not again when the watch restarts
+                        else:
+                            self.kill_command = (entry.revision, command)
             except asyncio.CancelledError:
                 return
             except Exception as exc:  # noqa: BLE001  (the server went away: watch again)
-                log.debug("kill watch: %s", exc)
+                failures += 1
+                # a restart of the server is routine; a watch that keeps failing means kill commands are not heard
+                (log.warning if failures == 3 or failures % 120 == 0 else log.debug)(
+                    "%s: watching the kill switch in NATS KV failed %d time(s) in a row (%s); retrying", self.config.name,
+                    failures, exc or type(exc).__name__)
                 await asyncio.sleep(0.5)
 
     async def _heartbeat(self) -> None:

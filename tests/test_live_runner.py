@@ -421,6 +421,51 @@ def test_live_kill_flatten_is_honoured_at_the_next_bar_and_the_daily_loss_limit_
     assert not [d for d in published(client, "ORDERS", "auto") if d["intent"] == "entry" and d["bar_ts"] > tripped]
 
 
+def test_a_kill_command_written_by_hand_that_makes_no_sense_is_refused_and_the_switch_stays(world, nats, monkeypatch, caplog):
+    """``nats kv put`` of non-JSON or an unknown mode, at start and while trading: one line, a
+    ``risk.alert.kill_switch`` alert each, the switch as it was; the next good command works."""
+    from live.state import CONTROL_BUCKET, kill_key
+
+    url, client = nats
+    client.publish_bars(world["replay"].head(30))
+    runner = new_runner(world, url, config("handkill"))
+    monkeypatch.setenv("NATS_URL", url)
+
+    async def put(value: bytes) -> int:
+        kv = await client.bus.key_value(CONTROL_BUCKET)
+        return await kv.put(kill_key("handkill"), value)
+
+    first = client.run(put(b"halt please"))
+
+    async def go():
+        await runner.start()
+        try:
+            done = await process(runner, 5)
+            second = await asyncio.to_thread(client.run, put(b'{"mode": "explode", "flatten": true}'))
+            deadline = time.monotonic() + 5
+            while runner._kill_refused != second and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            done += await process(runner, 5)
+            modes = runner.engine.kill
+            assert await asyncio.to_thread(cli, ["live", "kill", "--name", "handkill", "--reason", "by the book"]) == 0
+            deadline = time.monotonic() + 5
+            while runner.kill_command is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            done += await process(runner, 1)
+            return done, modes, second
+        finally:
+            await runner.close()
+
+    done, modes, second = asyncio.run(go())
+    assert [o.status for o in done] == ["processed"] * 11 and modes is KillSwitch.OFF
+    assert runner.engine.kill is KillSwitch.HALT and runner.engine.kill_reason == "by the book"
+    alerts = [a for a in published(client, "RISK", "handkill", "risk.alert.kill_switch") if "refused" in a["event_id"]]
+    assert sorted(a["event_id"] for a in alerts) == [f"kill_switch:handkill:refused:{first}", f"kill_switch:handkill:refused:{second}"]
+    assert any("not JSON" in a["reason"] for a in alerts) and any("'explode'" in a["reason"] for a in alerts)
+    lines = [r.getMessage() for r in caplog.records if "is refused" in r.getMessage()]
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
+
+
 def test_live_kill_reduce_only_lets_exits_through_and_off_trades_again(world, nats, monkeypatch, capsys):
     url, client = nats
     client.publish_bars(world["replay"].head(150))
