@@ -104,6 +104,7 @@ class RunnerConfig:
 
 
 def day_boundary_from_env() -> DayBoundary:
+    """``TRADEFORGE_DAY_BOUNDARY`` (utc or new_york_17; utc when unset), or one line naming it."""
     value = os.environ.get("TRADEFORGE_DAY_BOUNDARY", "utc")
     try:
         return DayBoundary(value)
