@@ -4,12 +4,16 @@ Per bar message (``bars.{SYM}.{TF}`` on the JetStream stream ``BARS``, one durab
 over the runner's symbols, in stream order, one message in flight):
 
 1. decode and check it (:func:`resources.bus.messages.decode_bar`): malformed, impossible,
-   on the wrong subject, a duplicate or out of order -> refused with the reason (counted,
-   published on ``risk.alert.bad_bar``), acknowledged, and the runner goes on;
-2. apply what the operator asked since the last bar (the kill switch) and a model the alias
-   moved to (loaded meanwhile on the watcher's thread);
-3. the feature row (:class:`~models.features.online.RollingFeatures`), the model's prediction,
-   the model strategy's signal: no decision while the window warms up or when the bar is stale;
+   on the wrong subject, off the timeframe's grid, closing in the future (beyond
+   ``max_clock_skew_s`` on the runner's clock), a duplicate or out of order -> refused with the
+   reason (counted, published on ``risk.alert.bad_bar``), acknowledged, and the runner goes on;
+   any other exception while handling it is refused the same way (reason ``error``, with the
+   exception's text) and the message terminated (see :meth:`LiveRunner.handle`);
+2. the feature row (:class:`~models.features.online.RollingFeatures`); then what the operator
+   asked since the last bar (the kill switch) and a model the alias moved to (loaded meanwhile
+   on the watcher's thread);
+3. the model's prediction, the model strategy's signal: no decision while the window warms up or
+   when the bar is stale;
 4. ``engine.on_bar``: the same :class:`~models.trading.engine.TradingEngine` as the backtests,
    through the paper broker or the MT5 broker;
 5. the ledger to JetStream (signals, decisions, order transitions, fills, alerts, the account),

@@ -3,9 +3,12 @@ SQLite registry), in this process where a signal is not the point, so each test 
 
 - parity: two days replayed through the runner with the paper broker are the backtest's orders,
   fills and equity for those days (models/backtest, the same TradingEngine and configuration);
-- bad input: malformed, incomplete, impossible, out-of-order, duplicated and stale bars are
-  refused with a reason, counted (Prometheus) and published (``risk.alert.bad_bar``), and the
-  next good bar is processed;
+- bad input: malformed, incomplete, impossible (absurd values, crossed quotes), off-grid,
+  future, out-of-order, duplicated and stale bars are refused with a reason, counted
+  (Prometheus) and published (``risk.alert.bad_bar``), and the next good bar is processed; an
+  unexpected error in one bar is refused the same way and the account rolled back; a broker
+  that does not answer the check after an MT5 restart is asked again; a kill command written
+  by hand that makes no sense is refused;
 - hot swap: the alias moved mid-replay: no bar missed, each decision carries the version that
   made it; a version on another feature set is refused and the old one keeps serving;
 - the kill switch: ``tradeforge live kill --flatten`` (KV) honoured at the next bar; the daily
