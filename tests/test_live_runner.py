@@ -227,6 +227,42 @@ def test_bad_bars_are_refused_with_a_reason_counted_published_and_the_next_good_
     assert len(signals) == len(good) - 1
 
 
+def test_a_restart_rebuilds_the_feature_window_without_the_bars_it_refused(world, nats):
+    """An off-grid bar refused while trading is not read back into the features by the restart's
+    catch-up: after the restart every decision equals that of a runner that never stopped."""
+    from resources.bus.messages import encode_bar
+
+    url, client = nats
+    bars = world["replay"].head(20).with_columns(pl.col("ts").dt.epoch("ms")).to_dicts()
+    for i, bar in enumerate(bars):
+        client.publish_bar(bar)
+        if i == 9:
+            ts = bar["ts"] + 60_000
+            skewed = {**bar, "ts": ts, "close_ts": ts + BAR_MS, **{k: bar[k] * 1.01 for k in ("open", "high", "low", "close", "vwap")}}
+            client.publish_bar(bar, msg_id="off-grid", payload=encode_bar(skewed))
+
+    async def run(name: str, count: int) -> list:
+        runner = new_runner(world, url, config(name))
+        await runner.start()
+        try:
+            return await process(runner, count)
+        finally:
+            await runner.close()
+
+    async def go():
+        before = await run("regrid", 12)  # the off-grid bar between two processed ones
+        after = await run("regrid", 9)
+        reference = await run("regrid-ref", 21)
+        return before, after, reference
+
+    before, after, reference = asyncio.run(go())
+    assert [o.status for o in before[-2:]] == ["off_grid", "processed"] and [o.status for o in after] == ["processed"] * 9
+    assert [o.status for o in reference].count("off_grid") == 1
+    mine = {s["ts"]: s["value"] for s in published(client, "SIGNALS", "regrid", "signals.EURUSD")}
+    theirs = {s["ts"]: s["value"] for s in published(client, "SIGNALS", "regrid-ref", "signals.EURUSD")}
+    assert len(mine) == len(theirs) == 20 and mine == theirs
+
+
 def test_an_unexpected_error_in_one_bar_is_refused_counted_published_and_nothing_it_carried_is_lost(world, nats, monkeypatch):
     """The guard: a fault the checks cannot foresee (here the broker raising mid-step) is refused
     with the exception's text, the account rolled back to the last saved state, the message
