@@ -184,7 +184,7 @@ class LiveRunner:
         self._messages: list[Message] = []  # the ledger of the bar in hand, not published yet
         self._current: BarOutcome | None = None
         self._applied_kill: tuple[int, int, dict] | None = None  # (revision before, revision, command) of this bar
-        self._stage = "checks"  # how far the bar in hand got: checks, features, engine, after, publish
+        self._stage = "checks"  # how far the bar in hand got: checks, features, maintain, model, engine, after, publish
 
     # -- start ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -459,13 +459,20 @@ class LiveRunner:
         except RunnerError:
             raise
         except (BrokerTimeout, ConnectionError) as exc:
-            if self._stage == "checks":  # nothing reached the broker: a bug, refused below
+            if not self._engine_moved():  # nothing reached the broker: a bug, refused below
                 return await self._failed(msg, exc)
             raise RunnerError(f"runner {self.config.name}: the broker did not answer during bar message "
                               f"{msg.metadata.sequence.stream} on {msg.subject} ({type(exc).__name__}: {exc}): stopping "
                               f"unacknowledged; a restart reconciles with the broker and does the bar again") from None
         except Exception as exc:  # noqa: BLE001  (the guard: counted and published, never silent)
             return await self._failed(msg, exc)
+
+    def _engine_moved(self) -> bool:
+        """Whether the bar in hand may have changed the engine or reached the broker (the kill
+        switch applied, with its flatten orders, or the engine's step begun)."""
+        if self._stage == "model":
+            return self._applied_kill is not None
+        return self._stage in ("maintain", "engine", "after", "publish")
 
     async def _failed(self, msg: Any, exc: Exception) -> BarOutcome:
         seq = msg.metadata.sequence.stream
@@ -474,7 +481,7 @@ class LiveRunner:
                   msg.subject, self._stage, text)
         log.debug("the failure of bar message %d", seq, exc_info=True)
         out = self._current or BarOutcome(seq)
-        if self._stage in ("engine", "after", "publish"):  # the account may be half-stepped: back to the last saved state
+        if self._engine_moved():  # the account may be half-stepped: back to the last saved state
             self.engine.restore(self.state.engine)
             if self.state.broker is not None and hasattr(self.broker, "load"):
                 self.broker.load(self.state.broker)
@@ -536,7 +543,9 @@ class LiveRunner:
             return await self._refuse(msg, out, "impossible", str(exc))
         self.recent[symbol].append(ts)  # the window holds it now (a restart's catch-up reads it back too)
         self.marks[symbol] = bar["close"]
+        self._stage = "maintain"
         self._maintain(ts, messages)  # after the last refusal that leaves the engine as it was
+        self._stage = "model"
         t2 = time.perf_counter()
         model = self.model
         value, sig, status, reason = None, None, "signal", ""

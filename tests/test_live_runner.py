@@ -275,10 +275,17 @@ def test_an_unexpected_error_in_one_bar_is_refused_counted_published_and_nothing
     def fault(*args, **kwargs):
         raise RuntimeError("boom in the broker")
 
+    def model_fault(*args, **kwargs):
+        raise KeyError("rsi_14")
+
     async def go():
         await runner.start()
         try:
             first = await process(runner, 10)
+            runner.model.predict = model_fault  # a fault in the model: nothing moved yet, nothing to roll back
+            model_failed = (await process(runner, 1))[0]
+            del runner.model.predict
+            first += await process(runner, 1)
             saved = runner.engine.snapshot()
             assert await asyncio.to_thread(cli, ["live", "kill", "--name", "guard", "--reduce-only", "--reason", "guard"]) == 0
             deadline = time.monotonic() + 5
@@ -291,24 +298,24 @@ def test_an_unexpected_error_in_one_bar_is_refused_counted_published_and_nothing
             del broker.advance
             rolled_back = runner.engine.snapshot() == saved
             kill_after_failure = runner.engine.kill
-            rest = await process(runner, 19)
-            return first, failed, rolled_back, kill_after_failure, rest
+            rest = await process(runner, 17)
+            return first, model_failed, failed, rolled_back, kill_after_failure, rest
         finally:
             await runner.close()
 
-    first, failed, rolled_back, kill_after_failure, rest = asyncio.run(go())
-    assert failed.status == "error" and rolled_back and kill_after_failure is KillSwitch.OFF
-    assert [o.status for o in first + rest] == ["processed"] * 29  # the daemon went on
+    first, model_failed, failed, rolled_back, kill_after_failure, rest = asyncio.run(go())
+    assert model_failed.status == "error" and failed.status == "error" and rolled_back and kill_after_failure is KillSwitch.OFF
+    assert [o.status for o in first + rest] == ["processed"] * 28  # the daemon went on
     assert runner.engine.kill is KillSwitch.REDUCE_ONLY and runner.engine.kill_reason == "guard"  # applied at the next bar
     rejected = {s.labels["reason"]: s.value for m in runner.metrics.rejected.collect() for s in m.samples
                 if s.name.endswith("_total")}
-    assert rejected == {"error": 1}
+    assert rejected == {"error": 2}
     alerts = published(client, "RISK", "guard", "risk.alert.>")
-    errors = [a for a in alerts if a["kind"] == "bad_bar"]
-    assert len(errors) == 1 and errors[0]["reason"] == "error: RuntimeError: boom in the broker" and errors[0]["ts"] == failed.ts
+    errors = sorted((a["ts"], a["reason"]) for a in alerts if a["kind"] == "bad_bar")
+    assert errors == [(model_failed.ts, "error: KeyError: 'rsi_14'"), (failed.ts, "error: RuntimeError: boom in the broker")]
     assert len([a for a in alerts if a["kind"] == "model_refused" and "fs-x" in a["reason"]]) == 1
     signals = published(client, "SIGNALS", "guard", "signals.EURUSD")
-    assert failed.ts not in {s["ts"] for s in signals} and len(signals) == 29
+    assert not {failed.ts, model_failed.ts} & {s["ts"] for s in signals} and len(signals) == 28
     assert runner.state.last_seq == 30
 
 
