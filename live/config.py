@@ -62,6 +62,9 @@ class RunnerConfig:
     ack_wait_s: float = 30.0  # an unacknowledged bar is redelivered after this (the runner died mid-bar)
     mt5_fake: str | None = None  # HOST:PORT/NAME of a fake terminal server (resources/brokers/mt5/remote.py)
     stop_when_idle_s: float | None = None  # replays: stop once no bar came for this long
+    #: A bar closing later than now + this on the runner's clock is refused ("future"): it would
+    #: make every real bar after it look out of order.
+    max_clock_skew_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.symbols:
@@ -101,6 +104,7 @@ class RunnerConfig:
 
 
 def day_boundary_from_env() -> DayBoundary:
+    """``TRADEFORGE_DAY_BOUNDARY`` (utc or new_york_17; utc when unset), or one line naming it."""
     value = os.environ.get("TRADEFORGE_DAY_BOUNDARY", "utc")
     try:
         return DayBoundary(value)

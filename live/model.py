@@ -15,7 +15,6 @@ values go in as float32, as the training rows did.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -215,8 +214,3 @@ class ModelWatcher:
                 self.poll()
             except Exception as exc:  # noqa: BLE001  (the registry may be down: keep serving the model we have)
                 log.warning("model registry poll failed (%s); serving v%s", exc, self.current)
-
-
-def describe_model(model: LiveModel) -> str:
-    return json.dumps({"name": model.name, "version": model.version, "alias": model.alias, "family": model.family,
-                       "task": model.task, "features": len(model.features), "feature_set": model.feature_set})

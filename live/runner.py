@@ -4,12 +4,16 @@ Per bar message (``bars.{SYM}.{TF}`` on the JetStream stream ``BARS``, one durab
 over the runner's symbols, in stream order, one message in flight):
 
 1. decode and check it (:func:`resources.bus.messages.decode_bar`): malformed, impossible,
-   on the wrong subject, a duplicate or out of order -> refused with the reason (counted,
-   published on ``risk.alert.bad_bar``), acknowledged, and the runner goes on;
-2. apply what the operator asked since the last bar (the kill switch) and a model the alias
-   moved to (loaded meanwhile on the watcher's thread);
-3. the feature row (:class:`~models.features.online.RollingFeatures`), the model's prediction,
-   the model strategy's signal: no decision while the window warms up or when the bar is stale;
+   on the wrong subject, off the timeframe's grid, closing in the future (beyond
+   ``max_clock_skew_s`` on the runner's clock), a duplicate or out of order -> refused with the
+   reason (counted, published on ``risk.alert.bad_bar``), acknowledged, and the runner goes on;
+   any other exception while handling it is refused the same way (reason ``error``, with the
+   exception's text) and the message terminated (see :meth:`LiveRunner.handle`);
+2. the feature row (:class:`~models.features.online.RollingFeatures`); then what the operator
+   asked since the last bar (the kill switch) and a model the alias moved to (loaded meanwhile
+   on the watcher's thread);
+3. the model's prediction, the model strategy's signal: no decision while the window warms up or
+   when the bar is stale;
 4. ``engine.on_bar``: the same :class:`~models.trading.engine.TradingEngine` as the backtests,
    through the paper broker or the MT5 broker;
 5. the ledger to JetStream (signals, decisions, order transitions, fills, alerts, the account),
@@ -54,7 +58,8 @@ from models.features.online import RollingFeatures
 from models.features.registry import feature_set_version
 from models.market.candles import BAR_SCHEMA
 from models.market.instruments import Instrument, instrument
-from models.trading.broker import BrokerEvent, BrokerPort, OrderStatus, SubmitAck
+from models.market.timeframes import bar_close_at, bar_open_at
+from models.trading.broker import BrokerEvent, BrokerPort, BrokerTimeout, OrderStatus, SubmitAck
 from models.trading.currency import conversion_mode, mark_conversion
 from models.trading.engine import BarBlock, EngineConfig, TradingEngine
 from models.trading.ledger import Ledger
@@ -175,6 +180,11 @@ class LiveRunner:
         self._tasks: list[asyncio.Task] = []
         self._last_message = time.monotonic()
         self._pending: list[Message] = []
+        self._kill_refused = 0  # the KV revision of a kill command refused (not refused again)
+        self._messages: list[Message] = []  # the ledger of the bar in hand, not published yet
+        self._current: BarOutcome | None = None
+        self._applied_kill: tuple[int, int, dict] | None = None  # (revision before, revision, command) of this bar
+        self._stage = "checks"  # how far the bar in hand got: checks, features, maintain, model, engine, after, publish
 
     # -- start ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -230,9 +240,7 @@ class LiveRunner:
         self.metrics.model_version.set(float(self.model.version))
         self.marks = {s: self.engine.snapshot()["symbols"][s]["last_close"] for s in c.symbols} if not fresh else {}
         await self._warm_up(fresh)
-        revision, command = await self._kill_command()
-        if command is not None and revision > self.state.kill_revision:
-            self.kill_command = (revision, command)
+        await self._kill_command()
         messages += self.ledger.changes(self.engine, window, tag, self._now_ms(), self.model.version)
         await self._publish(messages)
         await self._save()
@@ -323,6 +331,8 @@ class LiveRunner:
                         bar = decode_bar(msg.data, msg.subject)
                     except BadMessage:
                         continue
+                    if self._off_grid(bar) is not None:  # refused when it came: not in the window either
+                        continue
                     s, ts = bar["symbol"], bar["ts"]
                     lo, hi = need.get(s, (0, -1))
                     if lo < ts <= hi and ts > self._seen_last(s):
@@ -341,6 +351,20 @@ class LiveRunner:
                 log.warning("%s: the feature window of %s has a gap: the stream no longer holds every bar between the "
                             "warehouse's last (%s) and the last processed (%s); %d bars read back", self.config.name, s,
                             _iso(lo), _iso(hi), seeded[s])
+
+    def _off_grid(self, bar: dict) -> tuple[str, str] | None:
+        """(reason, detail) when the bar's times are not a bar of the runner's timeframe and day
+        boundary (its open on the grid, its close the open plus the timeframe), else None."""
+        c = self.config
+        opened = _dt(bar["ts"])
+        if bar_open_at(opened, c.timeframe, c.day_boundary) != opened:
+            return "off_grid", (f"{bar['symbol']} bar at {opened:%Y-%m-%d %H:%M:%S} is not the open of a {c.timeframe.value} "
+                                f"bar ({c.day_boundary.value} days)")
+        close_ts = round(bar_close_at(opened, c.timeframe, c.day_boundary).timestamp() * 1000)
+        if bar["close_ts"] != close_ts:
+            return "impossible", (f"{bar['symbol']} {c.timeframe.value} bar at {_iso(bar['ts'])} closes at {close_ts}, "
+                                  f"not {bar['close_ts']}")
+        return None
 
     def _seen_last(self, symbol: str) -> int:
         return self.recent[symbol][-1] if self.recent[symbol] else self.history_end.get(symbol, -1)
@@ -378,6 +402,13 @@ class LiveRunner:
                 loop.add_signal_handler(sig, self.request_stop)
         idle = self.config.stop_when_idle_s
         self._last_message = time.monotonic()
+        try:
+            await self._loop(idle)
+        finally:
+            await self.close()
+        return 0
+
+    async def _loop(self, idle: float | None) -> None:
         reconnects = self.bus.nc.stats["reconnects"]
         while not self._stop.is_set():
             if self.bus.nc.stats["reconnects"] != reconnects:
@@ -405,18 +436,68 @@ class LiveRunner:
             for msg in msgs:
                 self._last_message = time.monotonic()
                 await self.handle(msg)
-        await self.close()
-        return 0
 
     def request_stop(self) -> None:
         self._stop.set()
 
     async def handle(self, msg: Any) -> BarOutcome:
-        """One bar message, start to ack (see the module doc)."""
+        """One bar message, start to ack (see the module doc), behind a guard: no message can
+        crash the daemon or make it crash-loop on its redelivery.
+
+        A broker that cannot be reached mid-bar (``BrokerTimeout`` or a lost connection escaping
+        the engine) leaves the account in a state only a reconciliation can settle: the runner
+        stops with one line (:class:`RunnerError`), unacknowledged, and the restart reconciles.
+        Any other exception is a bug or an input the checks missed: it is logged with the
+        message's subject and sequence, counted (``rejected{reason="error"}``), published on
+        ``risk.alert.bad_bar`` with the exception's text and the message terminated. If the
+        engine had started on the bar, its account is rolled back to the last saved state
+        first, and with a real broker (which may have acted) trading halts until a restart
+        reconciles."""
+        self._stage = "checks"
+        try:
+            return await self._handle(msg)
+        except RunnerError:
+            raise
+        except (BrokerTimeout, ConnectionError) as exc:
+            if not self._engine_moved():  # nothing reached the broker: a bug, refused below
+                return await self._failed(msg, exc)
+            raise RunnerError(f"runner {self.config.name}: the broker did not answer during bar message "
+                              f"{msg.metadata.sequence.stream} on {msg.subject} ({type(exc).__name__}: {exc}): stopping "
+                              f"unacknowledged; a restart reconciles with the broker and does the bar again") from None
+        except Exception as exc:  # noqa: BLE001  (the guard: counted and published, never silent)
+            return await self._failed(msg, exc)
+
+    def _engine_moved(self) -> bool:
+        """Whether the bar in hand may have changed the engine or reached the broker (the kill
+        switch applied, with its flatten orders, or the engine's step begun)."""
+        if self._stage == "model":
+            return self._applied_kill is not None
+        return self._stage in ("maintain", "engine", "after", "publish")
+
+    async def _failed(self, msg: Any, exc: Exception) -> BarOutcome:
+        seq = msg.metadata.sequence.stream
+        text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
+        log.error("%s: bar message %d on %s failed at the %s stage (%s): refused and terminated", self.config.name, seq,
+                  msg.subject, self._stage, text)
+        log.debug("the failure of bar message %d", seq, exc_info=True)
+        out = self._current or BarOutcome(seq)
+        if self._engine_moved():  # the account may be half-stepped: back to the last saved state
+            self.engine.restore(self.state.engine)
+            if self.state.broker is not None and hasattr(self.broker, "load"):
+                self.broker.load(self.state.broker)
+            if self.config.broker != "paper" and self.engine.kill is not KillSwitch.HALT:
+                self.engine.set_kill_switch(KillSwitch.HALT, f"internal error at bar message {seq} ({text}): restart the "
+                                                             f"runner to reconcile with the broker")
+            if self._applied_kill is not None and self.kill_command is None:  # undone with the engine: at the next bar
+                self.state.kill_revision, self.kill_command = self._applied_kill[0], self._applied_kill[1:]
+        return await self._refuse(msg, out, "error", text, terminate=True)
+
+    async def _handle(self, msg: Any) -> BarOutcome:
+        self._current, self._messages, self._applied_kill = None, [], None
         received = time.time()
         t0 = time.perf_counter()
         seq = msg.metadata.sequence.stream
-        out = BarOutcome(seq, received=received)
+        out = self._current = BarOutcome(seq, received=received)
         sent = (msg.headers or {}).get(SENT_HEADER)
         out.sent = int(sent) / 1e9 if sent else msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else None
         if seq <= self.state.last_seq:  # delivered again after its save (the ack was lost): done already
@@ -431,6 +512,14 @@ class LiveRunner:
             return await self._refuse(msg, out, bad.reason, str(bad))
         symbol, ts = bar["symbol"], bar["ts"]
         out.symbol, out.ts = symbol, ts
+        c = self.config
+        off = self._off_grid(bar)
+        if off is not None:
+            return await self._refuse(msg, out, *off)
+        if bar["close_ts"] > received * 1000 + c.max_clock_skew_s * 1000:
+            return await self._refuse(msg, out, "future", f"{symbol} bar closes at {_dt(bar['close_ts']):%Y-%m-%d %H:%M:%S}, "
+                                                          f"{bar['close_ts'] / 1000 - received:.0f}s after now on this "
+                                                          f"runner's clock (tolerance {c.max_clock_skew_s:.0f}s)")
         if ts <= self._seen_last(symbol):
             if symbol not in self.state.last_ts and ts <= self.history_end[symbol]:
                 out.status = "in_history"  # the warm-up already holds this bar (a fresh runner reads the whole stream)
@@ -440,18 +529,23 @@ class LiveRunner:
                 return out
             reason = "duplicate" if ts in self.recent[symbol] else "out_of_order"
             return await self._refuse(msg, out, reason, f"{symbol} bar {_iso(ts)} is not after the last one, {_iso(self._seen_last(symbol))}")
-        engine, c = self.engine, self.config
+        engine = self.engine
         self._compact(ts)
         window = Window(engine)
         tag = str(self.state.bars + 1)
-        messages: list[Message] = []
-        self._maintain(ts, messages)
+        messages: list[Message] = self._messages
         frame = _bar_frame(bar)
         t1 = time.perf_counter()
+        self._stage = "features"
         try:
             row = self.features[symbol].update(frame, self.external.get(symbol))
         except ValueError as exc:
             return await self._refuse(msg, out, "impossible", str(exc))
+        self.recent[symbol].append(ts)  # the window holds it now (a restart's catch-up reads it back too)
+        self.marks[symbol] = bar["close"]
+        self._stage = "maintain"
+        self._maintain(ts, messages)  # after the last refusal that leaves the engine as it was
+        self._stage = "model"
         t2 = time.perf_counter()
         model = self.model
         value, sig, status, reason = None, None, "signal", ""
@@ -470,13 +564,13 @@ class LiveRunner:
                 sig = self.strategy.signal(value)
         t3 = time.perf_counter()
         self.timed.seconds = 0.0
+        self._stage = "engine"
         engine.on_bar(symbol, {"ts": ts, "open": bar["open"], "high": bar["high"], "low": bar["low"], "close": bar["close"],
                                "bid_close": bar["bid_close"], "ask_close": bar["ask_close"]}, sig)
         t4 = time.perf_counter()
         out.accepted = received + (t4 - t0)
         broker_s = self.timed.seconds
-        self.marks[symbol] = bar["close"]
-        self.recent[symbol].append(ts)
+        self._stage = "after"
         self._after_step(ts, symbol, messages)
         self.state.bars += 1
         self.state.last_seq = seq
@@ -489,6 +583,7 @@ class LiveRunner:
         messages.append(self.ledger.portfolio(engine, self.state.bars, ts, symbol, self.marks, self.state.peak, model.version))
         out.orders = sum(1 for order, first in window.transitions(engine) if first == 0)
         t5 = time.perf_counter()
+        self._stage, self._messages = "publish", []
         await self._publish(messages)
         t6 = time.perf_counter()
         await self._save()
@@ -524,6 +619,7 @@ class LiveRunner:
             revision, command = self.kill_command
             self.kill_command = None
             if revision > state.kill_revision:
+                self._applied_kill = (state.kill_revision, revision, command)
                 mode = KillSwitch(command.get("mode", "halt"))
                 engine.set_kill_switch(mode, command.get("reason") or "operator", flatten=bool(command.get("flatten")))
                 state.kill_revision = revision
@@ -557,12 +653,19 @@ class LiveRunner:
         """A broker that halted trips the kill switch; after a restart, check the replay's claims."""
         engine, broker = self.engine, self.broker
         if self.claim_check:
-            self.claim_check = False
-            broker.check_claimed()
-            # the fills the bar's own orders made are booked by the engine at its next bar: count them
-            pending = broker.pending_units()
-            differences = {s: (ours + pending.get(s, 0.0), theirs) for s, (ours, theirs) in engine.reconcile().items()
-                           if abs(ours + pending.get(s, 0.0) - theirs) > 1e-9}
+            try:
+                broker.check_claimed()
+                # the fills the bar's own orders made are booked by the engine at its next bar: count them
+                pending = broker.pending_units()
+                differences = {s: (ours + pending.get(s, 0.0), theirs) for s, (ours, theirs) in engine.reconcile().items()
+                               if abs(ours + pending.get(s, 0.0) - theirs) > 1e-9}
+            except BrokerTimeout as exc:  # the terminal hiccuped: the check waits for the next bar, orders stay UNKNOWN
+                reason = f"the check of positions after the restart got no answer from the broker ({exc}): asked again at the next bar"
+                messages.append(self.ledger.alert("broker_timeout", f"claims:{ts}", ts, symbol, reason))
+                log.warning("%s: %s", self.config.name, reason)
+                differences = None
+            else:
+                self.claim_check = False
             if differences and not broker.halted:
                 broker.halted = (f"trading halted: positions differ from the broker's after the restart: "
                                  + ", ".join(f"{s} engine {a:+,.0f} broker {b:+,.0f}" for s, (a, b) in sorted(differences.items())))
@@ -571,15 +674,22 @@ class LiveRunner:
             messages.append(self.ledger.alert("broker_halted", str(ts), ts, symbol, broker.halted))
             log.error("%s: %s", self.config.name, broker.halted)
 
-    async def _refuse(self, msg: Any, out: BarOutcome, reason: str, detail: str) -> BarOutcome:
+    async def _refuse(self, msg: Any, out: BarOutcome, reason: str, detail: str, terminate: bool = False) -> BarOutcome:
+        """Count, log and publish the refusal with what the bar had already produced (alerts of
+        the model watcher, a model swap, the kill switch's orders), then ack (or terminate)."""
         self.metrics.rejected.labels(reason).inc()
         seq = msg.metadata.sequence.stream
         log.warning("%s: bar message %d on %s refused: %s", self.config.name, seq, msg.subject, detail)
         alert = self.ledger.alert("bad_bar", str(seq), out.ts or self._now_ms(), out.symbol, f"{reason}: {detail}",
                                   subject=msg.subject, stream_seq=seq)
-        await self._publish([alert])
+        messages, self._messages = [*self._messages, alert], []
+        await self._publish(messages)
         self.state.last_seq = seq
-        await self._ack(msg)
+        if terminate:
+            with contextlib.suppress(Exception):  # not redelivered: it failed once, it would fail again
+                await msg.term()
+        else:
+            await self._ack(msg)
         out.status = reason
         self.outcomes.append(out)
         return out
@@ -637,26 +747,70 @@ class LiveRunner:
             return None
         return entry.revision, entry.value
 
-    async def _kill_command(self) -> tuple[int, dict | None]:
+    async def _kill_command(self) -> None:
+        """At start: the operator's command written since the state was saved, to apply at the first bar."""
         found = await self._kv_get(self.kv_control, kill_key(self.config.name))
-        if found is None:
-            return 0, None
-        return found[0], json.loads(found[1])
+        if found is None or found[0] <= self.state.kill_revision:
+            return
+        command = self._kill_value(*found)
+        if command is None:
+            self._kill_refused = found[0]
+        else:
+            self.kill_command = (found[0], command)
+
+    def _kill_value(self, revision: int, raw: bytes) -> dict | None:
+        """The operator's kill command in KV, checked (it may be written by hand with ``nats kv
+        put``): a JSON object with ``mode`` off|halt|reduce_only (halt when absent), ``flatten``
+        a boolean, ``reason`` text. Anything else is refused with one line and a
+        ``risk.alert.kill_switch`` alert (with the next bar's ledger); the switch stays as it is."""
+        modes = [m.value for m in KillSwitch]
+        try:
+            command = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            problem = f"not JSON ({exc})"
+        else:
+            if not isinstance(command, dict):
+                problem = f"a JSON {type(command).__name__}, not an object"
+            elif command.get("mode", "halt") not in modes:
+                problem = f"mode {command.get('mode')!r} is not one of {', '.join(modes)}"
+            elif not isinstance(command.get("flatten", False), bool):
+                problem = f"flatten {command.get('flatten')!r} is not true or false"
+            elif not isinstance(command.get("reason") or "", str):
+                problem = f"reason {command.get('reason')!r} is not text"
+            else:
+                return command
+        problem = problem[:300]
+        log.warning("%s: the kill command in NATS KV (%s/%s, revision %d) is refused: %s; the kill switch stays %s "
+                    "(write it with tradeforge live kill)", self.config.name, CONTROL_BUCKET, kill_key(self.config.name),
+                    revision, problem, self.engine.kill.value if self.engine is not None else "as it is")
+        self._pending.append(self.ledger.alert("kill_switch", f"refused:{revision}", self._now_ms(), "",
+                                               f"kill command revision {revision} refused: {problem}"))
+        return None
 
     async def _watch_kill(self) -> None:
         """The operator's kill command, as soon as it is written (applied at the next bar)."""
+        failures = 0
         while not self._stop.is_set():
             try:
                 watcher = self._kill_watcher = await self.kv_control.watch(kill_key(self.config.name))
+                failures = 0
                 async for entry in watcher:
                     if entry is None or entry.value is None:
                         continue
-                    if entry.revision > self.state.kill_revision:
-                        self.kill_command = (entry.revision, json.loads(entry.value))
+                    if entry.revision > self.state.kill_revision and entry.revision != self._kill_refused:
+                        command = self._kill_value(entry.revision, entry.value)
+                        if command is None:
+                            self._kill_refused = entry.revision  # refused once, not again when the watch restarts
+                        else:
+                            self.kill_command = (entry.revision, command)
             except asyncio.CancelledError:
                 return
             except Exception as exc:  # noqa: BLE001  (the server went away: watch again)
-                log.debug("kill watch: %s", exc)
+                failures += 1
+                # a restart of the server is routine; a watch that keeps failing means kill commands are not heard
+                (log.warning if failures == 3 or failures % 120 == 0 else log.debug)(
+                    "%s: watching the kill switch in NATS KV failed %d time(s) in a row (%s); retrying", self.config.name,
+                    failures, exc or type(exc).__name__)
                 await asyncio.sleep(0.5)
 
     async def _heartbeat(self) -> None:

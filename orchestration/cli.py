@@ -897,13 +897,10 @@ def _nats_bus():
 
 
 def _day_boundary():
-    from models.market.timeframes import DayBoundary
+    """TRADEFORGE_DAY_BOUNDARY, read where the live side reads it (one copy: live.config)."""
+    from live.config import day_boundary_from_env
 
-    text = os.environ.get("TRADEFORGE_DAY_BOUNDARY", "utc")
-    try:
-        return DayBoundary(text)
-    except ValueError:
-        raise CommandError(f"TRADEFORGE_DAY_BOUNDARY={text!r}: use utc or new_york_17") from None
+    return day_boundary_from_env()
 
 
 def _timeframe(text: str):

@@ -34,6 +34,24 @@ def test_a_bar_round_trips_with_epoch_milliseconds():
     (encode_bar({**BAR, "high": 1.0850}), "impossible"),
     (encode_bar({**BAR, "close_ts": BAR["ts"]}), "impossible"),
     (encode_bar({**BAR, "volume": -1.0}), "impossible"),
+    # wrong types and absurd values: refused with a reason, never a TypeError or polars error later
+    (encode_bar({**BAR, "timeframe": ["M5"]}), "malformed"),
+    (encode_bar({**BAR, "symbol": {"a": 1}}), "malformed"),
+    (encode_bar({**BAR, "source": 7}), "malformed"),
+    (encode_bar({**BAR, "open": "1.0851"}), "malformed"),
+    (encode_bar({**BAR, "vwap": True}), "malformed"),
+    (encode_bar({**BAR, "bid_close": [1.0]}), "malformed"),
+    (encode_bar({**BAR, "ts": 10**17, "close_ts": 10**17 + 300_000}), "impossible"),
+    (encode_bar({**BAR, "ts": -300_000, "close_ts": 0}), "impossible"),
+    (encode_bar({**BAR, "ts": 1709719500000.0}), "malformed"),
+    (encode_bar({**BAR, "tick_count": 10**20}), "impossible"),
+    (encode_bar({**BAR, "quote_count": 2**32}), "impossible"),
+    (encode_bar({**BAR, "tick_count": 1.5}), "impossible"),
+    (encode_bar({**BAR, "tick_count": -1}), "impossible"),
+    (encode_bar({**BAR, "high": 10**400}), "impossible"),
+    (encode_bar({**BAR, "bid_close": 0.0}), "impossible"),
+    (encode_bar({**BAR, "ask_close": -1.0}), "impossible"),
+    (encode_bar({**BAR, "bid_close": 1.0854, "ask_close": 1.0853}), "impossible"),
 ])
 def test_a_bar_a_runner_must_not_act_on_is_refused_with_its_reason(payload, reason):
     with pytest.raises(BadMessage) as refused:

@@ -361,3 +361,25 @@ def test_a_paper_replay_through_the_live_runner_lands_in_the_tables(nats, wareho
     assert dict(last.select("symbol", "units").rows()) == {s: p.units for s, p in engine.portfolio.positions.items() if p.units}
     assert tables["risk_events"].height == len(published["RISK"]) + sum(
         m.count(".") == 2 for m, _, _ in published["SIGNALS"])
+
+
+def test_the_ledger_streams_keep_duplicates_out_as_long_as_the_bars_do(monkeypatch):
+    """A runner restarted up to two hours after a crash redoes the bar: its ledger messages (the
+    same ids) must be stored once, so the ledger's duplicate window is the bars' 120 minutes,
+    not JetStream's default 2, and configurable like it."""
+    from datetime import timedelta
+
+    from resources.bus.streams import bars_stream
+
+    monkeypatch.delenv("TRADEFORGE_LEDGER_DEDUP_MINUTES", raising=False)
+    monkeypatch.delenv("TRADEFORGE_LEDGER_RETENTION_DAYS", raising=False)
+    specs = ledger_streams()
+    assert [s.name for s in specs] == ["SIGNALS", "ORDERS", "BROKER", "RISK", "PORTFOLIO"]
+    assert {s.duplicate_window for s in specs} == {timedelta(minutes=120)} == {bars_stream(30, 120).duplicate_window}
+    monkeypatch.setenv("TRADEFORGE_LEDGER_DEDUP_MINUTES", "45")
+    assert {s.duplicate_window for s in ledger_streams()} == {timedelta(minutes=45)}
+    monkeypatch.setenv("TRADEFORGE_LEDGER_RETENTION_DAYS", "0.01")  # 14.4 minutes: the window cannot be longer
+    assert {(s.max_age, s.duplicate_window) for s in ledger_streams()} == {(timedelta(days=0.01), timedelta(days=0.01))}
+    monkeypatch.setenv("TRADEFORGE_LEDGER_DEDUP_MINUTES", "two hours")
+    with pytest.raises(ValueError, match="TRADEFORGE_LEDGER_DEDUP_MINUTES"):
+        ledger_streams()

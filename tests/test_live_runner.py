@@ -3,9 +3,12 @@ SQLite registry), in this process where a signal is not the point, so each test 
 
 - parity: two days replayed through the runner with the paper broker are the backtest's orders,
   fills and equity for those days (models/backtest, the same TradingEngine and configuration);
-- bad input: malformed, incomplete, impossible, out-of-order, duplicated and stale bars are
-  refused with a reason, counted (Prometheus) and published (``risk.alert.bad_bar``), and the
-  next good bar is processed;
+- bad input: malformed, incomplete, impossible (absurd values, crossed quotes), off-grid,
+  future, out-of-order, duplicated and stale bars are refused with a reason, counted
+  (Prometheus) and published (``risk.alert.bad_bar``), and the next good bar is processed; an
+  unexpected error in one bar is refused the same way and the account rolled back; a broker
+  that does not answer the check after an MT5 restart is asked again; a kill command written
+  by hand that makes no sense is refused;
 - hot swap: the alias moved mid-replay: no bar missed, each decision carries the version that
   made it; a version on another feature set is refused and the old one keeps serving;
 - the kill switch: ``tradeforge live kill --flatten`` (KV) honoured at the next bar; the daily
@@ -181,6 +184,17 @@ def test_bad_bars_are_refused_with_a_reason_counted_published_and_the_next_good_
             bad(json.dumps({"symbol": "EURUSD", "timeframe": "M5", "ts": bar["ts"]}).encode(), "fields")
             bad(encoded({**good[11]}, high=good[11]["low"] * 0.999), "high-low")
             bad(encoded({**good[11]}, low=-1.0), "negative")
+            # wrong types and absurd values that once crashed the daemon, and bars the fill model must not see
+            bad(encoded({**good[11]}, timeframe=["M5"]), "tf-list")
+            bad(encoded({**good[11]}, ts=10**17, close_ts=10**17 + BAR_MS), "ts-huge")
+            bad(encoded({**good[11]}, tick_count=10**20), "ticks-huge")
+            bad(encoded({**good[11]}, bid_close=good[11]["ask_close"] + 0.0001), "crossed")
+            bad(encoded({**good[11]}, bid_close=0.0), "bid-zero")
+            bad(encoded({**good[11]}, ts=good[11]["ts"] + 60_000, close_ts=good[11]["ts"] + 60_000 + BAR_MS), "off-grid")
+            bad(encoded({**good[11]}, close_ts=good[11]["ts"] + 2 * BAR_MS), "close-ts")
+            # from the future: refused, so it cannot make every real bar after it look out of order
+            future = (int(time.time() * 1000) // BAR_MS + 288) * BAR_MS
+            bad(encoded({**good[11]}, ts=future, close_ts=future + BAR_MS), "future")
         if i == 21:
             client.publish_bar(good[20])  # older than the last processed
             client.publish_bar(good[21], msg_id="again-21")  # the same bar once more, under another id
@@ -195,19 +209,146 @@ def test_bad_bars_are_refused_with_a_reason_counted_published_and_the_next_good_
 
     outcomes = asyncio.run(go())
     statuses = [o.status for o in outcomes]
-    assert statuses[11:15] == ["malformed", "malformed", "impossible", "impossible"]
+    assert statuses[11:23] == ["malformed", "malformed", "impossible", "impossible", "malformed", "impossible",
+                               "impossible", "impossible", "impossible", "off_grid", "impossible", "future"]
     assert statuses.count("out_of_order") == 1 and statuses.count("duplicate") == 1
     assert statuses[-1] == "processed" and statuses.count("processed") == len(good) - 1  # bar 20 came too late
     rejected = {s.labels["reason"]: s.value for m in runner.metrics.rejected.collect() for s in m.samples
                 if s.name.endswith("_total")}
-    assert rejected == {"malformed": 2, "impossible": 2, "out_of_order": 1, "duplicate": 1, "stale": 5}
+    expected = {"malformed": 3, "impossible": 7, "off_grid": 1, "future": 1, "out_of_order": 1, "duplicate": 1, "stale": 5}
+    assert rejected == expected
     alerts = [d for d in published(client, "RISK", "bad", "risk.alert.bad_bar")]
     reasons = Counter(a["reason"].split(":")[0] for a in alerts)
-    assert reasons == {"malformed": 2, "impossible": 2, "out_of_order": 1, "duplicate": 1, "stale": 5}
+    assert reasons == expected
+    assert any("crossed" in a["reason"] for a in alerts) and any("after now" in a["reason"] for a in alerts)
     assert any("high" in a["reason"] for a in alerts) and any("not JSON" in a["reason"] for a in alerts)
     signals = published(client, "SIGNALS", "bad", "signals.EURUSD")
     assert [s["status"] for s in signals[:5]] == ["stale"] * 5 and signals[5]["status"] == "signal"  # no decision when stale
     assert len(signals) == len(good) - 1
+
+
+def test_a_restart_rebuilds_the_feature_window_without_the_bars_it_refused(world, nats):
+    """An off-grid bar refused while trading is not read back into the features by the restart's
+    catch-up: after the restart every decision equals that of a runner that never stopped."""
+    from resources.bus.messages import encode_bar
+
+    url, client = nats
+    bars = world["replay"].head(20).with_columns(pl.col("ts").dt.epoch("ms")).to_dicts()
+    for i, bar in enumerate(bars):
+        client.publish_bar(bar)
+        if i == 9:
+            ts = bar["ts"] + 60_000
+            skewed = {**bar, "ts": ts, "close_ts": ts + BAR_MS, **{k: bar[k] * 1.01 for k in ("open", "high", "low", "close", "vwap")}}
+            client.publish_bar(bar, msg_id="off-grid", payload=encode_bar(skewed))
+
+    async def run(name: str, count: int) -> list:
+        runner = new_runner(world, url, config(name))
+        await runner.start()
+        try:
+            return await process(runner, count)
+        finally:
+            await runner.close()
+
+    async def go():
+        before = await run("regrid", 12)  # the off-grid bar between two processed ones
+        after = await run("regrid", 9)
+        reference = await run("regrid-ref", 21)
+        return before, after, reference
+
+    before, after, reference = asyncio.run(go())
+    assert [o.status for o in before[-2:]] == ["off_grid", "processed"] and [o.status for o in after] == ["processed"] * 9
+    assert [o.status for o in reference].count("off_grid") == 1
+    mine = {s["ts"]: s["value"] for s in published(client, "SIGNALS", "regrid", "signals.EURUSD")}
+    theirs = {s["ts"]: s["value"] for s in published(client, "SIGNALS", "regrid-ref", "signals.EURUSD")}
+    assert len(mine) == len(theirs) == 20 and mine == theirs
+
+
+def test_an_unexpected_error_in_one_bar_is_refused_counted_published_and_nothing_it_carried_is_lost(world, nats, monkeypatch):
+    """The guard: a fault the checks cannot foresee (here the broker raising mid-step) is refused
+    with the exception's text, the account rolled back to the last saved state, the message
+    terminated, and the operator's command and the watcher's alert it carried are not lost."""
+    url, client = nats
+    client.publish_bars(world["replay"].head(30))
+    runner = new_runner(world, url, config("guard"))
+    monkeypatch.setenv("NATS_URL", url)
+
+    def fault(*args, **kwargs):
+        raise RuntimeError("boom in the broker")
+
+    def model_fault(*args, **kwargs):
+        raise KeyError("rsi_14")
+
+    async def go():
+        await runner.start()
+        try:
+            first = await process(runner, 10)
+            runner.model.predict = model_fault  # a fault in the model: nothing moved yet, nothing to roll back
+            model_failed = (await process(runner, 1))[0]
+            del runner.model.predict
+            first += await process(runner, 1)
+            saved = runner.engine.snapshot()
+            assert await asyncio.to_thread(cli, ["live", "kill", "--name", "guard", "--reduce-only", "--reason", "guard"]) == 0
+            deadline = time.monotonic() + 5
+            while runner.kill_command is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            runner._model_refused("9", "trained on feature set fs-x")  # what the watcher's thread reports
+            broker = runner.timed.inner
+            broker.advance = fault  # a fault in the broker, not in the runner
+            failed = (await process(runner, 1))[0]
+            del broker.advance
+            rolled_back = runner.engine.snapshot() == saved
+            kill_after_failure = runner.engine.kill
+            rest = await process(runner, 17)
+            return first, model_failed, failed, rolled_back, kill_after_failure, rest
+        finally:
+            await runner.close()
+
+    first, model_failed, failed, rolled_back, kill_after_failure, rest = asyncio.run(go())
+    assert model_failed.status == "error" and failed.status == "error" and rolled_back and kill_after_failure is KillSwitch.OFF
+    assert [o.status for o in first + rest] == ["processed"] * 28  # the daemon went on
+    assert runner.engine.kill is KillSwitch.REDUCE_ONLY and runner.engine.kill_reason == "guard"  # applied at the next bar
+    rejected = {s.labels["reason"]: s.value for m in runner.metrics.rejected.collect() for s in m.samples
+                if s.name.endswith("_total")}
+    assert rejected == {"error": 2}
+    alerts = published(client, "RISK", "guard", "risk.alert.>")
+    errors = sorted((a["ts"], a["reason"]) for a in alerts if a["kind"] == "bad_bar")
+    assert errors == [(model_failed.ts, "error: KeyError: 'rsi_14'"), (failed.ts, "error: RuntimeError: boom in the broker")]
+    assert len([a for a in alerts if a["kind"] == "model_refused" and "fs-x" in a["reason"]]) == 1
+    signals = published(client, "SIGNALS", "guard", "signals.EURUSD")
+    assert not {failed.ts, model_failed.ts} & {s["ts"] for s in signals} and len(signals) == 28
+    assert runner.state.last_seq == 30
+
+
+def test_a_broker_that_does_not_answer_the_check_after_a_restart_is_asked_again_at_the_next_bar():
+    """MT5 after a restart: the positions check after the first bar meets a terminal that does
+    not answer (positions_get -> None, BrokerTimeout): an alert, no crash, the check at the next bar."""
+    from models.market.instruments import instrument
+    from models.trading.engine import EngineConfig, TradingEngine
+    from models.trading.risk import RiskModel
+    from resources.brokers.mt5 import constants as C
+    from resources.brokers.mt5.broker import MT5Broker, MT5Config
+    from resources.brokers.mt5.fake import FakeTerminal
+
+    t0 = 1_709_546_400_000
+    fake = FakeTerminal(margin_mode=C.ACCOUNT_MARGIN_MODE_RETAIL_HEDGING, commission_per_lot=7.0, start_ms=t0, server_utc_offset_s=0)
+    fake.add_symbol("EURUSD")
+    fake.initialize()
+    fake.set_quote("EURUSD", 1.08500, 1.08502, t0)
+    broker = MT5Broker(fake, MT5Config(magic=4242, symbols=("EURUSD",)), clock=fake.utc_now, sleep=lambda s: None)
+    broker.connect()
+    runner = LiveRunner(config("hiccup", broker="mt5"), bus=NatsBus("nats://127.0.0.1:1"), registry=None, warehouse=None)
+    runner.broker = broker
+    runner.engine = TradingEngine(EngineConfig("hiccup"), RiskModel(RiskConfig()), broker, {"EURUSD": instrument("EURUSD")})
+    runner.claim_check = True
+    fake.kill_ipc()
+    messages = []
+    runner._after_step(t0, "EURUSD", messages)
+    assert runner.claim_check and runner.engine.kill is KillSwitch.OFF and not broker.halted
+    assert [m.data["kind"] for m in messages] == ["broker_timeout"] and "asked again at the next bar" in messages[0].data["reason"]
+    fake.restore_ipc()
+    messages = []
+    runner._after_step(t0 + BAR_MS, "EURUSD", messages)
+    assert not runner.claim_check and messages == [] and runner.engine.kill is KillSwitch.OFF  # checked, and they agree
 
 
 # -- hot swap ----------------------------------------------------------------------------------
@@ -324,6 +465,51 @@ def test_live_kill_flatten_is_honoured_at_the_next_bar_and_the_daily_loss_limit_
     alerts = published(client, "RISK", "auto", "risk.alert.limit")
     assert len(alerts) == 1 and alerts[0]["ts"] <= tripped and "daily loss limit" in alerts[0]["reason"]
     assert not [d for d in published(client, "ORDERS", "auto") if d["intent"] == "entry" and d["bar_ts"] > tripped]
+
+
+def test_a_kill_command_written_by_hand_that_makes_no_sense_is_refused_and_the_switch_stays(world, nats, monkeypatch, caplog):
+    """``nats kv put`` of non-JSON or an unknown mode, at start and while trading: one line, a
+    ``risk.alert.kill_switch`` alert each, the switch as it was; the next good command works."""
+    from live.state import CONTROL_BUCKET, kill_key
+
+    url, client = nats
+    client.publish_bars(world["replay"].head(30))
+    runner = new_runner(world, url, config("handkill"))
+    monkeypatch.setenv("NATS_URL", url)
+
+    async def put(value: bytes) -> int:
+        kv = await client.bus.key_value(CONTROL_BUCKET)
+        return await kv.put(kill_key("handkill"), value)
+
+    first = client.run(put(b"halt please"))
+
+    async def go():
+        await runner.start()
+        try:
+            done = await process(runner, 5)
+            second = await asyncio.to_thread(client.run, put(b'{"mode": "explode", "flatten": true}'))
+            deadline = time.monotonic() + 5
+            while runner._kill_refused != second and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            done += await process(runner, 5)
+            modes = runner.engine.kill
+            assert await asyncio.to_thread(cli, ["live", "kill", "--name", "handkill", "--reason", "by the book"]) == 0
+            deadline = time.monotonic() + 5
+            while runner.kill_command is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            done += await process(runner, 1)
+            return done, modes, second
+        finally:
+            await runner.close()
+
+    done, modes, second = asyncio.run(go())
+    assert [o.status for o in done] == ["processed"] * 11 and modes is KillSwitch.OFF
+    assert runner.engine.kill is KillSwitch.HALT and runner.engine.kill_reason == "by the book"
+    alerts = [a for a in published(client, "RISK", "handkill", "risk.alert.kill_switch") if "refused" in a["event_id"]]
+    assert sorted(a["event_id"] for a in alerts) == [f"kill_switch:handkill:refused:{first}", f"kill_switch:handkill:refused:{second}"]
+    assert any("not JSON" in a["reason"] for a in alerts) and any("'explode'" in a["reason"] for a in alerts)
+    lines = [r.getMessage() for r in caplog.records if "is refused" in r.getMessage()]
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
 
 
 def test_live_kill_reduce_only_lets_exits_through_and_off_trades_again(world, nats, monkeypatch, capsys):

@@ -16,7 +16,7 @@ from models.trading.ledger import Ledger
 from models.trading.orders import Order, OrderEvent, OrderState, OrderType, Side, client_order_id
 from models.trading.risk import RiskConfig, RiskModel
 from resources.brokers.mt5 import constants as C
-from resources.brokers.mt5.broker import MT5Broker, MT5Config, MT5Unavailable, load_mt5_module, magic_number
+from resources.brokers.mt5.broker import MT5Broker, MT5Config, MT5Error, MT5Unavailable, load_mt5_module, magic_number
 from resources.brokers.mt5.fake import FakeTerminal
 from tests.conftest import ROOT
 
@@ -89,6 +89,19 @@ def test_a_wrong_login_and_a_dead_terminal_are_one_clear_line():
     fake.kill_ipc()
     with pytest.raises(Exception, match=r"cannot start the MetaTrader 5 terminal: IPC initialize failed \(-10003\)$"):
         broker.connect()
+
+
+def test_a_login_that_is_not_an_account_number_is_one_line_naming_mt5_login(monkeypatch):
+    fake = _terminal()
+    broker = MT5Broker(fake, MT5Config(magic=MAGIC, symbols=("EURUSD",)), clock=fake.utc_now)
+    monkeypatch.setenv("MT5_LOGIN", "demo-account")
+    with pytest.raises(MT5Error) as failed:
+        broker.connect_from_environment()
+    assert str(failed.value).startswith("MT5_LOGIN must be the account number") and "\n" not in str(failed.value)
+    assert "demo-account" not in str(failed.value)
+    monkeypatch.setenv("MT5_LOGIN", "")  # unset: the terminal's own account
+    broker.connect_from_environment()
+    assert broker._connected_at > 0 and broker.hedging
 
 
 def test_the_package_is_imported_only_when_chosen_and_linux_gets_one_line():

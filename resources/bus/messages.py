@@ -19,6 +19,10 @@ BAR_FIELDS = ("symbol", "timeframe", "ts", "close_ts", "open", "high", "low", "c
               "volume", "tick_count", "quote_count", "spread_mean", "spread_max", "vwap", "source")
 _PRICES = ("open", "high", "low", "close")
 _OPTIONAL = ("bid_close", "ask_close", "spread_mean", "spread_max")
+_COUNTS = ("tick_count", "quote_count")
+_MAX_COUNT = 2**32 - 1  # UInt32 in BAR_SCHEMA
+MIN_TS_MS = 0  # 1970-01-01
+MAX_TS_MS = 4_102_444_800_000  # 2100-01-01: a bar time beyond is a unit error (ns, us) or garbage
 
 
 class BadMessage(ValueError):
@@ -44,40 +48,72 @@ def encode_bar(bar: dict[str, Any]) -> bytes:
     return json.dumps(out, separators=(",", ":")).encode()
 
 
+def _number(bar: dict[str, Any], name: str) -> float:
+    """``bar[name]`` as a finite float, or :class:`BadMessage` (a bool, a string, 1e999, 10**400)."""
+    value = bar[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadMessage("malformed", f"{name} is not a number: {value!r}"[:200])
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise BadMessage("impossible", f"{name} is {value!r}"[:200])
+    return number
+
+
 def decode_bar(payload: bytes, subject: str | None = None) -> dict[str, Any]:
-    """The bar in ``payload``, checked: JSON object, every field, a known timeframe, a symbol
-    and timeframe that match ``subject``, integral times with ``close_ts > ts``, finite
-    positive prices, low <= open, close <= high, non-negative volume and counts."""
+    """The bar in ``payload``, checked: JSON object, every field of the right type, a known
+    timeframe, a symbol and timeframe that match ``subject``, integral times within
+    :data:`MIN_TS_MS`..:data:`MAX_TS_MS` with ``close_ts > ts``, finite positive prices,
+    low <= open, close <= high, quotes (when given) positive and not crossed, non-negative
+    volume and counts that fit the bar schema. Prices come back as floats, counts as ints:
+    whatever passes here builds a row of BAR_SCHEMA without an error."""
     try:
         bar = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BadMessage("malformed", f"not JSON ({exc})") from None
     if not isinstance(bar, dict):
         raise BadMessage("malformed", f"a JSON {type(bar).__name__}, not an object")
     missing = [name for name in BAR_FIELDS if name not in bar]
     if missing:
         raise BadMessage("malformed", f"missing {', '.join(missing)}")
+    for name in ("symbol", "timeframe"):
+        if not isinstance(bar[name], str) or not bar[name]:
+            raise BadMessage("malformed", f"{name} is not a name: {bar[name]!r}"[:200])
+    if bar["source"] is not None and not isinstance(bar["source"], str):
+        raise BadMessage("malformed", f"source is not text: {bar['source']!r}"[:200])
     if bar["timeframe"] not in Timeframe.__members__:
-        raise BadMessage("malformed", f"unknown timeframe {bar['timeframe']!r}")
+        raise BadMessage("malformed", f"unknown timeframe {bar['timeframe']!r}"[:200])
     if subject is not None and subject != f"bars.{bar['symbol']}.{bar['timeframe']}":
-        raise BadMessage("wrong_subject", f"a {bar['symbol']} {bar['timeframe']} bar on {subject}")
+        raise BadMessage("wrong_subject", f"a {bar['symbol']} {bar['timeframe']} bar on {subject}"[:200])
     for name in ("ts", "close_ts"):
         if not isinstance(bar[name], int) or isinstance(bar[name], bool):
-            raise BadMessage("malformed", f"{name} is not epoch milliseconds: {bar[name]!r}")
+            raise BadMessage("malformed", f"{name} is not epoch milliseconds: {bar[name]!r}"[:200])
+        if not MIN_TS_MS <= bar[name] <= MAX_TS_MS:
+            raise BadMessage("impossible", f"{name} {bar[name]} is not a time between 1970 and 2100 in epoch milliseconds"[:200])
     if bar["close_ts"] <= bar["ts"]:
         raise BadMessage("impossible", f"close_ts {bar['close_ts']} not after ts {bar['ts']}")
-    for name in (*_PRICES, "vwap", *_OPTIONAL, "volume", "tick_count", "quote_count"):
-        value = bar[name]
-        if value is None and name in _OPTIONAL:
+    for name in (*_PRICES, "vwap", *_OPTIONAL, "volume"):
+        if bar[name] is None and name in _OPTIONAL:
             continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise BadMessage("impossible", f"{name} is {value!r}")
+        bar[name] = _number(bar, name)
+    for name in _COUNTS:
+        count = _number(bar, name)
+        if not count.is_integer() or not 0 <= count <= _MAX_COUNT:
+            raise BadMessage("impossible", f"{name} {bar[name]!r} is not a count (0 to {_MAX_COUNT:,})"[:200])
+        bar[name] = int(count)
     if min(bar[name] for name in (*_PRICES, "vwap")) <= 0:
         raise BadMessage("impossible", "a price is not positive")
     if bar["low"] > min(bar["open"], bar["close"]) or bar["high"] < max(bar["open"], bar["close"]):
         raise BadMessage("impossible", f"low {bar['low']} / high {bar['high']} do not hold open {bar['open']} and close {bar['close']}")
-    if bar["volume"] < 0 or bar["tick_count"] < 0 or bar["quote_count"] < 0:
-        raise BadMessage("impossible", "negative volume or count")
+    if bar["volume"] < 0:
+        raise BadMessage("impossible", "negative volume")
+    bid, ask = bar["bid_close"], bar["ask_close"]
+    if (bid is not None and bid <= 0) or (ask is not None and ask <= 0):
+        raise BadMessage("impossible", f"a quote is not positive: bid {bid} ask {ask}")
+    if bid is not None and ask is not None and bid > ask:
+        raise BadMessage("impossible", f"crossed quotes: bid {bid} above ask {ask}")
     return bar
 
 

@@ -20,7 +20,9 @@ Retention is configurable from the environment when a stream is first created
 (``ensure_stream`` leaves an existing stream as it is): ``TRADEFORGE_BARS_RETENTION_DAYS``
 (default 30, 0 keeps bars forever), ``TRADEFORGE_BARS_DEDUP_MINUTES`` (default 120),
 ``TRADEFORGE_BROKER_RETENTION_DAYS`` (default 7: the sensor drains it every minute),
-``TRADEFORGE_LEDGER_RETENTION_DAYS`` (default 30, the runner's ledger streams).
+``TRADEFORGE_LEDGER_RETENTION_DAYS`` (default 30, the runner's ledger streams),
+``TRADEFORGE_LEDGER_DEDUP_MINUTES`` (default 120, as the bars: a runner restarted up to that
+long after a crash redoes the bar and its ledger messages are stored once).
 """
 
 from __future__ import annotations
@@ -58,10 +60,14 @@ def bars_stream(retention_days: float | None = None, dedup_minutes: float | None
     days = _number("TRADEFORGE_BARS_RETENTION_DAYS", 30.0) if retention_days is None else retention_days
     minutes = _number("TRADEFORGE_BARS_DEDUP_MINUTES", 120.0) if dedup_minutes is None else dedup_minutes
     max_age = _retention(days)
+    return StreamSpec("BARS", BARS_SUBJECTS, max_age=max_age, duplicate_window=_window(minutes, max_age))
+
+
+def _window(minutes: float, max_age: timedelta | None) -> timedelta:
     window = timedelta(minutes=max(minutes, 1 / 60))
     if max_age is not None and window > max_age:  # JetStream refuses a window longer than the retention
         window = max_age
-    return StreamSpec("BARS", BARS_SUBJECTS, max_age=max_age, duplicate_window=window)
+    return window
 
 
 def broker_data_stream(retention_days: float | None = None) -> StreamSpec:
@@ -113,7 +119,10 @@ LEDGER_STREAMS = (
 """The runner's ledger streams with the default retention (names and subjects)."""
 
 
-def ledger_streams(retention_days: float | None = None) -> tuple[StreamSpec, ...]:
-    """The ledger streams with ``TRADEFORGE_LEDGER_RETENTION_DAYS`` (or ``retention_days``)."""
+def ledger_streams(retention_days: float | None = None, dedup_minutes: float | None = None) -> tuple[StreamSpec, ...]:
+    """The ledger streams with ``TRADEFORGE_LEDGER_RETENTION_DAYS`` and
+    ``TRADEFORGE_LEDGER_DEDUP_MINUTES`` (or the arguments)."""
     days = _number("TRADEFORGE_LEDGER_RETENTION_DAYS", 30.0) if retention_days is None else retention_days
-    return tuple(replace(spec, max_age=_retention(days)) for spec in LEDGER_STREAMS)
+    minutes = _number("TRADEFORGE_LEDGER_DEDUP_MINUTES", 120.0) if dedup_minutes is None else dedup_minutes
+    max_age = _retention(days)
+    return tuple(replace(spec, max_age=max_age, duplicate_window=_window(minutes, max_age)) for spec in LEDGER_STREAMS)

@@ -213,7 +213,11 @@ class MT5Broker(BrokerPort):
         if fake:
             self.connect()
             return
-        self.connect(login=int(env["MT5_LOGIN"]) if env.get("MT5_LOGIN") else None, password=env.get("MT5_PASSWORD"),
+        login = env.get("MT5_LOGIN", "").strip()
+        if login and not login.isdigit():  # the value may be a secret's neighbour: not echoed
+            raise MT5Error("MT5_LOGIN must be the account number (digits only); set it, or unset it to use the terminal's "
+                           "logged-in account")
+        self.connect(login=int(login) if login else None, password=env.get("MT5_PASSWORD"),
                      server=env.get("MT5_SERVER"), path=env.get("MT5_TERMINAL_PATH"))
 
     def connect(self, *, login: int | None = None, password: str | None = None, server: str | None = None,
