@@ -13,14 +13,13 @@ to drain, and the sensor says so instead of starting one.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from dagster import DefaultSensorStatus, SensorEvaluationContext, SkipReason, sensor
 
-from resources.bus.client import BusError, NatsBus, StreamSpec
+from resources.bus.client import NatsBus, StreamSpec
 from resources.bus.drain import DrainStats, StoreBatch, drain_stream, durable_consumer
 from resources.bus.messages import BadMessage, broker_frame, decode_broker_row
 from resources.bus.resource import BusResource
@@ -96,14 +95,9 @@ async def drain(bus: NatsBus, warehouse: Warehouse, *, stream: StreamSpec | None
         description="Drain the MT5 broker data (account snapshots, quotes, deals) from the NATS stream BROKER_DATA "
                     "into broker_account, broker_quotes and broker_trades, idempotently.")
 def drain_broker_data(context: SensorEvaluationContext, bus: BusResource, warehouse: WarehouseResource) -> SkipReason:
-    client = bus.get_client()
-    if client.embedded is not None and not client.embedded.running():
-        return SkipReason(f"no bus to drain: NATS_URL is unset and the embedded nats-server on {client.embedded.url} "
-                          "is not running")
-    try:
-        result = asyncio.run(drain(client, warehouse))
-    except BusError as exc:
-        return SkipReason(f"bus unreachable: {exc}")
+    result = bus.drain(lambda client: drain(client, warehouse))
+    if isinstance(result, str):
+        return SkipReason(result)
     for seq, subject, reason in result.refused:
         context.log.warning(f"BROKER_DATA #{seq} on {subject} refused: {reason}")
     if result.messages:

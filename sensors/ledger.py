@@ -15,14 +15,13 @@ starts none.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
 
 from dagster import DefaultSensorStatus, SensorEvaluationContext, SkipReason, sensor
 
-from resources.bus.client import BusError, NatsBus, StreamSpec
+from resources.bus.client import NatsBus, StreamSpec
 from resources.bus.drain import DrainStats, StoreBatch, drain_stream
 from resources.bus.messages import BadMessage
 from resources.bus.resource import BusResource
@@ -105,14 +104,9 @@ async def drain(bus: NatsBus, warehouse: Warehouse, *, streams: tuple[StreamSpec
         description="Drain the live runners' ledgers from the NATS streams SIGNALS, ORDERS, BROKER, RISK and PORTFOLIO "
                     "into trading_signals, orders, executions, positions, portfolio_value and risk_events, idempotently.")
 def drain_ledger(context: SensorEvaluationContext, bus: BusResource, warehouse: WarehouseResource) -> SkipReason:
-    client = bus.get_client()
-    if client.embedded is not None and not client.embedded.running():
-        return SkipReason(f"no bus to drain: NATS_URL is unset and the embedded nats-server on {client.embedded.url} "
-                          "is not running")
-    try:
-        result = asyncio.run(drain(client, warehouse))
-    except BusError as exc:
-        return SkipReason(f"bus unreachable: {exc}")
+    result = bus.drain(lambda client: drain(client, warehouse))
+    if isinstance(result, str):
+        return SkipReason(result)
     for stream, seq, subject, reason in result.refused:
         context.log.warning(f"{stream} #{seq} on {subject} refused: {reason}")
     if result.messages:

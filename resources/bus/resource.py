@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
-from resources.bus.client import BACKTEST_STREAM, DEFAULT_PORT, TRAINING_STREAM, BlockingBus, EventPublisher, NatsBus
+from resources.bus.client import BACKTEST_STREAM, DEFAULT_PORT, TRAINING_STREAM, BlockingBus, BusError, EventPublisher, NatsBus
+
+T = TypeVar("T")
 
 
 class BusResource(ConfigurableResource):
@@ -33,6 +38,19 @@ class BusResource(ConfigurableResource):
     def backtest_events(self, logger: logging.Logger | None = None) -> EventPublisher:
         """Publisher of ``backtest.*`` events; never raises."""
         return EventPublisher(self.blocking, BACKTEST_STREAM, logger)
+
+    def drain(self, run: Callable[[NatsBus], Awaitable[T]]) -> T | str:
+        """``run(client)`` to completion, for the sensors that drain a stream; a string says why it
+        did not run: no bus to drain (the embedded server is not running: starting one would drain
+        nothing) or the bus unreachable."""
+        client = self.get_client()
+        if client.embedded is not None and not client.embedded.running():
+            return (f"no bus to drain: NATS_URL is unset and the embedded nats-server on {client.embedded.url} "
+                    "is not running")
+        try:
+            return asyncio.run(run(client))
+        except BusError as exc:
+            return f"bus unreachable: {exc}"
 
 
 def bus_from_env() -> BusResource:
