@@ -68,7 +68,7 @@ from models.trading.risk import KillSwitch, RiskModel
 from models.trading.strategy import ModelStrategy
 from resources.bus import subjects
 from resources.bus.client import NatsBus
-from resources.bus.messages import BadMessage, decode_bar
+from resources.bus.messages import BadMessage, decode_bar, decode_object
 from resources.bus.streams import BARS_STREAM, bars_stream, ledger_streams
 
 log = logging.getLogger("tradeforge.live")
@@ -765,13 +765,11 @@ class LiveRunner:
         ``risk.alert.kill_switch`` alert (with the next bar's ledger); the switch stays as it is."""
         modes = [m.value for m in KillSwitch]
         try:
-            command = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            problem = f"not JSON ({exc})"
+            command = decode_object(raw)
+        except BadMessage as exc:
+            problem = exc.detail
         else:
-            if not isinstance(command, dict):
-                problem = f"a JSON {type(command).__name__}, not an object"
-            elif command.get("mode", "halt") not in modes:
+            if command.get("mode", "halt") not in modes:
                 problem = f"mode {command.get('mode')!r} is not one of {', '.join(modes)}"
             elif not isinstance(command.get("flatten", False), bool):
                 problem = f"flatten {command.get('flatten')!r} is not true or false"

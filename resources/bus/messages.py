@@ -31,6 +31,18 @@ class BadMessage(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+        self.detail = detail
+
+
+def decode_object(payload: bytes | str) -> dict[str, Any]:
+    """``payload`` as a JSON object, the first check of every message on the bus."""
+    try:
+        value = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise BadMessage("malformed", f"not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise BadMessage("malformed", f"a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def bar_msg_id(symbol: str, timeframe: str, ts_ms: int) -> str:
@@ -69,12 +81,7 @@ def decode_bar(payload: bytes, subject: str | None = None) -> dict[str, Any]:
     low <= open, close <= high, quotes (when given) positive and not crossed, non-negative
     volume and counts that fit the bar schema. Prices come back as floats, counts as ints:
     whatever passes here builds a row of BAR_SCHEMA without an error."""
-    try:
-        bar = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise BadMessage("malformed", f"not JSON ({exc})") from None
-    if not isinstance(bar, dict):
-        raise BadMessage("malformed", f"a JSON {type(bar).__name__}, not an object")
+    bar = decode_object(payload)
     missing = [name for name in BAR_FIELDS if name not in bar]
     if missing:
         raise BadMessage("malformed", f"missing {', '.join(missing)}")
@@ -179,12 +186,7 @@ def decode_broker_row(kind: str, payload: bytes) -> dict[str, Any]:
 
     if kind not in BROKER_KINDS:
         raise BadMessage("malformed", f"unknown broker data kind {kind!r}")
-    try:
-        row = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadMessage("malformed", f"not JSON ({exc})") from None
-    if not isinstance(row, dict):
-        raise BadMessage("malformed", f"a JSON {type(row).__name__}, not an object")
+    row = decode_object(payload)
     schema = _broker_schema(kind)
     missing = [name for name in schema if name not in row]
     if missing:

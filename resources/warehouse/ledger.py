@@ -19,7 +19,7 @@ from typing import Any
 
 import polars as pl
 
-from resources.bus.messages import BadMessage
+from resources.bus.messages import BadMessage, decode_object
 from resources.bus.subjects import token
 from resources.warehouse.client import Warehouse
 
@@ -121,12 +121,7 @@ def _agrees(what: str, subject: str, token_: str, value: str) -> None:
 
 def ledger_rows(subject: str, payload: bytes) -> dict[str, list[dict[str, Any]]]:
     """The rows one ledger message makes, by table (times stay epoch ms)."""
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadMessage("malformed", f"not JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise BadMessage("malformed", f"a JSON {type(data).__name__}, not an object")
+    data = decode_object(payload)
     parts = subject.split(".")
     head = parts[0]
     if head == "signals" and len(parts) == 2:
