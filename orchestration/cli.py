@@ -890,10 +890,11 @@ def cmd_broker_check(args: argparse.Namespace) -> int:
 # -- live feeds: the collector and the replay (bars onto the bus) ----------------------------
 
 
-def _nats_bus():
+def _nats_bus(**options):
+    """``NATS_URL`` or the embedded server (``options``: :class:`NatsBus`'s own)."""
     from resources.bus import NatsBus
 
-    return NatsBus(os.environ.get("NATS_URL") or None)
+    return NatsBus(os.environ.get("NATS_URL") or None, **options)
 
 
 def _day_boundary():
@@ -1071,10 +1072,8 @@ def cmd_broker_publish(args: argparse.Namespace) -> int:
 
 
 def _runner_bus():
-    """The bus a runner uses: ``NATS_URL`` or the embedded server; reconnects forever once connected."""
-    from resources.bus import NatsBus
-
-    return NatsBus(os.environ.get("NATS_URL") or None, max_reconnect_attempts=-1)
+    """The bus a runner uses: :func:`_nats_bus` that reconnects forever once connected."""
+    return _nats_bus(max_reconnect_attempts=-1)
 
 
 def _live_logging() -> None:
