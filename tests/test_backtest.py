@@ -145,3 +145,29 @@ def test_tearsheet_has_every_figure(result):
     for title in ("Equity", "Drawdown", "Monthly returns", "Trade PnL", "Rolling Sharpe", "Exposure", "buy and hold"):
         assert title in page
     assert page.count("plotly.js") >= 1 and page.count("<script") >= 6 and len(page) < 6_000_000
+
+
+def test_the_event_loop_leaves_no_reference_cycles_behind():
+    """run_backtest pauses the cyclic collector for its event loop (a tenth of a run of thousands
+    of trades); that is only safe while the engine's records form no cycles: refcounting must free
+    every one of them. It also leaves the collector as it found it."""
+    import gc
+
+    bars = _bars(6_000)
+    preds = bars.select("symbol", "timeframe", "ts",
+                        prob_up=pl.Series(np.random.default_rng(3).uniform(0.3, 0.7, bars.height)))
+    config = BacktestConfig(risk=RiskConfig(risk_fraction=0.005, stop_atr=2.0, target_atr=3.0, max_daily_loss=0.01),
+                            fill=FillConfig(commission_per_lot=3.5))
+    gc.collect()
+    gc.disable()
+    try:
+        runs = [run_backtest(bars, SmaCross(fast=5, slow=20), CONFIG),
+                run_backtest(bars, ModelStrategy(long_above=0.55, short_below=0.45), config, predictions=preds)]
+        assert not gc.isenabled()  # left paused, as it was
+        assert min(r.metrics["trades"] for r in runs) > 100 and runs[1].metrics["rejections"] > 0
+        del runs
+        assert gc.collect() == 0  # nothing unreachable that only the collector could free
+    finally:
+        gc.enable()
+    run_backtest(bars, SmaCross(fast=5, slow=20), CONFIG)
+    assert gc.isenabled()

@@ -764,8 +764,11 @@ class TradingEngine:
 
     def _base(self, symbol: str) -> float:
         """Balance plus the other symbols' unrealised PnL at their last marks."""
+        positions = self.portfolio.positions
         base = self.portfolio.balance
-        for s, p in sorted(self.portfolio.positions.items()):  # symbol order: see equity()
+        if not positions or (len(positions) == 1 and symbol in positions):  # no other symbol's mark to add
+            return base
+        for s, p in sorted(positions.items()):  # symbol order: see equity()
             if s != symbol and p.units:
                 o = self._symbols[s]
                 base += p.units * (o.last_close - p.avg) * o.last_conv
@@ -775,8 +778,9 @@ class TradingEngine:
         """Balance plus every position marked at its symbol's last close, summed in symbol order:
         the same account gives the same float whichever symbol traded first (the live runner warms
         up symbol by symbol, a backtest bar by bar)."""
+        positions = self.portfolio.positions
         equity = self.portfolio.balance
-        for s, p in sorted(self.portfolio.positions.items()):
+        for s, p in (sorted(positions.items()) if len(positions) > 1 else positions.items()):
             if p.units:
                 o = self._symbols[s]
                 equity += p.units * (o.last_close - p.avg) * o.last_conv

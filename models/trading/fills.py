@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.market.instruments import Instrument
-from models.trading.broker import ACK_ACCEPTED, ACK_REJECTED, BrokerEvent, BrokerPort, Fill, OrderStatus, SubmitAck
+from models.trading.broker import ACK_ACCEPTED, ACK_REJECTED, ACCEPTED, BrokerEvent, BrokerPort, Fill, OrderStatus, SubmitAck
 from models.trading.currency import CM_ONE, ConvMode, fill_conversion
 from models.trading.orders import (
     EV_CANCEL,
@@ -143,8 +143,12 @@ class SimulatedBroker(BrokerPort):
             if parent.state is ST_FILLED:
                 work.active = True
         target = self._queue if order.type is OT_MARKET else self._resting
-        target.setdefault(order.symbol, []).append(work)
-        return SubmitAck(ACK_ACCEPTED)
+        waiting = target.get(order.symbol)
+        if waiting is None:
+            target[order.symbol] = [work]
+        else:
+            waiting.append(work)
+        return ACCEPTED
 
     def _invalid(self, order: Order) -> str:
         if order.symbol not in self.instruments:

@@ -141,6 +141,10 @@ class RiskDecision:
     risk: float = 0.0  # money at risk at the stop, account currency
 
 
+_EXIT_APPROVED = RiskDecision(True, "exit approved")  # read, never changed: one object each
+_EXIT_HALTED = RiskDecision(False, "kill switch: halt")
+
+
 def round_lots(lots: float, spec: Instrument) -> float:
     """Down to the lot step (a hair of tolerance so 0.3 / 0.1 counts as 3 steps)."""
     steps = math.floor(lots / spec.lot_step + 1e-9)
@@ -189,9 +193,7 @@ class RiskModel:
         return stop, target, ""
 
     def evaluate_exit(self, kill: KillSwitch) -> RiskDecision:
-        if kill is KS_HALT:
-            return RiskDecision(False, "kill switch: halt")
-        return RiskDecision(True, "exit approved")
+        return _EXIT_HALTED if kill is KS_HALT else _EXIT_APPROVED
 
     def evaluate_entry(self, ctx: EntryContext, spec: Instrument) -> RiskDecision:
         c = self.config

@@ -43,7 +43,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from models.market.instruments import Instrument, instrument
@@ -278,8 +278,6 @@ class MT5Broker(BrokerPort):
         """Our instrument with the broker's contract size, lot step and lot bounds, so the risk
         model sizes in lots the broker accepts."""
         info = self._symbol(symbol)
-        from dataclasses import replace  # noqa: PLC0415
-
         return replace(instrument(symbol), digits=info.digits, contract_size=info.trade_contract_size,
                        lot_step=info.volume_step, min_lot=info.volume_min, max_lot=info.volume_max)
 
@@ -347,7 +345,7 @@ class MT5Broker(BrokerPort):
         if ack.status is not AckStatus.REJECTED and rounded:
             notes.append(rounded)
         if notes and ack.status is not AckStatus.REJECTED:
-            ack.reason = "; ".join(filter(None, [ack.reason, *notes]))
+            ack = replace(ack, reason="; ".join(filter(None, [ack.reason, *notes])))
         return ack
 
     def _submit_close(self, order: Order, tracked: _Tracked) -> SubmitAck:
