@@ -4,8 +4,9 @@ Around every call into the engine (a bar, a kill command, the restart's reconcil
 runner opens a :class:`Window` and, after it, turns what changed into messages: each order
 transition (``orders.{status}.{SYM}``, id ``ord:{runner}:{client_id}:{n}``, n the transition's
 place in the order's history), each fill (``broker.fill.{SYM}``, ``fill:{runner}:{fill_id}``),
-each risk decision (entries and exits on ``signals.approved|rejected.{SYM}``, the rest on
-``risk.alert.{kind}``; ``risk:{runner}:{window}:{i}``). Per bar also the model's signal
+each risk decision (entries and exits on ``signals.approved|rejected.{SYM}``, what the broker
+refused or left unanswered on ``broker.error.{SYM}``, the rest on ``risk.alert.{kind}``;
+``risk:{runner}:{window}:{i}``). Per bar also the model's signal
 (``signals.{SYM}``, ``sig:{runner}:{SYM}:{ts}``) and the account (``portfolio.{runner}``,
 ``pf:{runner}:{bar_seq}``). A bar done again after a crash makes the same messages with the
 same ids: JetStream stores them once within its duplicate window, and the data bridge keys
@@ -83,8 +84,12 @@ class LedgerWriter:
             data = {"runner": self.runner, "event_id": f"risk:{self.runner}:{tag}:{i}", "ts": event.ts, "symbol": event.symbol,
                     "kind": event.kind, "approved": event.approved, "reason": event.reason, "client_id": event.client_id,
                     "qty": event.qty, "source": "engine", "model_version": model_version}
-            subject = (subjects.signal_decision(event.approved, event.symbol) if event.kind in ("entry", "exit") and event.symbol
-                       else subjects.risk_alert(event.kind))
+            if event.kind in ("entry", "exit") and event.symbol:
+                subject = subjects.signal_decision(event.approved, event.symbol)
+            elif event.kind == "broker" and not event.approved and event.symbol:
+                subject = subjects.broker_error(event.symbol)  # a rejection, a timeout, an order never placed
+            else:
+                subject = subjects.risk_alert(event.kind)
             out.append(Message(subject, data, data["event_id"]))
         return out
 

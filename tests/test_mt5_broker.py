@@ -601,3 +601,28 @@ def test_choosing_the_mt5_broker_on_linux_is_one_clear_line_and_the_fake_dry_run
                          text=True, timeout=120)
     assert dry.returncode == 0, dry.stderr
     assert "hedging" in dry.stdout and "XAUUSD: contract 100, lots 0.01-50.0 step 0.01" in dry.stdout
+
+
+def test_a_refusal_of_the_terminal_is_published_on_broker_error_and_stored_as_a_risk_event():
+    """The runner's ledger puts what the broker refused on ``broker.error.{SYM}`` (the data bridge
+    stores it in risk_events); the risk model's own decisions stay on ``signals.*``."""
+    import json
+
+    from live.ledger import LedgerWriter, Window
+    from resources.warehouse.ledger import ledger_rows
+
+    fake = _terminal(offset_s=0)
+    engine = _engine(_broker(fake, precheck=False))
+    ledger = LedgerWriter("errors", "M1")
+    fake.fail_next(C.TRADE_RETCODE_NO_MONEY, comment="not enough money")
+    window = Window(engine)
+    engine.on_bar("EURUSD", _bar(0), {"side": 1})
+    messages = ledger.changes(engine, window, "1", T0, "3")
+    errors = [m for m in messages if m.subject == "broker.error.EURUSD"]
+    assert len(errors) == 1 and errors[0].data["kind"] == "broker" and not errors[0].data["approved"]
+    assert C.retcode_label(C.TRADE_RETCODE_NO_MONEY) in errors[0].data["reason"] and "not enough money" in errors[0].data["reason"]
+    assert [m.subject for m in messages if m.subject.startswith("signals.")] == ["signals.approved.EURUSD"]
+    assert not [m for m in messages if m.subject.startswith("risk.alert.")]
+    (row,) = ledger_rows(errors[0].subject, json.dumps(errors[0].data).encode())["risk_events"]
+    assert row["kind"] == "broker" and row["symbol"] == "EURUSD" and row["client_id"] == errors[0].data["client_id"] != ""
+    assert fake.positions_get() == ()
