@@ -360,7 +360,7 @@ def test_a_paper_replay_through_the_live_runner_lands_in_the_tables(nats, wareho
     last = tables["positions"].filter(pl.col("bar_seq") == equity["bar_seq"][-1])
     assert dict(last.select("symbol", "units").rows()) == {s: p.units for s, p in engine.portfolio.positions.items() if p.units}
     assert tables["risk_events"].height == len(published["RISK"]) + sum(
-        m.count(".") == 2 for m, _, _ in published["SIGNALS"])
+        m.count(".") == 2 for m, _, _ in published["SIGNALS"]) + sum(m.startswith("broker.error.") for m, _, _ in published["BROKER"])
 
 
 def test_the_ledger_streams_keep_duplicates_out_as_long_as_the_bars_do(monkeypatch):
