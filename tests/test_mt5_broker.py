@@ -286,6 +286,31 @@ def test_a_request_executed_after_its_answer_was_lost_is_found_when_asked():
     assert _events(broker)[0].fill.qty == 100_000 and _sends(fake, order.client_id) == 1 and len(fake.deals) == 1
 
 
+def test_a_request_executed_after_it_was_given_up_halts_trading():
+    """Not in the history within ``unknown_grace_s``: the order counts as never placed. Should the
+    server execute it later all the same, the account books the fill (the money moved) but the
+    order's record cannot take it (rejected is final): trading halts with the reason until a
+    reconciliation (the runner's restart) has looked at the broker."""
+    fake = _terminal(offset_s=0)
+    broker = _broker(fake, unknown_grace_s=30.0)
+    engine = _engine(broker)
+    fake.execute_late()
+    engine.on_bar("EURUSD", _bar(0), {"side": 1})
+    (entry,) = [o for o in engine.orders.values() if o.intent == "entry"]
+    assert entry.state is OrderState.UNKNOWN
+    fake.advance_time(31_000)  # no quote: the request has not reached the server
+    engine.reconcile()
+    assert entry.state is OrderState.REJECTED and broker.halted is None
+    fake.set_quote("EURUSD", BID, ASK, T0 + 32_000)  # the server executes it now
+    engine.on_bar("EURUSD", _bar(1), {"side": 1})
+    assert broker.halted and entry.client_id in broker.halted and "executed late" in broker.halted
+    assert broker.positions() == {"EURUSD": 20_000.0} == {"EURUSD": engine.portfolio.position("EURUSD").units}
+    assert entry.state is OrderState.REJECTED and entry.filled_qty == 20_000  # the fill on its record, the state final
+    assert any(e.kind == "order" and "'rejected' cannot take event 'fill'" in e.reason for e in engine.risk_events)
+    assert broker.submit(_market(9)).status is AckStatus.REJECTED and _sends(fake) == 1  # nothing more is sent
+    assert engine.reconcile() == {}
+
+
 def test_a_silent_terminal_leaves_the_order_unknown_until_it_answers():
     fake = _terminal()
     broker = _broker(fake)

@@ -734,6 +734,14 @@ class MT5Broker(BrokerPort):
         mid = deal.price - half if tracked.side is Side.BUY else deal.price + half
         fill = Fill(f"mt5-{deal.ticket}", tracked.client_id, deal.symbol, tracked.side, units, deal.price,
                     -(deal.commission + deal.fee), deal.time_msc - self.offset_s * 1000, conv, mid, how)
+        if tracked.state is OrderState.REJECTED:
+            # Given up on (not in the history within unknown_grace_s, or refused) and executed after
+            # all: the engine cannot book a fill of a rejected order, so nothing trades until a
+            # reconciliation has looked at the position it left.
+            self.halted = (f"trading halted: {tracked.client_id} ({deal.symbol}) was given up as {tracked.reason or 'rejected'} "
+                           f"and executed late (deal {deal.ticket}, {deal.volume} lots at {deal.price}): reconcile before "
+                           f"trading again")
+            log.error(self.halted)
         tracked.avg = (tracked.avg * tracked.filled + deal.price * units) / (tracked.filled + units)
         tracked.filled += units
         rest = ""
