@@ -545,7 +545,7 @@ class TradingEngine:
         if side == 0:
             return
         risk = self.risk
-        atr = mean_true_range(self._ranges, risk.config.atr_period, i + 1 + self._offset)
+        atr = mean_true_range(self._ranges, risk.config.atr_period, i + 1 + self._offset) if risk.config.uses_atr else None
         prob = block.prob.item(i)
         # Other symbols count with their positions and their entries still on the way.
         notional = margin = 0.0

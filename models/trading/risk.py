@@ -77,6 +77,11 @@ class RiskConfig:
         if self.atr_period < 1:
             raise ValueError(f"risk setting atr_period must be at least 1, got {self.atr_period}")
 
+    @property
+    def uses_atr(self) -> bool:
+        """Whether a stop or target is placed in ATRs (else the ATR is never read)."""
+        return self.stop_atr is not None or self.target_atr is not None
+
     def to_dict(self) -> dict:
         return {k: (v.value if isinstance(v, StrEnum) else v) for k, v in asdict(self).items()}
 
@@ -177,7 +182,7 @@ class RiskModel:
         """Stop and target prices of an entry at ``price``; an error text when they cannot be set."""
         c = self.config
         stop_dist = target_dist = None
-        if c.stop_atr is not None or c.target_atr is not None:
+        if c.uses_atr:
             if atr is None or not atr > 0:
                 return None, None, f"not enough history for ATR({c.atr_period})"
         if c.stop_pct is not None:
