@@ -139,12 +139,16 @@ def run_to_end(env: dict, nats: Nats, name: str, total: int, **settings) -> dict
 
 
 def ledger(client: BusClient, runner: str) -> dict:
-    """What the runner published, per stream, as (msg id without the runner's name, payload)."""
+    """What the runner published, per stream, as (msg id without the runner's name, payload);
+    the broker's fills under BROKER, what it refused or left unanswered under BROKER_ERRORS."""
     out = {}
     for stream in ("ORDERS", "BROKER", "PORTFOLIO", "SIGNALS"):
-        rows = [(mid.replace(f":{runner}:", ":"), {k: v for k, v in data.items() if k != "runner"})
-                for _, data, mid in client.messages(stream) if data.get("runner") == runner]
-        out[stream] = rows
+        rows = [(subject, mid.replace(f":{runner}:", ":"), {k: v for k, v in data.items() if k != "runner"})
+                for subject, data, mid in client.messages(stream) if data.get("runner") == runner]
+        if stream == "BROKER":
+            out["BROKER_ERRORS"] = [(mid, data) for subject, mid, data in rows if subject.startswith("broker.error.")]
+            rows = [row for row in rows if row[0].startswith("broker.fill.")]
+        out[stream] = [(mid, data) for _, mid, data in rows]
     return out
 
 
@@ -341,6 +345,8 @@ def test_the_same_with_mt5_on_a_fake_terminal_that_outlives_the_runner_and_an_un
     assert sorted(mine["BROKER"], key=lambda r: r[0]) == sorted(theirs["BROKER"], key=lambda r: r[0])  # the same fills
     path = [d["status"] for _, d in sorted(mine["ORDERS"], key=lambda r: r[1]["seq"]) if d["client_id"] == unanswered["client_id"]]
     assert path[:2] == ["submitted", "unknown"] and "filled" in path, path  # unknown until asked, then found filled
+    assert [d["client_id"] for _, d in mine["BROKER_ERRORS"]] == [unanswered["client_id"]]  # its missing answer, published
+    assert "no answer" in mine["BROKER_ERRORS"][0][1]["reason"] and not theirs["BROKER_ERRORS"]
     assert sorted(d["bar_seq"] for _, d in mine["PORTFOLIO"]) == list(range(1, MT5_BARS + 1))  # every bar once
     log = (env["root"] / "mt5-crashed.log").read_text()
     assert "runner failed" not in log and "halted" not in log and log.count("forked") == starts

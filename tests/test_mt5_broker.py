@@ -311,6 +311,28 @@ def test_a_request_executed_after_it_was_given_up_halts_trading():
     assert engine.reconcile() == {}
 
 
+def test_a_restart_does_not_take_a_partly_refused_close_for_a_late_execution():
+    """A close split over two positions whose second leg the server refused is in the history as a
+    rejected order with a deal of its first leg: a restart's reconciliation books it and trades on."""
+    fake = _terminal(offset_s=0)
+    broker = _broker(fake)
+    a, b = _market(1, qty=10_000.0), _market(2, qty=50_000.0)
+    assert broker.submit(a).status is AckStatus.ACCEPTED
+    fake.advance_time(1000)
+    assert broker.submit(b).status is AckStatus.ACCEPTED
+    fake.set_liquidity("EURUSD", 0.2)  # leg 1 (0.1 lots) fits, leg 2 (0.5 lots) is refused (fill or kill)
+    close = _exit(3, Side.SELL, 60_000.0)
+    broker.submit(close)
+    assert broker.halted is None and broker.positions() == {"EURUSD": 50_000.0}
+    fake.set_liquidity("EURUSD", None)
+    fake.advance_time(60_000)
+    restarted = _broker(fake)
+    report = restarted.reconcile(Ledger(positions={"EURUSD": 50_000.0}, symbols=("EURUSD",),
+                                        known=frozenset({a.client_id, b.client_id, close.client_id}), as_of_ms=T0 + 120_000))
+    assert report.ok, report.mismatches
+    assert restarted.halted is None
+
+
 def test_a_silent_terminal_leaves_the_order_unknown_until_it_answers():
     fake = _terminal()
     broker = _broker(fake)
@@ -634,6 +656,7 @@ def test_a_refusal_of_the_terminal_is_published_on_broker_error_and_stored_as_a_
     import json
 
     from live.ledger import LedgerWriter, Window
+    from resources.bus.messages import BadMessage
     from resources.warehouse.ledger import ledger_rows
 
     fake = _terminal(offset_s=0)
@@ -650,4 +673,6 @@ def test_a_refusal_of_the_terminal_is_published_on_broker_error_and_stored_as_a_
     assert not [m for m in messages if m.subject.startswith("risk.alert.")]
     (row,) = ledger_rows(errors[0].subject, json.dumps(errors[0].data).encode())["risk_events"]
     assert row["kind"] == "broker" and row["symbol"] == "EURUSD" and row["client_id"] == errors[0].data["client_id"] != ""
+    with pytest.raises(BadMessage, match="broker error symbol on broker.error.GBPUSD says 'EURUSD'"):
+        ledger_rows("broker.error.GBPUSD", json.dumps(errors[0].data).encode())
     assert fake.positions_get() == ()

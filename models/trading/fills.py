@@ -169,7 +169,7 @@ class SimulatedBroker(BrokerPort):
             self._events.append(BrokerEvent(EV_CANCEL_REJECT, client_id, -1, f"order is {work.state.value}"))
             return SubmitAck(ACK_REJECTED, f"order is {work.state.value}")
         self._cancel(work, -1, "cancelled on request")
-        return SubmitAck(ACK_ACCEPTED)
+        return ACCEPTED
 
     def order_status(self, client_id: str) -> OrderStatus | None:
         work = self._orders.get(client_id)

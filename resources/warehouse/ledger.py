@@ -139,6 +139,8 @@ def ledger_rows(subject: str, payload: bytes) -> dict[str, list[dict[str, Any]]]
             _agrees("risk event symbol", subject, parts[2], row["symbol"])
         elif head == "risk":
             _agrees("risk event kind", subject, parts[2], row["kind"])
+        else:
+            _agrees("broker error symbol", subject, parts[2], row["symbol"])
         row["model_version"] = _value("risk event", "model_version", "version?", data.get("model_version")) or ""
         extra = {k: v for k, v in data.items() if k not in _RISK and k != "model_version"}
         row["details"] = json.dumps(extra, sort_keys=True, separators=(",", ":")) if extra else ""

@@ -143,6 +143,7 @@ class _Tracked:
     setup_ms: int = 0  # UTC, when MetaTrader received it (orders found in the history)
     sent: float = 0.0  # units sent, when the lot step rounded the engine's quantity down
     held: list[BrokerEvent] = field(default_factory=list)  # events of an unclaimed order
+    given_up: bool = False  # not in the history within unknown_grace_s: told the engine it was never placed
 
     def status(self) -> OrderStatus:
         return OrderStatus(self.client_id, self.state, self.filled, self.avg, self.reason)
@@ -583,7 +584,7 @@ class MT5Broker(BrokerPort):
             return tracked.status()
         if self.clock() - (tracked.sent_at or self._connected_at) < self.config.unknown_grace_s:
             raise BrokerTimeout(f"{client_id} is not in the history yet; asked again later")
-        tracked.state, tracked.reason = OrderState.REJECTED, "never reached the trade server"
+        tracked.state, tracked.reason, tracked.given_up = OrderState.REJECTED, "never reached the trade server", True
         return None
 
     def _lookup_anywhere(self, tracked: _Tracked) -> bool | None:
@@ -734,13 +735,13 @@ class MT5Broker(BrokerPort):
         mid = deal.price - half if tracked.side is Side.BUY else deal.price + half
         fill = Fill(f"mt5-{deal.ticket}", tracked.client_id, deal.symbol, tracked.side, units, deal.price,
                     -(deal.commission + deal.fee), deal.time_msc - self.offset_s * 1000, conv, mid, how)
-        if tracked.state is OrderState.REJECTED:
-            # Given up on (not in the history within unknown_grace_s, or refused) and executed after
-            # all: the engine cannot book a fill of a rejected order, so nothing trades until a
-            # reconciliation has looked at the position it left.
-            self.halted = (f"trading halted: {tracked.client_id} ({deal.symbol}) was given up as {tracked.reason or 'rejected'} "
-                           f"and executed late (deal {deal.ticket}, {deal.volume} lots at {deal.price}): reconcile before "
-                           f"trading again")
+        if tracked.given_up and tracked.state is OrderState.REJECTED:
+            # This process told the engine the order was never placed (not in the history within
+            # unknown_grace_s), and the server executed it after all: its record cannot take the
+            # fill, so nothing trades until a reconciliation has looked at the position it left.
+            self.halted = (f"trading halted: {tracked.client_id} ({deal.symbol}) was given up as never placed after "
+                           f"{self.config.unknown_grace_s:g} s and executed late (deal {deal.ticket}, {deal.volume} lots at "
+                           f"{deal.price}): reconcile before trading again")
             log.error(self.halted)
         tracked.avg = (tracked.avg * tracked.filled + deal.price * units) / (tracked.filled + units)
         tracked.filled += units
