@@ -15,6 +15,7 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AutomationCondition,
     BackfillPolicy,
     Backoff,
     DailyPartitionsDefinition,
@@ -29,12 +30,16 @@ from dagster import (
 )
 
 from assets.partitions import FIRST_DAY
+from resources.bus.external import SUBJECT, ExternalUpdate
+from resources.bus.resource import BusResource
+from resources.bus.streams import EXTERNAL_STREAM
 from resources.external.calendar import EconomicCalendarResource
 from resources.external.fred import FredResource
 from resources.external.yahoo import YahooFinanceResource
 from resources.vendors.base import VendorPayloadError, VendorRequestError
 from resources.warehouse import WarehouseResource
 from resources.warehouse.external import latest_fred_values, write_calendar_day, write_commodity_day, write_fred_week
+from resources.warehouse.features import read_external_update
 
 WEEKS = WeeklyPartitionsDefinition(start_date=FIRST_DAY, timezone="UTC")  # Sunday to Sunday
 EXTERNAL_DAYS = DailyPartitionsDefinition(start_date=FIRST_DAY, timezone="UTC")
@@ -215,3 +220,27 @@ def external_economic_calendar(
         )],
     )
 
+
+UPDATE_DAYS = 45  # the window a live runner replaces: later vintages, revised events, the past weeks' commodities
+
+
+@asset(
+    group_name="external",
+    kinds={"nats"},
+    deps=[external_fred_indicators, external_commodity_prices, external_economic_calendar],
+    automation_condition=(AutomationCondition.any_deps_updated().since_last_handled()
+                          & ~AutomationCondition.in_progress()).with_label("after new external rows"),
+    description=f"The last {UPDATE_DAYS} days of FRED, commodity and calendar rows, shaped as the features join them, "
+                "published on market.external.update for running live runners (they read the warehouse only at start).",
+)
+def external_update(context: AssetExecutionContext, warehouse: WarehouseResource, bus: BusResource) -> MaterializeResult:
+    now = datetime.now(UTC)
+    since = now - timedelta(days=UPDATE_DAYS)
+    with warehouse.session() as session:
+        values, events, until = read_external_update(session, since, now)
+    update = ExternalUpdate(now, since, until, values, events)
+    payload = update.encode()
+    outcome = bus.publish_if_running(EXTERNAL_STREAM, SUBJECT, payload, update.msg_id(payload))
+    context.log.info(f"external update since {since:%Y-%m-%d %H:%M}: {values.height:,} values, {events.height:,} events; {outcome}")
+    return MaterializeResult(metadata={"values": values.height, "events": events.height, "since": since.isoformat(),
+                                       "bytes": len(payload), "bus": outcome})

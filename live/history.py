@@ -4,7 +4,8 @@ The feature window needs :data:`~models.features.registry.WARMUP_BARS` bars befo
 live bar, and the external data known by then. Both are read once when the runner starts,
 through the plain warehouse client (no Dagster), and never again while it trades: the embedded
 warehouse serves one process at a time, so the runner must not stall Dagster runs, nor they
-the runner. Bars newer than the warehouse come from the bar stream (see the runner).
+the runner. Bars newer than the warehouse come from the bar stream, newer external data from
+``market.external.update`` (see the runner and :mod:`resources.bus.external`).
 """
 
 from __future__ import annotations

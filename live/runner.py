@@ -69,7 +69,9 @@ from models.trading.strategy import ModelStrategy
 from resources.bus import subjects
 from resources.bus.client import NatsBus
 from resources.bus.messages import BadMessage, decode_bar, decode_object
-from resources.bus.streams import BARS_STREAM, bars_stream, ledger_streams
+from resources.bus.external import SUBJECT as EXTERNAL_SUBJECT
+from resources.bus.external import ExternalUpdate
+from resources.bus.streams import BARS_STREAM, EXTERNAL_STREAM, bars_stream, ledger_streams
 
 log = logging.getLogger("tradeforge.live")
 SENT_HEADER = "Tradeforge-Sent-Ns"  # optional: when the publisher sent the bar (benchmarks)
@@ -167,6 +169,9 @@ class LiveRunner:
         self.strategy: ModelStrategy | None = None
         self.features: dict[str, RollingFeatures] = {}
         self.external: dict[str, Any] = {}
+        self.external_read_at = 0  # ms, when the external data the runner holds was read (0: not yet)
+        self._external_waiting: list[ExternalUpdate] = []  # updates that came during the warm-up
+        self._xsub: Any = None
         self.history_end: dict[str, int] = {}  # symbol -> the newest warm-up bar's open (bars up to it are history)
         self.recent: dict[str, deque] = {s: deque(maxlen=256) for s in config.symbols}  # opens of the last bars processed
         self.marks: dict[str, float] = {}
@@ -239,6 +244,7 @@ class LiveRunner:
         self.state.model_version = self.model.version
         self.metrics.model_version.set(float(self.model.version))
         self.marks = {s: self.engine.snapshot()["symbols"][s]["last_close"] for s in c.symbols} if not fresh else {}
+        await self._subscribe_external()  # before the warm-up's read: nothing published after it is missed
         await self._warm_up(fresh)
         await self._kill_command()
         messages += self.ledger.changes(self.engine, window, tag, self._now_ms(), self.model.version)
@@ -268,6 +274,7 @@ class LiveRunner:
                 done = _dt(self.state.last_ts[s] + 1)
                 cut = min(cut, done) if cut else done
             before[s] = cut
+        read_at = self._now_ms()
         history: WarmUp = await asyncio.to_thread(warm_up, self.warehouse, c.symbols, c.timeframe, before)
         empty = [s for s in c.symbols if history.bars[s].is_empty()]
         if empty:
@@ -277,6 +284,10 @@ class LiveRunner:
                               f"in {where}: the runner warms its features up on the stored history; ingest it first "
                               f"(tradeforge demo / import, or the Dagster UI)")
         self.external = history.external
+        self.external_read_at = read_at
+        for update in self._external_waiting:
+            self._apply_external(update)
+        self._external_waiting = []
         for s in c.symbols:
             rolling = RollingFeatures(c.timeframe, c.day_boundary)
             rolling.seed(history.bars[s])
@@ -667,7 +678,7 @@ class LiveRunner:
             else:
                 self.claim_check = False
             if differences and not broker.halted:
-                broker.halted = (f"trading halted: positions differ from the broker's after the restart: "
+                broker.halted = ("trading halted: positions differ from the broker's after the restart: "
                                  + ", ".join(f"{s} engine {a:+,.0f} broker {b:+,.0f}" for s, (a, b) in sorted(differences.items())))
         if broker.halted and engine.kill is KillSwitch.OFF:
             engine.set_kill_switch(KillSwitch.HALT, broker.halted)
@@ -746,6 +757,42 @@ class LiveRunner:
         if entry.value is None:  # deleted
             return None
         return entry.revision, entry.value
+
+    # -- external data ------------------------------------------------------------------------------
+    async def _subscribe_external(self) -> None:
+        """New FRED, commodity and calendar rows (``market.external.update``, published by Dagster
+        when those tables change): each replaces the window it carries, so the next bars see what
+        a fresh read of the warehouse would give them (:mod:`resources.bus.external`)."""
+        from nats.js.api import DeliverPolicy
+
+        await self.bus.ensure_stream(EXTERNAL_STREAM)
+        self._xsub = await self.bus.js.subscribe(EXTERNAL_SUBJECT, stream=EXTERNAL_STREAM.name, cb=self._on_external,
+                                                 ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
+
+    async def _on_external(self, msg: Any) -> None:
+        try:
+            update = ExternalUpdate.decode(msg.data)
+        except BadMessage as exc:
+            log.warning("%s: an external update refused (%s); the external data stays as it was", self.config.name, exc)
+            return
+        if not self.external_read_at:
+            self._external_waiting.append(update)  # applied once the warm-up has read its own
+            return
+        self._apply_external(update)
+
+    def _apply_external(self, update: ExternalUpdate) -> None:
+        read_at = int(update.read_at.timestamp() * 1000)
+        if read_at <= self.external_read_at:
+            return  # read before what the runner holds
+        try:
+            external = {s: update.apply(self.external.get(s), instrument(s).currencies) for s in self.config.symbols}
+        except Exception as exc:  # noqa: BLE001 - a bad update must not stop the trading
+            log.warning("%s: an external update could not be applied (%s); the external data stays as it was",
+                        self.config.name, exc)
+            return
+        self.external, self.external_read_at = external, read_at  # between two bars: the event loop runs one at a time
+        log.info("%s: external data read at %s taken in (%d values, %d events from %s)", self.config.name, _iso(read_at),
+                 update.values.height, update.events.height, f"{update.since:%Y-%m-%d %H:%M}")
 
     async def _kill_command(self) -> None:
         """At start: the operator's command written since the state was saved, to apply at the first bar."""
@@ -868,11 +915,11 @@ class LiveRunner:
             with contextlib.suppress(Exception):
                 await self.kv_control.put(status_key(self.config.name), json.dumps({**self.status(), "stopped": True}).encode())
         self._tasks = []
-        for sub in (self._psub, self._kill_watcher):
+        for sub in (self._psub, self._kill_watcher, self._xsub):
             if sub is not None:
                 with contextlib.suppress(Exception):
-                    await (sub.unsubscribe() if sub is self._psub else sub.stop())
-        self._psub = self._kill_watcher = None
+                    await (sub.stop() if sub is self._kill_watcher else sub.unsubscribe())
+        self._psub = self._kill_watcher = self._xsub = None
         if self.broker is not None and hasattr(self.broker, "shutdown"):
             with contextlib.suppress(Exception):
                 self.broker.shutdown()

@@ -19,6 +19,7 @@ from assets.external import (
     external_commodity_prices,
     external_economic_calendar,
     external_fred_indicators,
+    external_update,
 )
 from assets.features import ml_features
 from assets.market_data import aggregates, market_ticks, vendor_candles
@@ -82,7 +83,7 @@ def daily_calendar(context: ScheduleEvaluationContext):
 
 defs = Definitions(
     assets=[market_ticks, vendor_candles, aggregates, ml_features,
-            external_fred_indicators, external_commodity_prices, external_economic_calendar,
+            external_fred_indicators, external_commodity_prices, external_economic_calendar, external_update,
             backtest,
             *BROKER_ASSETS, trained_model, champion_model,
             model_backtest],

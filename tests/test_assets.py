@@ -182,6 +182,7 @@ def test_definitions_load_and_the_schedule_covers_every_symbol():
     assert {a.key.to_user_string() for a in defs.resolve_all_asset_specs()} == {
         "market_ticks", "vendor_candles", "aggregates", "ml_features",
         "external_fred_indicators", "external_commodity_prices", "external_economic_calendar", "backtest",
+        "external_update",  # new external rows for running live runners, on the bus
         # broker data (MT5 slice); model_predictions is the training slice's table, declared as its input
         "broker_quotes_m1", "broker_vs_vendor", "predictions_vs_user_trades",
         "trained_model", "champion_model",

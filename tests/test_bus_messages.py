@@ -57,3 +57,71 @@ def test_a_bar_a_runner_must_not_act_on_is_refused_with_its_reason(payload, reas
     with pytest.raises(BadMessage) as refused:
         decode_bar(payload, "bars.EURUSD.M5")
     assert refused.value.reason == reason
+
+
+# -- external updates (resources/bus/external.py) -------------------------------------------------
+def _update():
+    import polars as pl
+
+    from resources.bus.external import ExternalUpdate
+
+    ms = pl.Datetime("ms", "UTC")
+    values = pl.DataFrame({"known_at": [datetime(2024, 3, 5, 5, tzinfo=UTC), datetime(2024, 3, 6, 5, tzinfo=UTC)],
+                           "name": ["fred_fedfunds", "commodity_gold_ret_1d"], "value": [5.33, -0.0125]}).with_columns(
+        pl.col("known_at").cast(ms))
+    events = pl.DataFrame({"ts": [datetime(2024, 3, 7, 13, 30, tzinfo=UTC)], "known_at": [datetime(2024, 3, 1, tzinfo=UTC)],
+                           "currency": ["USD"], "impact": ["high"], "actual": [None], "forecast": [200.0]},
+                          schema_overrides={"actual": pl.Float64}).with_columns(pl.col("ts", "known_at").cast(ms))
+    return ExternalUpdate(datetime(2024, 3, 6, 6, tzinfo=UTC), datetime(2024, 3, 1, tzinfo=UTC),
+                          datetime(2024, 4, 6, tzinfo=UTC), values, events)
+
+
+def test_an_external_update_round_trips_and_replaces_only_its_window():
+    import numpy as np
+    import polars as pl
+
+    from models.features.external import ExternalData
+    from resources.bus.external import ExternalUpdate
+
+    update = _update()
+    payload = update.encode()
+    back = ExternalUpdate.decode(payload)
+    assert (back.read_at, back.since, back.events_until) == (update.read_at, update.since, update.events_until)
+    assert back.values.equals(update.values) and back.events.equals(update.events)
+    assert update.msg_id(payload) == back.msg_id(back.encode())  # the same content, the same message
+    # held before: a value known before the window (kept), one inside it (replaced), an event inside it (replaced)
+    ms = pl.Datetime("ms", "UTC")
+    held = ExternalData(
+        pl.DataFrame({"known_at": [datetime(2024, 2, 20, tzinfo=UTC), datetime(2024, 3, 4, tzinfo=UTC)],
+                      "name": ["fred_fedfunds", "fred_fedfunds"], "value": [5.31, 9.99]}).with_columns(pl.col("known_at").cast(ms)),
+        pl.DataFrame({"ts": [datetime(2024, 3, 7, 13, 30, tzinfo=UTC)], "known_at": [datetime(2024, 3, 1, tzinfo=UTC)],
+                      "surprise": [0.5]}).with_columns(pl.col("ts", "known_at").cast(ms)))
+    merged = back.apply(held, ("EUR", "USD"))
+    at = np.array([int(datetime(2024, 3, 4, 12, tzinfo=UTC).timestamp() * 1000), int(datetime(2024, 3, 8, tzinfo=UTC).timestamp() * 1000)])
+    assert merged.values_at(at)["fred_fedfunds"].tolist() == [5.31, 5.33]  # 9.99 was replaced by the newer read
+    assert merged.values_at(at)["commodity_gold_ret_1d"][1] == -0.0125
+    assert merged.events["surprise"].to_list() == [None]  # the event as read now: no actual yet
+    assert back.apply(held, ("JPY",)).events.is_empty()  # another symbol's currencies: not its event
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (lambda d: d.pop("since"), "since is epoch milliseconds"),
+    (lambda d: d.update(read_at=True), "read_at is epoch milliseconds"),
+    (lambda d: d.update(values={}), "needs the lists values and events"),
+    (lambda d: d["values"].append([1, "fred_made_up", 1.0]), "'fred_made_up' is not a registered external feature"),
+    (lambda d: d["values"].append([1, "fred_fedfunds"]), "a value row is [known_at, name, value]"),
+    (lambda d: d["values"].append([1, "fred_fedfunds", "5.3"]), "'fred_fedfunds' is a number or null"),
+    (lambda d: d["events"].append([1, 2, "USD", None, 1.0, 1.0]), "currency and impact are text"),
+    (lambda d: d["events"].append([-5, 2, "USD", "high", 1.0, 1.0]), "event ts is epoch milliseconds"),
+])
+def test_an_external_update_a_runner_must_not_take_is_refused_with_its_reason(change, reason):
+    import json
+
+    from resources.bus.external import ExternalUpdate
+
+    data = json.loads(_update().encode())
+    change(data)
+    with pytest.raises(BadMessage, match=reason.replace("[", r"\[").replace("]", r"\]")):
+        ExternalUpdate.decode(json.dumps(data).encode())
+    with pytest.raises(BadMessage, match="not JSON"):
+        ExternalUpdate.decode(b"\xff")

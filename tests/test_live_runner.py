@@ -29,7 +29,9 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -649,3 +651,96 @@ def test_live_run_failures_are_one_line_on_stderr_and_exit_1(world, nats, monkey
     monkeypatch.setenv("NATS_URL", url)
     assert "no runner" in fails(["live", "status"])
     assert "no runner has saved its state" in fails(["live", "kill"])
+
+
+# -- external data -----------------------------------------------------------------------------
+def _gold(days: list, first_close: float) -> pl.DataFrame:
+    """Daily gold closes as the commodity asset stores them (known at the next midnight UTC)."""
+    return pl.DataFrame({
+        "name": "gold", "ticker": "GC=F", "date": days, "open": 2000.0, "high": 2100.0, "low": 1900.0,
+        "close": [first_close + 10.0 * i for i in range(len(days))], "volume": 1e5, "currency": "USD",
+        "known_at": [datetime(d.year, d.month, d.day, tzinfo=UTC) + timedelta(days=1) for d in days], "source": "test",
+    }).with_columns(pl.col("known_at").cast(pl.Datetime("ms", "UTC")))
+
+
+def test_new_external_rows_reach_a_running_runner_as_a_fresh_read_gives_them(world, nats, warehouse):
+    """The runner reads the warehouse once; new FRED/commodity/calendar rows reach it through the
+    ``external_update`` asset on ``market.external.update``: between two bars it holds what a fresh
+    read gives (the features join exactly that), trading goes on, and an older read is ignored."""
+    from dagster import materialize
+
+    from assets.external import external_update
+    from models.features.compute import external_features
+    from resources.bus.external import ExternalUpdate
+    from resources.bus.resource import BusResource
+    from resources.warehouse.external import write_calendar_day, write_commodity_day
+    from resources.warehouse.features import read_external
+
+    url, client = nats
+    now = datetime.now(UTC)
+    start = datetime.fromtimestamp((int(now.timestamp() * 1000) // BAR_MS - HISTORY - 12) * BAR_MS / 1000, UTC)
+    bars = make_bars("EURUSD", start, HISTORY + 12, seed=9)
+    store_history(warehouse, bars.head(HISTORY))
+    today = now.date()
+    for day, frame in _gold([today - timedelta(days=k) for k in range(12, 3, -1)], 2000.0).partition_by("date", as_dict=True).items():
+        write_commodity_day(warehouse, day[0], frame)
+    runner = LiveRunner(config("external"), bus=NatsBus(url, max_reconnect_attempts=-1), registry=ModelRegistry(world["uri"]),
+                        warehouse=warehouse)
+
+    def fresh(close_ms: int) -> dict:
+        with warehouse.session() as session:
+            data = read_external(session, "EURUSD", start, datetime.now(UTC))
+        return external_features(pl.Series([close_ms]).to_numpy(), data)
+
+    def held(close_ms: int) -> dict:
+        return external_features(pl.Series([close_ms]).to_numpy(), runner.external["EURUSD"])
+
+    def same(a: dict, b: dict) -> bool:  # NaN (nothing known) equals NaN
+        return a.keys() == b.keys() and all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+
+    async def go():
+        await runner.start()
+        client.publish_bars(bars.tail(12).head(4))
+        assert [o.status for o in await process(runner, 4)] == ["processed"] * 4
+        close = int(bars["ts"][-1].timestamp() * 1000) + BAR_MS
+        read_at = runner.external_read_at
+        # new rows land: three more gold closes (the last two known today) and a USD release this afternoon
+        for day, frame in _gold([today - timedelta(days=k) for k in (3, 2, 1)], 2090.0).partition_by("date", as_dict=True).items():
+            write_commodity_day(warehouse, day[0], frame)
+        release = datetime(today.year, today.month, today.day, tzinfo=UTC) + timedelta(hours=36)
+        write_calendar_day(warehouse, release.replace(hour=0), release.replace(hour=0) + timedelta(days=1), pl.DataFrame({
+            "event_id": "nfp", "ts": release, "currency": "USD", "impact": "high", "title": "Payrolls", "actual": None,
+            "forecast": 180.0, "previous": 150.0, "actual_text": "", "forecast_text": "180K", "previous_text": "150K",
+            "known_at": now - timedelta(days=2), "source": "test"}, schema_overrides={"actual": pl.Float64}).with_columns(
+                pl.col("ts", "known_at").cast(pl.Datetime("ms", "UTC"))))
+        stale = held(close)
+        assert not same(stale, fresh(close))  # what the runner read at its start is behind the warehouse now
+        result = await asyncio.to_thread(materialize, [external_update],
+                                         resources={"warehouse": warehouse, "bus": BusResource(url=url)})
+        assert result.success
+        meta = result.asset_materializations_for_node("external_update")[0].metadata
+        assert meta["bus"].value == "published" and meta["events"].value == 1
+        for _ in range(400):
+            if runner.external_read_at > read_at:
+                break
+            await asyncio.sleep(0.01)
+        assert runner.external_read_at > read_at
+        now_held = held(close)
+        assert same(now_held, fresh(close)) and not same(now_held, stale)
+        assert now_held["commodity_gold_ret_1d"][0] == pytest.approx(2110.0 / 2100.0 - 1)  # the close known today
+        assert now_held["event_hours_to_next"][0] == pytest.approx((release.timestamp() * 1000 - close) / 3_600_000)
+        # an update read before what the runner holds changes nothing
+        older = ExternalUpdate(datetime.fromtimestamp(read_at / 1000 - 60, UTC), start, now, pl.DataFrame(
+            {"known_at": [now], "name": ["commodity_gold_ret_1d"], "value": [9.9]}).with_columns(
+                pl.col("known_at").cast(pl.Datetime("ms", "UTC"))), pl.DataFrame(schema={
+                    "ts": pl.Datetime("ms", "UTC"), "known_at": pl.Datetime("ms", "UTC"), "currency": pl.String,
+                    "impact": pl.String, "actual": pl.Float64, "forecast": pl.Float64}))
+        payload = older.encode()
+        await runner.bus.js.publish("market.external.update", payload, headers={"Nats-Msg-Id": older.msg_id(payload)})
+        await runner.bus.js.publish("market.external.update", b'{"read_at": "soon"}')  # refused, logged
+        client.publish_bars(bars.tail(8))
+        assert [o.status for o in await process(runner, 8)] == ["processed"] * 8  # trading went on
+        assert same(held(close), now_held)
+        await runner.close()
+
+    asyncio.run(go())

@@ -11,7 +11,16 @@ from typing import TypeVar
 from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
-from resources.bus.client import BACKTEST_STREAM, DEFAULT_PORT, TRAINING_STREAM, BlockingBus, BusError, EventPublisher, NatsBus
+from resources.bus.client import (
+    BACKTEST_STREAM,
+    DEFAULT_PORT,
+    TRAINING_STREAM,
+    BlockingBus,
+    BusError,
+    EventPublisher,
+    NatsBus,
+    StreamSpec,
+)
 
 T = TypeVar("T")
 
@@ -44,13 +53,36 @@ class BusResource(ConfigurableResource):
         did not run: no bus to drain (the embedded server is not running: starting one would drain
         nothing) or the bus unreachable."""
         client = self.get_client()
-        if client.embedded is not None and not client.embedded.running():
-            return (f"no bus to drain: NATS_URL is unset and the embedded nats-server on {client.embedded.url} "
-                    "is not running")
+        if (absent := _not_running(client, "to drain")) is not None:
+            return absent
         try:
             return asyncio.run(run(client))
         except BusError as exc:
             return f"bus unreachable: {exc}"
+
+    def publish_if_running(self, stream: StreamSpec, subject: str, payload: bytes, msg_id: str) -> str:
+        """Publish one message on a bus that is up, for whoever listens (a live runner); never
+        starts the embedded server, never raises. Says what happened: published, already
+        published (the same ``msg_id`` within the duplicate window), or why not."""
+        client = self.get_client()
+        if (absent := _not_running(client, "to publish on")) is not None:
+            return absent
+        bus = BlockingBus(client)
+        try:
+            bus.connect()
+            bus.ensure_stream(stream)
+            return "published" if bus.publish_durable(subject, payload, msg_id) else "already published"
+        except Exception as exc:  # noqa: BLE001 - the bus is optional here: the reason is the answer
+            return f"bus unreachable: {exc or type(exc).__name__}"
+        finally:
+            bus.close()
+
+
+def _not_running(client: NatsBus, what: str) -> str | None:
+    """Why there is no bus ``what`` (the embedded server not running), or None."""
+    if client.embedded is not None and not client.embedded.running():
+        return f"no bus {what}: NATS_URL is unset and the embedded nats-server on {client.embedded.url} is not running"
+    return None
 
 
 def bus_from_env() -> BusResource:

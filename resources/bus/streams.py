@@ -15,6 +15,8 @@
   what it decided, sent, got filled and refused, and its account per bar, each message with a
   deterministic ``Nats-Msg-Id``; the data-bridge sensor drains them into the warehouse and is
   idempotent beyond the duplicate window (by row key).
+- ``EXTERNAL`` (``market.external.>``): recent FRED, commodity and calendar rows for running
+  runners, published by Dagster when those tables change (:mod:`resources.bus.external`).
 
 Retention is configurable from the environment when a stream is first created
 (``ensure_stream`` leaves an existing stream as it is): ``TRADEFORGE_BARS_RETENTION_DAYS``
@@ -108,6 +110,10 @@ async def last_bar_ts(js: Any, symbol: str, timeframe: str, stream: str = "BARS"
         tail = msg_id.rsplit(":", 1)[-1]
         return int(tail) if tail.isdigit() else None
 
+
+EXTERNAL_STREAM = StreamSpec("EXTERNAL", ("market.external.>",), max_age=timedelta(days=7))
+"""New external data for running live runners (:mod:`resources.bus.external`); a runner started
+later reads the warehouse, so a week is plenty."""
 
 LEDGER_STREAMS = (
     StreamSpec("SIGNALS", ("signals.>",), max_age=timedelta(days=30)),

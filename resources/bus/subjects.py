@@ -25,6 +25,11 @@ def signals(symbol: str) -> str:
     return f"signals.{symbol}"
 
 
+def market_external(kind: str) -> str:
+    """``market.external.{kind}``: new external data for the live runners (``update``)."""
+    return f"market.external.{kind}"
+
+
 # -- the live runner's subjects (see live/ and resources/bus/streams.py) ------------------------
 ORDER_STATUSES = ("new", "submitted", "accepted", "partially_filled", "pending_cancel", "filled", "cancelled",
                   "rejected", "expired", "unknown")

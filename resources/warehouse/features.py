@@ -104,6 +104,19 @@ def read_external(warehouse: Warehouse, symbol: str, first_bar: datetime, end: d
     return ExternalData(values=values, events=symbol_events(events, instrument(symbol).currencies))
 
 
+def read_external_update(warehouse: Warehouse, since: datetime, now: datetime) -> tuple[pl.DataFrame, pl.DataFrame, datetime]:
+    """What a live runner replaces of its external data (:mod:`resources.bus.external`): the
+    values known from ``since`` to ``now``, derived exactly as :func:`read_external` derives
+    them (from every FRED vintage known by ``now``, commodity returns from two weeks before),
+    and every currency's calendar events scheduled from ``since`` to a month after ``now``."""
+    until = now + timedelta(days=31)
+    vintages = read_fred_vintages(warehouse, [series for series, _ in FRED_FEATURE_SERIES.values()], now)
+    prices = read_commodities(warehouse, list(COMMODITY_FEATURE_NAMES), (since - timedelta(days=14)).date(), now)
+    values = pl.concat([fred_values(vintages), commodity_values(prices)]).filter(pl.col("known_at") >= since)
+    events = read_calendar(warehouse, None, since, until)
+    return values, events.select("ts", "known_at", "currency", "impact", "actual", "forecast"), until
+
+
 def store_feature_rows(warehouse: Warehouse, rows: pl.DataFrame) -> None:
     """Write feature rows made elsewhere (a file, a test's planted frame): per symbol and
     feature set, every UTC day they span replaced, as the asset writes them."""
