@@ -879,7 +879,7 @@ class LiveRunner:
                 "model_version": self.state.model_version, "equity": engine.equity() if engine else None,
                 "positions": ({s: p.units for s, p in engine.portfolio.positions.items() if p.units} if engine else {}),
                 "kill": engine.kill.value if engine else "", "kill_reason": engine.kill_reason if engine else "",
-                "broker": c.broker, "metrics_port": self.metrics_port,
+                "broker": c.broker, "metrics_port": self.metrics_port, "external_read_at": self.external_read_at or None,
                 "limits": {"max_daily_loss": risk.max_daily_loss, "max_drawdown": risk.max_drawdown,
                            "risk_fraction": risk.risk_fraction, "max_open_positions": risk.max_open_positions,
                            "max_gross_exposure": risk.max_gross_exposure, "max_orders": risk.max_orders,

@@ -1244,6 +1244,8 @@ def _status_lines(name: str, state: dict | None, beat: dict | None, now: float) 
                 held.append(f"{symbol} {units:+,.0f} @ {avg:.5g} (last {mark:.5g})")
         peak, day_ref = engine["peak"], engine["day_ref"]
         lines.append(f"  model {beat['model']}" if beat and beat.get("model") else f"  model version {state.get('model_version') or '?'}")
+        if beat and beat.get("external_read_at"):
+            lines.append(f"  external data as read at {when(beat['external_read_at'])} UTC")
         lines.append(f"  last bar: " + (", ".join(f"{s} {when(t)}" for s, t in sorted(state["last_ts"].items())) or "none yet")
                      + f"; {state['bars']:,} bars processed, {state['starts']} start(s)")
         lines.append(f"  equity {equity:,.2f} (balance {portfolio['balance']:,.2f}; day's start {day_ref:,.2f}, "

@@ -442,6 +442,7 @@ def test_live_kill_flatten_is_honoured_at_the_next_bar_and_the_daily_loss_limit_
     status = capsys.readouterr().out
     assert "runner kill: stopped" in status and "kill switch: halt (test)" in status and "positions: flat" in status
     assert "model direction.M5.live v1 (@champion)" in status and f"{len(done) + 21:,} bars processed" in status
+    assert f"external data as read at {datetime.fromtimestamp(runner.external_read_at / 1000, UTC):%Y-%m-%d %H:%M} UTC" in status
     assert cli(["live", "status", "--name", "kill", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)["kill"]
     assert doc["state"]["kill"] == "halt" and doc["state"]["positions"] == {} and doc["state"]["bars"] == len(done) + 21
