@@ -745,3 +745,8 @@ def test_new_external_rows_reach_a_running_runner_as_a_fresh_read_gives_them(wor
         await runner.close()
 
     asyncio.run(go())
+    # no bus up (the embedded server not running): the asset says so and starts none
+    result = materialize([external_update], resources={"warehouse": warehouse,
+                                                       "bus": BusResource(embedded_port=free_port(), store_dir=str(world["root"] / "none"))})
+    meta = result.asset_materializations_for_node("external_update")[0].metadata
+    assert result.success and meta["bus"].value.startswith("no bus to publish on: NATS_URL is unset")

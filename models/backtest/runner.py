@@ -206,7 +206,8 @@ def cyclic_gc_paused() -> Iterator[None]:
     """Python's cyclic garbage collector paused for the event loop: the engine's records (orders,
     fills, events, trades) form no reference cycles, so refcounting frees all its garbage, and the
     collector's passes over the growing record lists cost ~10% of a run of thousands of trades.
-    It runs again afterwards (as it was)."""
+    The pause is process-wide (other threads' cycles wait too, for one run) and ends with it, as
+    the collector was."""
     enabled = gc.isenabled()
     gc.disable()
     try:
