@@ -228,13 +228,16 @@ UPDATE_DAYS = 45  # the window a live runner replaces: later vintages, revised e
     group_name="external",
     kinds={"nats"},
     deps=[external_fred_indicators, external_commodity_prices, external_economic_calendar],
-    automation_condition=(AutomationCondition.any_deps_updated().since_last_handled()
-                          & ~AutomationCondition.in_progress()).with_label("after new external rows"),
+    # Requested once no external run is in progress after any of them stored rows: an update that
+    # lands while this one runs asks for the next one (the trigger holds until a new request).
+    automation_condition=(AutomationCondition.any_deps_updated().since(
+        AutomationCondition.newly_requested() | AutomationCondition.initial_evaluation())
+        & ~AutomationCondition.any_deps_in_progress() & ~AutomationCondition.in_progress()).with_label("after new external rows"),
     description=f"The last {UPDATE_DAYS} days of FRED, commodity and calendar rows, shaped as the features join them, "
                 "published on market.external.update for running live runners (they read the warehouse only at start).",
 )
 def external_update(context: AssetExecutionContext, warehouse: WarehouseResource, bus: BusResource) -> MaterializeResult:
-    now = datetime.now(UTC)
+    now = datetime.now(UTC).replace(microsecond=0)  # whole seconds, as the warehouse compares times
     since = now - timedelta(days=UPDATE_DAYS)
     with warehouse.session() as session:
         values, events, until = read_external_update(session, since, now)

@@ -772,7 +772,7 @@ class LiveRunner:
     async def _on_external(self, msg: Any) -> None:
         try:
             update = ExternalUpdate.decode(msg.data)
-        except BadMessage as exc:
+        except Exception as exc:  # noqa: BLE001 - BadMessage, or anything else: refused, never silent
             log.warning("%s: an external update refused (%s); the external data stays as it was", self.config.name, exc)
             return
         if not self.external_read_at:

@@ -110,7 +110,9 @@ def test_an_external_update_round_trips_and_replaces_only_its_window():
     (lambda d: d.update(values={}), "needs the lists values and events"),
     (lambda d: d["values"].append([1, "fred_made_up", 1.0]), "'fred_made_up' is not a registered external feature"),
     (lambda d: d["values"].append([1, "fred_fedfunds"]), "a value row is [known_at, name, value]"),
-    (lambda d: d["values"].append([1, "fred_fedfunds", "5.3"]), "'fred_fedfunds' is a number or null"),
+    (lambda d: d["values"].append([1, "fred_fedfunds", "5.3"]), "'fred_fedfunds' is a finite number or null"),
+    (lambda d: d["values"].append([1, "fred_fedfunds", 10**400]), "'fred_fedfunds' is a finite number or null"),
+    (lambda d: d["events"].append([1, 2, "USD", "high", 1e308 * 10, 1.0]), "'actual' is a finite number or null"),
     (lambda d: d["events"].append([1, 2, "USD", None, 1.0, 1.0]), "currency and impact are text"),
     (lambda d: d["events"].append([-5, 2, "USD", "high", 1.0, 1.0]), "event ts is epoch milliseconds"),
 ])
@@ -125,3 +127,5 @@ def test_an_external_update_a_runner_must_not_take_is_refused_with_its_reason(ch
         ExternalUpdate.decode(json.dumps(data).encode())
     with pytest.raises(BadMessage, match="not JSON"):
         ExternalUpdate.decode(b"\xff")
+    with pytest.raises(BadMessage, match="not JSON"):  # an integer of thousands of digits
+        ExternalUpdate.decode(b'{"read_at": ' + b"9" * 5000 + b"}")

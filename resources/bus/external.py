@@ -5,7 +5,9 @@ the warehouse while it trades. When those tables change, Dagster's ``external_up
 re-reads a recent window of them, shaped as the features join them (the values with their
 ``known_at``, the raw calendar events), and publishes it here; each runner replaces that window
 of what it holds (:meth:`models.features.external.ExternalData.updated`), so its next bars see
-what a fresh read would give them, point-in-time as in the batch features.
+what a fresh read would give them, point-in-time as in the batch features (the values exactly;
+the events from ``since`` on, further back than a runner started now would read, which only
+matters to the hours since the last event when the symbol's currencies had none in a month).
 
 A message that is not an update (bad JSON, a missing or mistyped field, a feature that is not
 registered) is refused with :class:`~resources.bus.messages.BadMessage`; the runner logs and
@@ -52,7 +54,7 @@ class ExternalUpdate:
         def ms(column: pl.Series) -> list[int]:
             return column.cast(UTC_MS).dt.epoch("ms").to_list()
 
-        values = self.values
+        values = self.values.filter(pl.col("value").cast(pl.Float64).is_finite())  # as the features drop a missing value
         events = self.events
         return json.dumps({
             "read_at": _ms(self.read_at), "since": _ms(self.since), "events_until": _ms(self.events_until),
@@ -64,7 +66,7 @@ class ExternalUpdate:
         }, separators=(",", ":"), allow_nan=False).encode()
 
     def msg_id(self, payload: bytes) -> str:
-        """The same content is the same message (a rerun of the asset stores nothing twice)."""
+        """The same payload is the same message: a retried publish is stored once."""
         return f"ext:{_ms(self.since)}:{hashlib.blake2b(payload, digest_size=8).hexdigest()}"
 
     @classmethod
@@ -114,8 +116,8 @@ def _datetime(ms: int) -> datetime:
 
 
 def _floats(column: pl.Series) -> list[float | None]:
-    """JSON has no NaN: a missing number travels as null."""
-    return [None if v is None or math.isnan(v) else v for v in column.cast(pl.Float64).to_list()]
+    """JSON has no NaN or infinity: a number that is not one travels as null."""
+    return [v if v is not None and math.isfinite(v) else None for v in column.cast(pl.Float64).to_list()]
 
 
 def _int(data: dict[str, Any], name: str) -> int:
@@ -131,6 +133,10 @@ def _ms_value(value: Any, name: str) -> int:
 def _number(value: Any, name: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise BadMessage("malformed", f"{name!r:.40} is a number or null, got {value!r:.40}")
-    return float(value)
+    try:
+        number = float(value) if not isinstance(value, bool) and isinstance(value, int | float) else math.nan
+    except OverflowError:  # an integer beyond a float
+        number = math.nan
+    if not math.isfinite(number):
+        raise BadMessage("malformed", f"{name!r:.40} is a finite number or null, got {str(value):.40}")
+    return number

@@ -38,7 +38,7 @@ def decode_object(payload: bytes | str) -> dict[str, Any]:
     """``payload`` as a JSON object, the first check of every message on the bus."""
     try:
         value = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad bytes, bad JSON, an integer of thousands of digits, deep nesting
         raise BadMessage("malformed", f"not JSON ({exc})") from None
     if not isinstance(value, dict):
         raise BadMessage("malformed", f"a JSON {type(value).__name__}, not an object")
@@ -138,11 +138,8 @@ def encode_ticks(symbol: str, source: str, ticks: Any) -> bytes:
 
 def decode_ticks(payload: bytes) -> dict[str, Any]:
     """The columns of a ``ticks.{SYM}`` message (see :func:`encode_ticks`)."""
-    try:
-        message = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadMessage("malformed", f"not JSON ({exc})") from None
-    if not isinstance(message, dict) or any(name not in message for name in ("symbol", *TICK_FIELDS)):
+    message = decode_object(payload)
+    if any(name not in message for name in ("symbol", *TICK_FIELDS)):
         raise BadMessage("malformed", "not a ticks message")
     lengths = {len(message[name]) for name in TICK_FIELDS if isinstance(message[name], list)}
     if len(lengths) != 1 or any(not isinstance(message[name], list) for name in TICK_FIELDS):

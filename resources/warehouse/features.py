@@ -108,12 +108,13 @@ def read_external_update(warehouse: Warehouse, since: datetime, now: datetime) -
     """What a live runner replaces of its external data (:mod:`resources.bus.external`): the
     values known from ``since`` to ``now``, derived exactly as :func:`read_external` derives
     them (from every FRED vintage known by ``now``, commodity returns from two weeks before),
-    and every currency's calendar events scheduled from ``since`` to a month after ``now``."""
+    and every currency's high-impact calendar events (the only ones the features use) scheduled
+    from ``since`` to a month after ``now``."""
     until = now + timedelta(days=31)
     vintages = read_fred_vintages(warehouse, [series for series, _ in FRED_FEATURE_SERIES.values()], now)
     prices = read_commodities(warehouse, list(COMMODITY_FEATURE_NAMES), (since - timedelta(days=14)).date(), now)
     values = pl.concat([fred_values(vintages), commodity_values(prices)]).filter(pl.col("known_at") >= since)
-    events = read_calendar(warehouse, None, since, until)
+    events = read_calendar(warehouse, None, since, until).filter(pl.col("impact") == "high")
     return values, events.select("ts", "known_at", "currency", "impact", "actual", "forecast"), until
 
 
