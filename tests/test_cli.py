@@ -41,7 +41,12 @@ def user_env(subprocess_env, tmp_path) -> dict[str, str]:
     env = dict(subprocess_env)
     env.pop("DAGSTER_HOME", None)
     env["TRADEFORGE_HOME"] = str(tmp_path / "state")
-    return env
+    yield env
+    # The embedded bus a command started on demand (the demo's training events) stays up for the
+    # user's next command, as it should; the test's own stops here, never left to the next tests.
+    from resources.bus import EmbeddedNatsServer
+
+    EmbeddedNatsServer(tmp_path / "state" / "nats").stop()
 
 
 def stored(tmp_path: Path, sql: str) -> pl.DataFrame:

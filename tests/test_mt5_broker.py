@@ -311,6 +311,29 @@ def test_a_request_executed_after_it_was_given_up_halts_trading():
     assert engine.reconcile() == {}
 
 
+def test_an_order_given_up_before_a_restart_and_executed_after_the_replays_claims_halts_trading():
+    fake = _terminal(offset_s=0)
+    engine = _engine(_broker(fake, unknown_grace_s=30.0))
+    fake.execute_late()
+    engine.on_bar("EURUSD", _bar(0), {"side": 1})
+    fake.advance_time(31_000)
+    engine.reconcile()  # not in the history after the grace: given up
+    (entry,) = [o for o in engine.orders.values() if o.intent == "entry"]
+    assert entry.state is OrderState.REJECTED
+    snapshot = engine.snapshot()
+    broker = _broker(fake, unknown_grace_s=30.0)  # the restart
+    restarted = _engine(broker)
+    restarted.restore(snapshot)
+    assert broker.reconcile(Ledger.from_snapshot(snapshot)).ok
+    restarted.on_broker_events(broker.drain_events())
+    broker.check_claimed()  # after the replay's first bar: nothing of ours left unclaimed yet
+    assert broker.halted is None
+    fake.set_quote("EURUSD", BID, ASK, T0 + 32_000)  # the server executes it now
+    restarted.on_bar("EURUSD", _bar(1), {"side": 0})
+    assert broker.halted and entry.client_id in broker.halted and "does not trade" in broker.halted
+    assert broker.submit(_market(9)).status is AckStatus.REJECTED and _sends(fake) == 1
+
+
 def test_a_restart_does_not_take_a_partly_refused_close_for_a_late_execution():
     """A close split over two positions whose second leg the server refused is in the history as a
     rejected order with a deal of its first leg: a restart's reconciliation books it and trades on."""

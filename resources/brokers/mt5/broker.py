@@ -193,6 +193,7 @@ class MT5Broker(BrokerPort):
         self.account_currency = account_currency
         self.hedging = False
         self.halted: str | None = None
+        self.claims_checked = False  # the replay after a restart had its chance to claim our orders at the broker
         self.offset_s = config.server_utc_offset_s or 0
         self._orders: dict[str, _Tracked] = {}
         self._ticket_cid: dict[int, str] = {}  # MetaTrader order ticket -> client id
@@ -714,6 +715,13 @@ class MT5Broker(BrokerPort):
         cid = deal.comment
         tracked = self._orders.get(cid)
         if tracked is None:
+            if self.claims_checked:
+                # Past the replay's claims: no decision of this engine will ever claim it (an order
+                # given up before the restart and executed since), so its position is nobody's.
+                self.halted = (f"trading halted: a deal of ours ({deal.symbol} deal {deal.ticket}, {deal.volume} lots at "
+                               f"{deal.price}) belongs to {cid}, which the engine does not trade (given up before the "
+                               f"restart and executed since?): reconcile before trading again")
+                log.error(self.halted)
             side = Side.BUY if deal.type == C.DEAL_TYPE_BUY else Side.SELL
             tracked = _Tracked(cid, deal.symbol, side, OrderType.MARKET, 0.0, reduce_only=deal.entry != C.DEAL_ENTRY_IN,
                                state=OrderState.ACCEPTED, claimed=False)
@@ -905,6 +913,7 @@ class MT5Broker(BrokerPort):
 
     def check_claimed(self) -> None:
         left = self.unclaimed()
+        self.claims_checked = True
         if left:
             self.halted = (f"trading halted: {len(left)} order(s) of ours at the broker were not claimed by the replay: "
                            f"{', '.join(left)}")
