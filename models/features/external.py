@@ -53,23 +53,6 @@ class ExternalData:
         events = None if self.events is None else self.events.filter((pl.col("known_at") <= moment) | (pl.col("ts") <= moment))
         return ExternalData(values, events)
 
-    def updated(self, since: datetime, values: pl.DataFrame, events: pl.DataFrame | None, events_until: datetime) -> ExternalData:
-        """This data with a newer read of the same tables: the values known from ``since`` on and
-        the events scheduled in ``[since, events_until)`` replaced by the read's, the rest kept.
-        Both reads are point-in-time, so the rows a bar closing after ``since`` can see are those
-        a fresh read would give (how a running live runner takes in new FRED, commodity and
-        calendar rows without reopening the warehouse)."""
-        since_at, until_at = pl.lit(since).cast(UTC_MS), pl.lit(events_until).cast(UTC_MS)
-        kept = None if self.values is None else self.values.filter(pl.col("known_at").cast(UTC_MS) < since_at)
-        merged_values = values if kept is None else pl.concat([kept, values.select(kept.columns)], how="vertical_relaxed")
-        merged_events = self.events
-        if events is not None:
-            kept_events = None if self.events is None else self.events.filter(
-                (pl.col("ts").cast(UTC_MS) < since_at) | (pl.col("ts").cast(UTC_MS) >= until_at))
-            merged_events = events if kept_events is None else pl.concat(
-                [kept_events, events.select(kept_events.columns)], how="vertical_relaxed")
-        return ExternalData(merged_values, merged_events)
-
     def values_at(self, close_ms: np.ndarray) -> dict[str, np.ndarray]:
         """Per name, the value known last at or before each close (epoch ms); NaN before any.
 

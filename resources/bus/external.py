@@ -3,8 +3,8 @@
 A live runner reads FRED, commodity and calendar rows once, with its warm-up, and never opens
 the warehouse while it trades. When those tables change, Dagster's ``external_update`` asset
 re-reads a recent window of them, shaped as the features join them (the values with their
-``known_at``, the raw calendar events), and publishes it here; each runner replaces that window
-of what it holds (:meth:`models.features.external.ExternalData.updated`), so its next bars see
+``known_at``, the high-impact calendar events), and publishes it here; each runner replaces that window
+of what it holds (:meth:`ExternalUpdate.apply`), so its next bars see
 what a fresh read would give them, point-in-time as in the batch features (the values exactly;
 the events from ``since`` on, further back than a runner started now would read, which only
 matters to the hours since the last event when the symbol's currencies had none in a month).
@@ -44,11 +44,23 @@ class ExternalUpdate:
     events: pl.DataFrame  # ts, known_at, currency, impact, actual, forecast (every currency)
 
     def apply(self, data: ExternalData | None, currencies: tuple[str, ...]) -> ExternalData:
-        """``data`` (one symbol's) with this window replaced; the symbol's currencies' events."""
+        """``data`` (one symbol's) with this read's window: the values known from ``since`` on
+        and the events (of ``currencies``) scheduled in ``[since, events_until)`` replaced, the
+        rest kept. Both reads are point-in-time, so what a bar closing after ``since`` can see
+        is what a fresh read gives. (Kept here, not in models/features: that code defines the
+        feature set, and taking in new rows changes no feature's definition.)"""
         events = symbol_events(self.events, currencies)
         if data is None:
             return ExternalData(self.values, events)
-        return data.updated(self.since, self.values, events, self.events_until)
+        since, until = pl.lit(self.since).cast(UTC_MS), pl.lit(self.events_until).cast(UTC_MS)
+        values = self.values
+        if data.values is not None:
+            kept = data.values.filter(pl.col("known_at").cast(UTC_MS) < since)
+            values = pl.concat([kept, self.values.select(kept.columns)], how="vertical_relaxed")
+        if data.events is not None:
+            kept = data.events.filter((pl.col("ts").cast(UTC_MS) < since) | (pl.col("ts").cast(UTC_MS) >= until))
+            events = pl.concat([kept, events.select(kept.columns)], how="vertical_relaxed")
+        return ExternalData(values, events)
 
     def encode(self) -> bytes:
         def ms(column: pl.Series) -> list[int]:
