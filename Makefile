@@ -30,5 +30,6 @@ mlflow: install  ## the MLflow UI on the demo's tracking store
 bench: install  ## throughput benchmarks against their baselines
 	$(BIN)/python -m benchmarks
 
-clean:
+clean:  ## stops the embedded nats-server (if one runs on .tradeforge), then removes the state and the venv
+	@if [ -x $(BIN)/tradeforge ]; then $(BIN)/tradeforge bus stop || true; fi
 	rm -rf $(VENV) .tradeforge *.egg-info

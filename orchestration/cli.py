@@ -203,6 +203,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _print("")
     _print("Open the Dagster UI on the same data:")
     _print("  make ui        (or: .venv/bin/tradeforge ui)  ->  http://127.0.0.1:3000")
+    embedded = resources["bus"].get_client().embedded
+    if embedded is not None and embedded.pid_file.exists() and embedded.running():
+        _print(f"The embedded nats-server the training events started keeps running on {embedded.url} for the next "
+               "commands; `.venv/bin/tradeforge bus stop` stops it.")
     return 0
 
 

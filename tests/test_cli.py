@@ -62,6 +62,7 @@ def test_demo_ingests_builds_candles_and_features_and_reports(user_env, tmp_path
     assert f"state: {tmp_path / 'state'}" in out
     assert "FAILED" not in out and "checks ok" in out
     assert "make ui" in out and "http://127.0.0.1:3000" in out
+    assert "keeps running on nats://127.0.0.1:4222 for the next commands; `.venv/bin/tradeforge bus stop` stops it" in out
     counts = dict(stored(tmp_path, f"SELECT symbol, count() AS n FROM market_ticks WHERE {visible('market_ticks')} "
                                    "GROUP BY symbol").iter_rows())
     # every row read is accounted for, and the summary prints what the warehouse holds
