@@ -143,11 +143,7 @@ class SimulatedBroker(BrokerPort):
             if parent.state is ST_FILLED:
                 work.active = True
         target = self._queue if order.type is OT_MARKET else self._resting
-        waiting = target.get(order.symbol)
-        if waiting is None:
-            target[order.symbol] = [work]
-        else:
-            waiting.append(work)
+        target.setdefault(order.symbol, []).append(work)
         return ACCEPTED
 
     def _invalid(self, order: Order) -> str:

@@ -10,8 +10,8 @@ the events from ``since`` on, further back than a runner started now would read,
 matters to the hours since the last event when the symbol's currencies had none in a month).
 
 A message that is not an update (bad JSON, a missing or mistyped field, a feature that is not
-registered) is refused with :class:`~resources.bus.messages.BadMessage`; the runner logs and
-counts it and keeps what it had.
+registered) is refused with :class:`~resources.bus.messages.BadMessage`; the runner logs it and
+keeps what it had.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class ExternalUpdate:
     @classmethod
     def decode(cls, payload: bytes) -> ExternalUpdate:
         data = decode_object(payload)
-        read_at, since, until = (_int(data, name) for name in ("read_at", "since", "events_until"))
+        read_at, since, until = (_ms_value(data.get(name), name) for name in ("read_at", "since", "events_until"))
         values, events = data.get("values"), data.get("events")
         if not isinstance(values, list) or not isinstance(events, list):
             raise BadMessage("malformed", "an external update needs the lists values and events")
@@ -130,10 +130,6 @@ def _datetime(ms: int) -> datetime:
 def _floats(column: pl.Series) -> list[float | None]:
     """JSON has no NaN or infinity: a number that is not one travels as null."""
     return [v if v is not None and math.isfinite(v) else None for v in column.cast(pl.Float64).to_list()]
-
-
-def _int(data: dict[str, Any], name: str) -> int:
-    return _ms_value(data.get(name), name)
 
 
 def _ms_value(value: Any, name: str) -> int:
