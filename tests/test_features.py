@@ -13,7 +13,7 @@ import pytest
 
 from models.market.candles import aggregate_ticks
 from models.features.compute import compute_features
-from models.features.external import ExternalData
+from models.features.external import ExternalData, event_features, symbol_events
 from models.features.labels import LABEL_NAMES, compute_labels
 from models.features.lookahead import lookahead_violations
 from models.features.online import RollingFeatures
@@ -123,6 +123,34 @@ def test_live_vector_equals_the_batch_row_with_external_data(btc_m5, btc_externa
     batch = compute_features(btc_m5, Timeframe.M5, external=btc_external).slice(WARMUP_BARS - 1)
     assert batch["fred_fedfunds"].n_unique() > 3 and batch["event_hours_to_next"].null_count() < batch.height
     assert batch["event_last_surprise"].n_unique() > 3
+
+
+def test_events_released_together_are_one_release_whatever_their_order():
+    """Rows at one release time have no order (in the calendar, in a read of it): the features
+    must not depend on which comes last. They count as one release: the mean surprise, known
+    when the first of them was announced."""
+    at = datetime(2024, 3, 8, 13, 30, tzinfo=UTC)
+    calendar = pl.DataFrame({
+        "ts": [at, at, at, at + timedelta(hours=2), at],
+        "known_at": [at - timedelta(days=3), at - timedelta(days=1), at - timedelta(days=2), at - timedelta(days=3), at],
+        "currency": ["USD", "USD", "USD", "USD", "JPY"],  # the JPY one is not EURUSD's
+        "impact": ["high", "high", "high", "high", "high"],
+        "actual": [275.0, 3.9, None, 1.0, 9.0],
+        "forecast": [200.0, 3.7, 0.3, 2.0, 1.0],  # surprises 0.375, 0.0540..., none, -0.5
+    }).with_columns(pl.col("ts", "known_at").dt.cast_time_unit("ms"))
+    closes = np.array([int((at + timedelta(minutes=m)).timestamp() * 1000) for m in (-5, 0, 5, 150)], dtype=np.int64)
+    results = []
+    for order in ([0, 1, 2, 3, 4], [2, 1, 0, 4, 3], [1, 0, 3, 2, 4]):
+        events = symbol_events(calendar[order], ("EUR", "USD"))
+        results.append(event_features(closes, ExternalData(events=events).event_arrays))
+    for other in results[1:]:
+        for name, values in results[0].items():
+            np.testing.assert_array_equal(values, other[name], err_msg=name)
+    first = results[0]
+    assert np.isnan(first["event_last_surprise"][0]) and first["event_hours_to_next"][0] == pytest.approx(5 / 60)
+    assert first["event_last_surprise"][1] == pytest.approx((75 / 200 + 0.2 / 3.7) / 2)  # the mean of the two with one
+    assert first["event_hours_since_last"][2] == pytest.approx(5 / 60) and first["event_hours_to_next"][2] == pytest.approx(115 / 60)
+    assert first["event_last_surprise"][3] == pytest.approx(-0.5)
 
 
 def test_live_refuses_bars_out_of_order(btc_m5):

@@ -154,13 +154,17 @@ def commodity_values(prices: pl.DataFrame) -> pl.DataFrame:
 
 
 def symbol_events(events: pl.DataFrame, currencies: tuple[str, ...]) -> pl.DataFrame:
-    """High-impact events of ``currencies``: ``(ts, known_at, surprise)`` sorted by time.
+    """High-impact releases of ``currencies``: ``(ts, known_at, surprise)``, one row per time.
 
-    ``surprise`` = (actual - forecast) / |forecast|, known from the release time ``ts``.
+    ``surprise`` = (actual - forecast) / |forecast|, known from the release time ``ts``. Events
+    released at the same time are one release: known when the first of them was, its surprise
+    the mean of theirs. (Rows at one time have no order, in the calendar or in a read of it, so
+    "the last of them" would make two reads of the same data give different features.)
     """
     high = events.filter((pl.col("impact") == "high") & pl.col("currency").is_in(list(currencies)))
     surprise = pl.when(pl.col("forecast").abs() > 0).then((pl.col("actual") - pl.col("forecast")) / pl.col("forecast").abs())
-    return high.select(pl.col("ts").cast(UTC_MS), pl.col("known_at").cast(UTC_MS), surprise.alias("surprise")).sort("ts")
+    rows = high.select(pl.col("ts").cast(UTC_MS), pl.col("known_at").cast(UTC_MS), surprise.cast(pl.Float64).alias("surprise"))
+    return rows.group_by("ts").agg(pl.col("known_at").min(), pl.col("surprise").mean()).sort("ts")
 
 
 def event_features(close_ms: np.ndarray, events: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None) -> dict[str, np.ndarray]:
