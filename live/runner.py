@@ -687,7 +687,8 @@ class LiveRunner:
 
     async def _refuse(self, msg: Any, out: BarOutcome, reason: str, detail: str, terminate: bool = False) -> BarOutcome:
         """Count, log and publish the refusal with what the bar had already produced (alerts of
-        the model watcher, a model swap, the kill switch's orders), then ack (or terminate)."""
+        the model watcher, a model swap, the kill switch's orders), save the state, then ack (or
+        terminate)."""
         self.metrics.rejected.labels(reason).inc()
         seq = msg.metadata.sequence.stream
         log.warning("%s: bar message %d on %s refused: %s", self.config.name, seq, msg.subject, detail)
@@ -696,6 +697,7 @@ class LiveRunner:
         messages, self._messages = [*self._messages, alert], []
         await self._publish(messages)
         self.state.last_seq = seq
+        await self._save()  # done with it: a restart does not refuse (and count) it again
         if terminate:
             with contextlib.suppress(Exception):  # not redelivered: it failed once, it would fail again
                 await msg.term()

@@ -231,7 +231,8 @@ def test_bad_bars_are_refused_with_a_reason_counted_published_and_the_next_good_
 
 def test_a_restart_rebuilds_the_feature_window_without_the_bars_it_refused(world, nats):
     """An off-grid bar refused while trading is not read back into the features by the restart's
-    catch-up: after the restart every decision equals that of a runner that never stopped."""
+    catch-up, nor refused again by it: after the restart every decision equals that of a runner
+    that never stopped."""
     from resources.bus.messages import encode_bar
 
     url, client = nats
@@ -252,13 +253,14 @@ def test_a_restart_rebuilds_the_feature_window_without_the_bars_it_refused(world
             await runner.close()
 
     async def go():
-        before = await run("regrid", 12)  # the off-grid bar between two processed ones
-        after = await run("regrid", 9)
+        before = await run("regrid", 11)  # stopped right after refusing the off-grid bar
+        after = await run("regrid", 10)
         reference = await run("regrid-ref", 21)
         return before, after, reference
 
     before, after, reference = asyncio.run(go())
-    assert [o.status for o in before[-2:]] == ["off_grid", "processed"] and [o.status for o in after] == ["processed"] * 9
+    # refused once: the restart neither refuses (nor counts) it again
+    assert [o.status for o in before[-2:]] == ["processed", "off_grid"] and [o.status for o in after] == ["processed"] * 10
     assert [o.status for o in reference].count("off_grid") == 1
     mine = {s["ts"]: s["value"] for s in published(client, "SIGNALS", "regrid", "signals.EURUSD")}
     theirs = {s["ts"]: s["value"] for s in published(client, "SIGNALS", "regrid-ref", "signals.EURUSD")}
