@@ -31,6 +31,7 @@ from dagster import (
 
 from assets.partitions import FIRST_DAY
 from resources.bus.external import SUBJECT, ExternalUpdate
+from resources.bus.client import BusError
 from resources.bus.resource import BusResource
 from resources.bus.streams import EXTERNAL_STREAM
 from resources.external.calendar import EconomicCalendarResource
@@ -46,6 +47,7 @@ EXTERNAL_DAYS = DailyPartitionsDefinition(start_date=FIRST_DAY, timezone="UTC")
 CALENDAR_DAYS = DailyPartitionsDefinition(start_date=FIRST_DAY, timezone="UTC", end_offset=7)  # the coming week is scheduled
 _NEW_YORK = ZoneInfo("America/New_York")
 VENDOR_RETRY = RetryPolicy(max_retries=3, delay=30, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+BUS_RETRY = RetryPolicy(max_retries=5, delay=5, backoff=Backoff.EXPONENTIAL)  # 5 s to 80 s: a NATS restart, a blip
 
 
 def _window(context: AssetExecutionContext) -> tuple[datetime, datetime]:
@@ -228,6 +230,7 @@ UPDATE_DAYS = 45  # the window a live runner replaces: later vintages, revised e
     group_name="external",
     kinds={"nats"},
     deps=[external_fred_indicators, external_commodity_prices, external_economic_calendar],
+    retry_policy=BUS_RETRY,
     # Requested once no external run is in progress after any of them stored rows: an update that
     # lands while this one runs asks for the next one (the trigger holds until a new request).
     automation_condition=(AutomationCondition.any_deps_updated().since(
@@ -243,7 +246,12 @@ def external_update(context: AssetExecutionContext, warehouse: WarehouseResource
         values, events, until = read_external_update(session, since, now)
     update = ExternalUpdate(now, since, until, values, events)
     payload = update.encode()
-    outcome = bus.publish_if_running(EXTERNAL_STREAM, SUBJECT, payload, update.msg_id(payload))
+    try:
+        outcome = bus.publish_if_running(EXTERNAL_STREAM, SUBJECT, payload, update.msg_id(payload))
+    except BusError as exc:  # retried: running runners keep their data until it lands
+        raise Failure(description=f"{exc}; running live runners keep the external data they hold until a retry "
+                                  "publishes it (or the next external run, or their restart)",
+                      metadata={"values": values.height, "events": events.height}) from exc
     context.log.info(f"external update since {since:%Y-%m-%d %H:%M}: {values.height:,} values, {events.height:,} events; {outcome}")
     return MaterializeResult(metadata={"values": values.height, "events": events.height, "since": since.isoformat(),
                                        "bytes": len(payload), "bus": outcome})

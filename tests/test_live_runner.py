@@ -752,3 +752,49 @@ def test_new_external_rows_reach_a_running_runner_as_a_fresh_read_gives_them(wor
                                                        "bus": BusResource(embedded_port=free_port(), store_dir=str(world["root"] / "none"))})
     meta = result.asset_materializations_for_node("external_update")[0].metadata
     assert result.success and meta["bus"].value.startswith("no bus to publish on: NATS_URL is unset")
+
+
+def test_the_external_update_is_retried_until_a_bus_that_was_down_answers(warehouse, tmp_path):
+    """A bus that is configured but down when ``external_update`` runs (a NATS restart) fails the
+    attempt with the reason and Dagster retries it: the update is published once the bus is back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dagster import DagsterEventType, DagsterInstance, materialize
+
+    from assets.external import external_update
+    from resources.bus.resource import BusResource
+
+    port = free_port()
+    server = EmbeddedNatsServer(tmp_path / "nats", port=port)
+    instance = DagsterInstance.ephemeral()
+
+    def retries() -> list:
+        return [e for run in instance.get_runs() for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_UP_FOR_RETRY)]
+
+    def texts(error) -> str:  # the error and its causes
+        return "" if error is None else f"{error.message}\n{texts(error.cause)}"
+
+    async def stored() -> int:
+        bus = NatsBus(server.url)
+        await bus.connect()
+        try:
+            return (await bus.js.stream_info("EXTERNAL")).state.messages
+        finally:
+            await bus.close()
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(materialize, [external_update], instance=instance,
+                                  resources={"warehouse": warehouse, "bus": BusResource(url=server.url)})
+            for _ in range(300):  # the first attempt finds nothing listening ...
+                if retries() or running.done():
+                    break
+                time.sleep(0.1)
+            server.start()  # ... and the retry, 5 s later, the server back
+            result = running.result(timeout=120)
+        failure = texts(retries()[0].dagster_event.event_specific_data.error)
+        meta = result.asset_materializations_for_node("external_update")[0].metadata
+        assert result.success and len(retries()) == 1 and "bus unreachable" in failure
+        assert meta["bus"].value == "published" and asyncio.run(stored()) == 1
+    finally:
+        server.stop()

@@ -62,8 +62,10 @@ class BusResource(ConfigurableResource):
 
     def publish_if_running(self, stream: StreamSpec, subject: str, payload: bytes, msg_id: str) -> str:
         """Publish one message on a bus that is up, for whoever listens (a live runner); never
-        starts the embedded server, never raises. Says what happened: published, already
-        published (the same ``msg_id`` within the duplicate window), or why not."""
+        starts the embedded server. Says what happened: published, already published (the same
+        ``msg_id`` within the duplicate window), or that there is no bus (the embedded server not
+        running: nobody listens). A bus that is there but does not answer (``NATS_URL`` down, a
+        restart) raises :class:`BusError`: the caller retries."""
         client = self.get_client()
         if (absent := _not_running(client, "to publish on")) is not None:
             return absent
@@ -72,8 +74,8 @@ class BusResource(ConfigurableResource):
             bus.connect()
             bus.ensure_stream(stream)
             return "published" if bus.publish_durable(subject, payload, msg_id) else "already published"
-        except Exception as exc:  # noqa: BLE001 - the bus is optional here: the reason is the answer
-            return f"bus unreachable: {exc or type(exc).__name__}"
+        except Exception as exc:  # nats raises several types: one error, with the reason
+            raise BusError(f"bus unreachable: {exc or type(exc).__name__}") from exc
         finally:
             bus.close()
 
