@@ -160,14 +160,16 @@ def bench_backtest(quick: bool = False) -> dict:
                         "speedup_vs_backtesting_py": round(theirs / ours, 1), "vectorbt_s": vbt_ref and round(vbt_ref, 4),
                         "vectorbt_ratio": vbt_ref and round(ours / vbt_ref, 1), "goal_speedup": 20,
                         "records_alone_s": round(records_s, 4), "run_without_trades_s": round(no_trades_s, 4),
-                        "speedup_bound": round(theirs / (records_s + no_trades_s), 1)}
+                        "speedup_bound": round(theirs / (records_s + no_trades_s), 1),
+                        "speedup_bound_records_alone": round(theirs / records_s, 1)}
     print(f"reference SMA(10,30), {n:,} bars, {trades} trades: tradeforge {ours:.3f}s, backtesting.py {theirs:.2f}s "
           f"({theirs / ours:.0f}x faster; goal 20x); vectorbt {vbt_ref if vbt_ref is None else f'{vbt_ref:.4f}s'}"
           + (f" (tradeforge takes {ours / vbt_ref:.0f}x vectorbt's time)" if vbt_ref else ""))
     print(f"  floor of an engine keeping Python records: its {len(reference.engine.orders):,} orders, "
           f"{len(reference.engine.fills):,} fills, {len(reference.engine.risk_events):,} risk events and "
-          f"{trades:,} trades built alone {records_s * 1000:.1f} ms + the run without trades {no_trades_s * 1000:.1f} ms "
-          f"= at most {theirs / (records_s + no_trades_s):.1f}x backtesting.py with no engine logic at all")
+          f"{trades:,} trades built alone {records_s * 1000:.1f} ms (at most {theirs / records_s:.1f}x backtesting.py) + the "
+          f"same run without trades {no_trades_s * 1000:.1f} ms (signals, bar arrays, the quiet-bar scan, metrics) = at most "
+          f"{theirs / (records_s + no_trades_s):.1f}x before any order, risk, fill or accounting logic")
 
     # 3. a sweep of parameter sets (strategy and risk) over the same 100k bars
     sets = 40 if quick else 1000

@@ -462,8 +462,8 @@ class LiveRunner:
         message's subject and sequence, counted (``rejected{reason="error"}``), published on
         ``risk.alert.bad_bar`` with the exception's text and the message terminated. If the
         engine had started on the bar, its account is rolled back to the last saved state
-        first, and with a real broker (which may have acted) trading halts until a restart
-        reconciles."""
+        first, and with a real broker (which may have acted) trading halts (saved with the
+        refusal): a restart reconciles with the broker, and an operator turns the switch off."""
         self._stage = "checks"
         try:
             return await self._handle(msg)
@@ -498,7 +498,8 @@ class LiveRunner:
                 self.broker.load(self.state.broker)
             if self.config.broker != "paper" and self.engine.kill is not KillSwitch.HALT:
                 self.engine.set_kill_switch(KillSwitch.HALT, f"internal error at bar message {seq} ({text}): restart the "
-                                                             f"runner to reconcile with the broker")
+                                                             f"runner to reconcile with the broker, then `tradeforge live "
+                                                             f"kill --off` once the cause is understood")
             if self._applied_kill is not None and self.kill_command is None:  # undone with the engine: at the next bar
                 self.state.kill_revision, self.kill_command = self._applied_kill[0], self._applied_kill[1:]
         return await self._refuse(msg, out, "error", text, terminate=True)

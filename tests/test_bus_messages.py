@@ -102,6 +102,17 @@ def test_an_external_update_round_trips_and_replaces_only_its_window():
     assert merged.values_at(at)["commodity_gold_ret_1d"][1] == -0.0125
     assert merged.events["surprise"].to_list() == [None]  # the event as read now: no actual yet
     assert back.apply(held, ("JPY",)).events.is_empty()  # another symbol's currencies: not its event
+    # rows outside its window (a value known before since, an event scheduled before it) replace nothing, add nothing
+    before = datetime(2024, 2, 25, 13, 30, tzinfo=UTC)
+    kept = ExternalData(held.values, pl.concat([held.events, pl.DataFrame(
+        {"ts": [before], "known_at": [before], "surprise": [0.2]}).with_columns(pl.col("ts", "known_at").cast(ms))]))
+    stray = ExternalUpdate(back.read_at, back.since, back.events_until, pl.concat([back.values, pl.DataFrame(
+        {"known_at": [datetime(2024, 2, 26, tzinfo=UTC)], "name": ["fred_fedfunds"], "value": [7.0]}).with_columns(
+            pl.col("known_at").cast(ms))]), pl.concat([back.events, back.events.with_columns(
+                ts=pl.lit(before).cast(ms), known_at=pl.lit(before).cast(ms), actual=pl.lit(300.0))]))
+    merged = stray.apply(kept, ("EUR", "USD"))
+    assert merged.events.sort("ts")["surprise"].to_list() == [0.2, None]
+    assert merged.values_at(at)["fred_fedfunds"].tolist() == [5.31, 5.33]
 
 
 @pytest.mark.parametrize(("change", "reason"), [

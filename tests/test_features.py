@@ -138,7 +138,7 @@ def test_events_released_together_are_one_release_whatever_their_order():
         "actual": [275.0, 3.9, None, 1.0, 9.0],
         "forecast": [200.0, 3.7, 0.3, 2.0, 1.0],  # surprises 0.375, 0.0540..., none, -0.5
     }).with_columns(pl.col("ts", "known_at").dt.cast_time_unit("ms"))
-    closes = np.array([int((at + timedelta(minutes=m)).timestamp() * 1000) for m in (-5, 0, 5, 150)], dtype=np.int64)
+    closes = np.array([int((at + timedelta(minutes=m)).timestamp() * 1000) for m in (-3600, -5, 0, 5, 150)], dtype=np.int64)
     results = []
     for order in ([0, 1, 2, 3, 4], [2, 1, 0, 4, 3], [1, 0, 3, 2, 4]):
         events = symbol_events(calendar[order], ("EUR", "USD"))
@@ -147,10 +147,11 @@ def test_events_released_together_are_one_release_whatever_their_order():
         for name, values in results[0].items():
             np.testing.assert_array_equal(values, other[name], err_msg=name)
     first = results[0]
-    assert np.isnan(first["event_last_surprise"][0]) and first["event_hours_to_next"][0] == pytest.approx(5 / 60)
-    assert first["event_last_surprise"][1] == pytest.approx((75 / 200 + 0.2 / 3.7) / 2)  # the mean of the two with one
-    assert first["event_hours_since_last"][2] == pytest.approx(5 / 60) and first["event_hours_to_next"][2] == pytest.approx(115 / 60)
-    assert first["event_last_surprise"][3] == pytest.approx(-0.5)
+    assert first["event_hours_to_next"][0] == pytest.approx(60.0)  # announced 3 days ahead by the first of them
+    assert np.isnan(first["event_last_surprise"][1]) and first["event_hours_to_next"][1] == pytest.approx(5 / 60)
+    assert first["event_last_surprise"][2] == pytest.approx((75 / 200 + 0.2 / 3.7) / 2)  # the mean of the two with one
+    assert first["event_hours_since_last"][3] == pytest.approx(5 / 60) and first["event_hours_to_next"][3] == pytest.approx(115 / 60)
+    assert first["event_last_surprise"][4] == pytest.approx(-0.5)
 
 
 def test_live_refuses_bars_out_of_order(btc_m5):

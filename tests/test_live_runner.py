@@ -254,13 +254,15 @@ def test_a_restart_rebuilds_the_feature_window_without_the_bars_it_refused(world
 
     async def go():
         before = await run("regrid", 11)  # stopped right after refusing the off-grid bar
-        after = await run("regrid", 10)
+        between = await run("regrid", 1)  # the next bar, then stopped again
+        after = await run("regrid", 9)  # this catch-up's window holds the off-grid bar
         reference = await run("regrid-ref", 21)
-        return before, after, reference
+        return before, between, after, reference
 
-    before, after, reference = asyncio.run(go())
-    # refused once: the restart neither refuses (nor counts) it again
-    assert [o.status for o in before[-2:]] == ["processed", "off_grid"] and [o.status for o in after] == ["processed"] * 10
+    before, between, after, reference = asyncio.run(go())
+    # refused once: a restart neither refuses (nor counts) it again, nor reads it into the window
+    assert [o.status for o in before[-2:]] == ["processed", "off_grid"]
+    assert [o.status for o in between] == ["processed"] and [o.status for o in after] == ["processed"] * 9
     assert [o.status for o in reference].count("off_grid") == 1
     mine = {s["ts"]: s["value"] for s in published(client, "SIGNALS", "regrid", "signals.EURUSD")}
     theirs = {s["ts"]: s["value"] for s in published(client, "SIGNALS", "regrid-ref", "signals.EURUSD")}
@@ -757,22 +759,26 @@ def test_new_external_rows_reach_a_running_runner_as_a_fresh_read_gives_them(wor
 def test_the_external_update_is_retried_until_a_bus_that_was_down_answers(warehouse, tmp_path):
     """A bus that is configured but down when ``external_update`` runs (a NATS restart) fails the
     attempt with the reason and Dagster retries it: the update is published once the bus is back."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from dagster import DagsterEventType, DagsterInstance, materialize
+    from dagster import DagsterEventType, materialize
 
     from assets.external import external_update
+    from resources.bus import BusError
     from resources.bus.resource import BusResource
 
-    port = free_port()
-    server = EmbeddedNatsServer(tmp_path / "nats", port=port)
-    instance = DagsterInstance.ephemeral()
+    down = threading.Event()
 
-    def retries() -> list:
-        return [e for run in instance.get_runs() for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_UP_FOR_RETRY)]
+    class WatchedBus(BusResource):
+        """The real resource, telling the test when an attempt found no bus."""
 
-    def texts(error) -> str:  # the error and its causes
-        return "" if error is None else f"{error.message}\n{texts(error.cause)}"
+        def publish_if_running(self, *args, **kwargs) -> str:
+            try:
+                return super().publish_if_running(*args, **kwargs)
+            except BusError:
+                down.set()
+                raise
 
     async def stored() -> int:
         bus = NatsBus(server.url)
@@ -782,19 +788,21 @@ def test_the_external_update_is_retried_until_a_bus_that_was_down_answers(wareho
         finally:
             await bus.close()
 
+    server = EmbeddedNatsServer(tmp_path / "nats", port=free_port())
     try:
         with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(materialize, [external_update], instance=instance,
-                                  resources={"warehouse": warehouse, "bus": BusResource(url=server.url)})
-            for _ in range(300):  # the first attempt finds nothing listening ...
-                if retries() or running.done():
-                    break
-                time.sleep(0.1)
-            server.start()  # ... and the retry, 5 s later, the server back
-            result = running.result(timeout=120)
-        failure = texts(retries()[0].dagster_event.event_specific_data.error)
+            running = pool.submit(materialize, [external_update],
+                                  resources={"warehouse": warehouse, "bus": WatchedBus(url=server.url)})
+            assert down.wait(60)  # the first attempt finds nothing listening ...
+            server.start(detach=False)  # ... the retry (5 s later) the server back
+            result = running.result(timeout=300)
+        retries = [e for e in result.all_events if e.event_type is DagsterEventType.STEP_UP_FOR_RETRY]
         meta = result.asset_materializations_for_node("external_update")[0].metadata
-        assert result.success and len(retries()) == 1 and "bus unreachable" in failure
-        assert meta["bus"].value == "published" and asyncio.run(stored()) == 1
+        assert result.success and retries and meta["bus"].value == "published" and asyncio.run(stored()) == 1
+        error, reasons = retries[0].event_specific_data.error, []
+        while error is not None:  # the failure and its causes
+            reasons.append(error.message)
+            error = error.cause
+        assert any("bus unreachable" in r and "keep the external data they hold" in r for r in reasons), reasons
     finally:
         server.stop()

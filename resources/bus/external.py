@@ -49,14 +49,15 @@ class ExternalUpdate:
         rest kept. Both reads are point-in-time, so what a bar closing after ``since`` can see
         is what a fresh read gives. (Kept here, not in models/features: that code defines the
         feature set, and taking in new rows changes no feature's definition.)"""
-        events = symbol_events(self.events, currencies)
-        if data is None:
-            return ExternalData(self.values, events)
         since, until = pl.lit(self.since).cast(UTC_MS), pl.lit(self.events_until).cast(UTC_MS)
-        values = self.values
+        window = self.events.filter((pl.col("ts").cast(UTC_MS) >= since) & (pl.col("ts").cast(UTC_MS) < until))
+        events = symbol_events(window, currencies)  # only the window it replaces: one row per release time
+        values = self.values.filter(pl.col("known_at").cast(UTC_MS) >= since)
+        if data is None:
+            return ExternalData(values, events)
         if data.values is not None:
             kept = data.values.filter(pl.col("known_at").cast(UTC_MS) < since)
-            values = pl.concat([kept, self.values.select(kept.columns)], how="vertical_relaxed")
+            values = pl.concat([kept, values.select(kept.columns)], how="vertical_relaxed")
         if data.events is not None:
             kept = data.events.filter((pl.col("ts").cast(UTC_MS) < since) | (pl.col("ts").cast(UTC_MS) >= until))
             events = pl.concat([kept, events.select(kept.columns)], how="vertical_relaxed")

@@ -65,7 +65,10 @@ class BusResource(ConfigurableResource):
         starts the embedded server. Says what happened: published, already published (the same
         ``msg_id`` within the duplicate window), or that there is no bus (the embedded server not
         running: nobody listens). A bus that is there but does not answer (``NATS_URL`` down, a
-        restart) raises :class:`BusError`: the caller retries."""
+        restart) raises :class:`BusError`, for the caller to retry; a refusal (a payload over the
+        server's limit) raises as it is: it would be refused again."""
+        from nats.errors import ConnectionClosedError, NoRespondersError, NoServersError
+
         client = self.get_client()
         if (absent := _not_running(client, "to publish on")) is not None:
             return absent
@@ -74,7 +77,7 @@ class BusResource(ConfigurableResource):
             bus.connect()
             bus.ensure_stream(stream)
             return "published" if bus.publish_durable(subject, payload, msg_id) else "already published"
-        except Exception as exc:  # nats raises several types: one error, with the reason
+        except (BusError, TimeoutError, OSError, ConnectionClosedError, NoRespondersError, NoServersError) as exc:
             raise BusError(f"bus unreachable: {exc or type(exc).__name__}") from exc
         finally:
             bus.close()
