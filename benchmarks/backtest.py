@@ -73,26 +73,22 @@ def rebuild_records(engine: TradingEngine) -> None:
     transitions, fills with their broker events, risk events, trades): the least an engine that
     keeps them as Python objects, as the live runner's ledger needs, spends on them (with the
     cyclic collector paused, as in a run)."""
-    with cyclic_gc_paused():
-        _rebuild(engine)
-
-
-def _rebuild(engine: TradingEngine) -> None:
     strategy = engine.config.strategy
-    for o in engine.orders.values():
-        client_order_id(strategy, o.symbol, o.bar_ts, o.intent)
-        copy = Order(o.client_id, o.symbol, o.side, o.type, o.qty, o.intent, o.bar_ts, o.price, o.reduce_only,
-                     o.parent_id, o.stop_loss, o.take_profit, reason=o.reason)
-        for event, _ in o.history:
-            copy.add_fill(o.qty, o.avg_fill_price) if event is EV_FILL else copy.apply(event)
-    for f in engine.fills:
-        BrokerEvent(EV_FILL, f.client_id, f.ts, "", Fill(f.fill_id, f.client_id, f.symbol, f.side, f.qty, f.price,
-                                                         f.commission, f.ts, f.conv, f.mid, f.reason))
-    for e in engine.risk_events:
-        RiskEvent(e.ts, e.symbol, e.kind, e.approved, e.reason, e.client_id, e.qty)
-    for t in engine.portfolio.trades:
-        Trade(t.trade_id, t.symbol, t.side, t.qty, t.entry_ts, t.entry_price, t.entry_conv, t.entry_equity,
-              t.initial_stop, t.risk)
+    with cyclic_gc_paused():
+        for o in engine.orders.values():
+            client_order_id(strategy, o.symbol, o.bar_ts, o.intent)
+            copy = Order(o.client_id, o.symbol, o.side, o.type, o.qty, o.intent, o.bar_ts, o.price, o.reduce_only,
+                         o.parent_id, o.stop_loss, o.take_profit, reason=o.reason)
+            for event, _ in o.history:
+                copy.add_fill(o.qty, o.avg_fill_price) if event is EV_FILL else copy.apply(event)
+        for f in engine.fills:
+            BrokerEvent(EV_FILL, f.client_id, f.ts, "", Fill(f.fill_id, f.client_id, f.symbol, f.side, f.qty, f.price,
+                                                             f.commission, f.ts, f.conv, f.mid, f.reason))
+        for e in engine.risk_events:
+            RiskEvent(e.ts, e.symbol, e.kind, e.approved, e.reason, e.client_id, e.qty)
+        for t in engine.portfolio.trades:
+            Trade(t.trade_id, t.symbol, t.side, t.qty, t.entry_ts, t.entry_price, t.entry_conv, t.entry_equity,
+                  t.initial_stop, t.risk)
 
 
 def _vbt_anchor(bars: pl.DataFrame, side: np.ndarray, fees: float) -> float | None:

@@ -49,9 +49,10 @@ class ExternalUpdate:
         rest kept. Both reads are point-in-time, so what a bar closing after ``since`` can see
         is what a fresh read gives. (Kept here, not in models/features: that code defines the
         feature set, and taking in new rows changes no feature's definition.)"""
-        since, until = pl.lit(self.since).cast(UTC_MS), pl.lit(self.events_until).cast(UTC_MS)
-        window = self.events.filter((pl.col("ts").cast(UTC_MS) >= since) & (pl.col("ts").cast(UTC_MS) < until))
-        events = symbol_events(window, currencies)  # only the window it replaces: one row per release time
+        since = pl.lit(self.since).cast(UTC_MS)
+        scheduled = pl.col("ts").cast(UTC_MS)
+        in_window = (scheduled >= since) & (scheduled < pl.lit(self.events_until).cast(UTC_MS))
+        events = symbol_events(self.events.filter(in_window), currencies)  # only what it replaces: one row per release time
         values = self.values.filter(pl.col("known_at").cast(UTC_MS) >= since)
         if data is None:
             return ExternalData(values, events)
@@ -59,7 +60,7 @@ class ExternalUpdate:
             kept = data.values.filter(pl.col("known_at").cast(UTC_MS) < since)
             values = pl.concat([kept, values.select(kept.columns)], how="vertical_relaxed")
         if data.events is not None:
-            kept = data.events.filter((pl.col("ts").cast(UTC_MS) < since) | (pl.col("ts").cast(UTC_MS) >= until))
+            kept = data.events.filter(~in_window)
             events = pl.concat([kept, events.select(kept.columns)], how="vertical_relaxed")
         return ExternalData(values, events)
 
